@@ -1,0 +1,135 @@
+"""Log readers (CSV, Parquet), side-table joins, raw model inputs and task labels.
+
+N rows throughout. Raw inputs are what serving receives: int64 ids, strings, float32 numerics
+(NaN allowed: the exported graph fills the feature's default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from features.spec import ConfigError, DataConfig, FeatureSpec, RankstageConfig, TaskSpec
+
+MISSING_INT = -1
+MISSING_STRING = ""
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a CSV or Parquet file with pyarrow (multi-threaded, typed) into pandas."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"data file not found: {path}")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix in (".parquet", ".pq"):
+        table = pq.read_table(path, columns=columns)
+    elif suffix in (".csv", ".csv.gz"):
+        opts = pacsv.ConvertOptions(include_columns=columns) if columns else None
+        table = pacsv.read_csv(path, convert_options=opts)
+    else:
+        raise ConfigError(f"data file {path}: unknown format {suffix!r} (expected .csv, .csv.gz or .parquet)")
+    return table.to_pandas()
+
+
+def read_log(data: DataConfig, log: str | Path | None = None) -> pd.DataFrame:
+    """Read the impression log and left-join every side table the spec names."""
+    df = read_table(log or data.log)
+    for col in (data.time_column, data.user_column, data.item_column):
+        if col not in df.columns:
+            raise ConfigError(f"data: column {col!r} not in log {log or data.log} (has {list(df.columns)})")
+    for join in data.joins:
+        side = read_table(join.path)
+        if join.key not in side.columns or join.key not in df.columns:
+            raise ConfigError(f"data.joins: key {join.key!r} missing in {join.path} or in the log")
+        if join.columns:
+            absent = [c for c in join.columns if c not in side.columns]
+            if absent:
+                raise ConfigError(f"data.joins: columns {absent} not in {join.path}")
+            side = side[[join.key, *join.columns]]
+        side = side.drop_duplicates(join.key)
+        if join.missing_values:
+            side = side.replace({v: np.nan for v in join.missing_values})
+        overlap = [c for c in side.columns if c in df.columns and c != join.key]
+        df = df.merge(side.drop(columns=overlap), on=join.key, how="left")
+    return df
+
+
+def _as_int(values: pd.Series, feature: str) -> np.ndarray:
+    num = pd.to_numeric(values, errors="coerce")
+    bad = values.notna() & num.isna()
+    if bad.any():
+        raise ConfigError(f"feature {feature!r}: value {values[bad].iloc[0]!r} is not an integer id")
+    return num.fillna(MISSING_INT).to_numpy().astype(np.int64)
+
+
+def raw_column(df: pd.DataFrame, feature: FeatureSpec) -> np.ndarray:
+    """One feature's raw values as serving would send them: (N,) int64, str (object) or float32."""
+    if feature.source not in df.columns:
+        raise ConfigError(f"feature {feature.name!r}: column {feature.source!r} not in data")
+    values = df[feature.source]
+    kind = feature.raw_dtype
+    if kind == "int":
+        return _as_int(values, feature.name)
+    if kind == "string":
+        if pd.api.types.is_float_dtype(values):  # e.g. 3.0 -> "3", NaN -> ""
+            as_int = values.dropna().astype(np.int64)
+            if (as_int == values.dropna()).all():
+                values = values.astype("Int64")
+        out = values.astype(object).where(values.notna(), MISSING_STRING)
+        return out.astype(str).to_numpy(dtype=object)
+    num = pd.to_numeric(values, errors="coerce")
+    bad = values.notna() & num.isna()
+    if bad.any():
+        raise ConfigError(f"feature {feature.name!r}: value {values[bad].iloc[0]!r} is not a number")
+    return num.to_numpy(dtype=np.float32)
+
+
+def raw_inputs(df: pd.DataFrame, features: list[FeatureSpec]) -> dict[str, np.ndarray]:
+    """Raw model inputs keyed by feature name, each (N,)."""
+    return {f.name: raw_column(df, f) for f in features}
+
+
+def task_label(df: pd.DataFrame, task: TaskSpec) -> np.ndarray:
+    """A task's label per row, (N,) float64, checked by type: binary in {0, 1}; watch time >= 0 seconds
+    (clipped at ``max_value``); completion clipped to [0, 1] with non-finite ratios as NaN (not trained on)."""
+    try:
+        raw = df[task.label] if task.label in df.columns else df.eval(task.label)
+    except Exception as err:  # pandas raises many kinds for a bad expression
+        raise ConfigError(f"task {task.name!r}: label {task.label!r} is not a column or expression: {err}") from None
+    y = pd.to_numeric(pd.Series(raw), errors="coerce").to_numpy(dtype=np.float64)
+    if task.type == "binary":
+        bad = ~np.isin(y, (0.0, 1.0))
+        if bad.any():
+            raise ConfigError(f"task {task.name!r}: binary label {task.label!r} has value {y[bad][0]!r} (row "
+                              f"{int(np.flatnonzero(bad)[0])}); expected 0 or 1")
+    elif task.type == "watch_time":
+        bad = ~np.isfinite(y) | (y < 0)
+        if bad.any():
+            raise ConfigError(f"task {task.name!r}: watch time {task.label!r} has value {y[bad][0]!r} (row "
+                              f"{int(np.flatnonzero(bad)[0])}); expected a finite number >= 0")
+        y = y * task.scale
+        if task.max_value is not None:
+            y = np.minimum(y, task.max_value)
+    else:  # completion
+        y = np.where(np.isfinite(y), np.clip(y, 0.0, 1.0), np.nan)
+    return y
+
+
+def task_labels(df: pd.DataFrame, tasks: list[TaskSpec]) -> dict[str, np.ndarray]:
+    return {t.name: task_label(df, t) for t in tasks}
+
+
+def time_split(df: pd.DataFrame, config: RankstageConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train on all but the last ``validation_periods`` distinct time values; validate on those. Never random."""
+    col = config.data.time_column
+    periods = np.sort(df[col].unique())
+    n_val = config.data.validation_periods
+    if len(periods) <= n_val:
+        raise ConfigError(f"data.validation_periods: {n_val} leaves no training data ({len(periods)} distinct "
+                          f"{col!r} values)")
+    first_val = periods[-n_val]
+    return df[df[col] < first_val].reset_index(drop=True), df[df[col] >= first_val].reset_index(drop=True)

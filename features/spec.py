@@ -1,0 +1,275 @@
+"""The declarative spec: features, tasks, model, training and data, loaded from one YAML file.
+
+Every section is a pydantic model validated at load; errors name the field and the bad value, e.g.
+``features[3].kind: Input should be 'categorical', 'numeric', 'multi_valued' or 'bucketized' (got 'catgorical')``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FeatureKind = Literal["categorical", "numeric", "multi_valued", "bucketized"]
+FeatureGroup = Literal["user", "item", "context", "bias"]
+RawDType = Literal["int", "string", "float"]
+TaskType = Literal["binary", "watch_time", "completion"]
+
+
+class ConfigError(ValueError):
+    """A config or input that cannot be used; the message names the field and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VocabPolicy(_Strict):
+    """Vocabulary built from the training log: values seen at least ``min_count`` times, plus OOV buckets."""
+
+    min_count: int = Field(1, ge=1)
+    oov_buckets: int = Field(1, ge=1)
+    max_size: int | None = Field(None, ge=1)
+
+
+class FeatureSpec(_Strict):
+    """One model input: where it comes from, how it is encoded and how big its embedding is."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    kind: FeatureKind
+    column: str | None = None  # source column; defaults to ``name``
+    dtype: RawDType | None = None  # raw value type at serving; defaults by kind
+    group: FeatureGroup = "item"
+    bias: bool = False  # feeds only the shallow bias tower; not a serving input
+    vocab: VocabPolicy | None = None
+    hash_bins: int | None = Field(None, ge=2)
+    embedding_dim: int | None = Field(None, ge=1)
+    transform: Literal["none", "log1p"] = "none"
+    default: float = 0.0  # numeric value used for NaN / missing
+    boundaries: list[float] | None = None  # bucketized
+    separator: str = ","  # multi_valued
+    max_values: int = Field(8, ge=1)  # multi_valued: values kept per row
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+    @property
+    def raw_dtype(self) -> RawDType:
+        if self.dtype is not None:
+            return self.dtype
+        return {"categorical": "int", "numeric": "float", "multi_valued": "string", "bucketized": "float"}[
+            self.kind
+        ]
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> FeatureSpec:
+        where = f"feature {self.name!r}"
+        if self.kind in ("categorical", "multi_valued"):
+            if (self.vocab is None) == (self.hash_bins is None):
+                raise ValueError(f"{where}: give exactly one of 'vocab' or 'hash_bins' for kind {self.kind!r}")
+            if self.kind == "multi_valued" and self.raw_dtype != "string":
+                raise ValueError(f"{where}: multi_valued features are strings, got dtype {self.dtype!r}")
+            if self.raw_dtype == "float":
+                raise ValueError(f"{where}: categorical ids are 'int' or 'string', got dtype 'float'")
+        elif self.vocab is not None or self.hash_bins is not None:
+            raise ValueError(f"{where}: 'vocab'/'hash_bins' only apply to categorical features, not {self.kind!r}")
+        if self.kind == "bucketized":
+            b = self.boundaries
+            if not b or any(not math.isfinite(x) for x in b) or any(x >= y for x, y in zip(b, b[1:])):
+                raise ValueError(f"{where}: 'boundaries' must be finite and strictly increasing, got {b!r}")
+        if self.kind == "numeric" and self.raw_dtype != "float":
+            raise ValueError(f"{where}: numeric features have dtype 'float', got {self.dtype!r}")
+        if not math.isfinite(self.default):
+            raise ValueError(f"{where}: 'default' must be finite, got {self.default!r}")
+        if self.bias and self.kind != "categorical":
+            raise ValueError(f"{where}: bias features must be categorical, got kind {self.kind!r}")
+        if self.bias != (self.group == "bias"):
+            raise ValueError(f"{where}: set both 'bias: true' and 'group: bias' or neither")
+        return self
+
+
+class TaskSpec(_Strict):
+    """One predicted behaviour: its label, how it is trained and served, and its loss weight."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    type: TaskType
+    label: str  # a column name, or a pandas expression over columns (e.g. "play_time_ms / duration_ms")
+    scale: float = Field(1.0, gt=0)  # watch_time: multiply the label into seconds (ms -> s: 0.001)
+    condition: str | None = None  # name of a binary task whose label must be 1 for this task to count
+    loss_weight: float = Field(1.0, ge=0)
+    max_value: float | None = Field(None, gt=0)  # watch_time: clip seconds at this value
+
+    @field_validator("loss_weight", "scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be finite, got {v!r}")
+        return v
+
+
+class BiasTowerConfig(_Strict):
+    """Shallow tower on position x device; its logit is added to ``tasks`` in training only."""
+
+    position: str | None = None  # name of a bias feature
+    device: str | None = None  # name of a bias feature
+    tasks: list[str] = ["click"]
+    position_dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class ModelConfig(_Strict):
+    """Sizes of the shared bottom, the MMoE and the task towers. ``num_experts: 0`` is shared-bottom."""
+
+    embedding_dim: int = Field(16, ge=1)
+    bottom_units: list[int] = [256]
+    num_experts: int = Field(4, ge=0)
+    expert_units: list[int] = [128]
+    gate_dropout: float = Field(0.1, ge=0, lt=1)
+    tower_units: list[int] = [64]
+    dropout: float = Field(0.0, ge=0, lt=1)
+    bias_tower: BiasTowerConfig = BiasTowerConfig()
+
+    @field_validator("bottom_units", "expert_units", "tower_units")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(u < 1 for u in v):
+            raise ValueError(f"layer widths must be >= 1, got {v!r}")
+        return v
+
+
+class NegativeSampling(_Strict):
+    """Keep each training row whose ``task`` label is 0 with probability ``keep_fraction``."""
+
+    task: str = "click"
+    keep_fraction: float = Field(1.0, gt=0, le=1)
+
+
+class TrainingConfig(_Strict):
+    batch_size: int = Field(1024, ge=1)
+    epochs: int = Field(10, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    early_stopping_patience: int = Field(1, ge=0)
+    negative_sampling: NegativeSampling = NegativeSampling()
+    seed: int = 0
+
+
+class JoinSpec(_Strict):
+    """A side table left-joined onto the log on column ``key``; ``missing_values`` become NaN."""
+
+    path: str
+    key: str
+    columns: list[str] | None = None
+    missing_values: list[float | str] = []
+
+
+class DataConfig(_Strict):
+    log: str
+    joins: list[JoinSpec] = []
+    time_column: str  # the split is by distinct values of this column, in order
+    user_column: str  # for user-grouped AUC and request grouping
+    item_column: str
+    validation_periods: int = Field(1, ge=1)  # last N distinct time values are validation
+
+
+class RankstageConfig(_Strict):
+    name: str = "ranker"
+    data: DataConfig
+    features: list[FeatureSpec]
+    tasks: list[TaskSpec]
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> RankstageConfig:
+        for what, names in (("features", [f.name for f in self.features]), ("tasks", [t.name for t in self.tasks])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what}: duplicate names {dupes}")
+        if not [f for f in self.features if not f.bias]:
+            raise ValueError("features: at least one non-bias feature is needed")
+        if not self.tasks:
+            raise ValueError("tasks: at least one task is needed")
+        tasks = {t.name: t for t in self.tasks}
+        for t in self.tasks:
+            if t.condition is not None and (t.condition not in tasks or tasks[t.condition].type != "binary"):
+                raise ValueError(f"task {t.name!r}: condition {t.condition!r} is not a binary task of this config")
+        bt = self.model.bias_tower
+        feats = {f.name: f for f in self.features}
+        for role in ("position", "device"):
+            ref = getattr(bt, role)
+            if ref is not None and (ref not in feats or not feats[ref].bias):
+                raise ValueError(f"model.bias_tower.{role}: {ref!r} is not a feature with 'bias: true'")
+        unused = [f.name for f in self.features if f.bias and f.name not in (bt.position, bt.device)]
+        if unused:
+            raise ValueError(f"features {unused}: bias features must be model.bias_tower.position or .device")
+        for t in bt.tasks:
+            if t not in tasks:
+                raise ValueError(f"model.bias_tower.tasks: {t!r} is not a task of this config")
+        ns = self.training.negative_sampling
+        if ns.task not in tasks or tasks[ns.task].type != "binary":
+            raise ValueError(f"training.negative_sampling.task: {ns.task!r} is not a binary task of this config")
+        return self
+
+    @property
+    def serving_features(self) -> list[FeatureSpec]:
+        return [f for f in self.features if not f.bias]
+
+    @property
+    def bias_features(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.bias]
+
+    def with_tasks(self, names: list[str]) -> RankstageConfig:
+        """The same config restricted to ``names`` (single-task baselines); bias tower tasks are filtered."""
+        unknown = [n for n in names if n not in {t.name for t in self.tasks}]
+        if unknown:
+            raise ConfigError(f"--tasks: unknown task(s) {unknown}; known: {[t.name for t in self.tasks]}")
+        ns = self.training.negative_sampling
+        keep_ns = ns if ns.task in names else NegativeSampling(task=names[0], keep_fraction=1.0)
+        data = self.model_dump()
+        data["tasks"] = [t.model_dump() for t in self.tasks if t.name in names]
+        for t in data["tasks"]:
+            if t["condition"] not in names:
+                t["condition"] = None
+        data["model"]["bias_tower"]["tasks"] = [t for t in self.model.bias_tower.tasks if t in names]
+        data["training"]["negative_sampling"] = keep_ns.model_dump()
+        return RankstageConfig.model_validate(data)
+
+    def with_model(self, **changes: object) -> RankstageConfig:
+        data = self.model_dump()
+        data["model"].update(changes)
+        return RankstageConfig.model_validate(data)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if e["type"] not in ("value_error", "missing") and "input" in e else ""
+        lines.append(f"  {loc or '<root>'}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> RankstageConfig:
+    """Validate a config mapping; raises ConfigError naming each bad field and value."""
+    try:
+        return RankstageConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> RankstageConfig:
+    """Read and validate one YAML config file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return parse_config(data, str(path))

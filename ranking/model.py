@@ -1,0 +1,81 @@
+"""Assembly of the ranking model, named after its diagram:
+
+    raw inputs -> feature encoders -> shared bottom MLP -> MMoE (E experts, one gate per task) -> task towers
+    bias features (position, device) -> PositionBiasTower -> + logit of the bias tasks   [training model only]
+
+Two Keras models share every layer: ``train`` (all features, logits per task, bias tower included) and
+``serve`` (no bias features, served values per task). ``num_experts: 0`` gives a shared-bottom model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+
+from features.encoding import encode_feature, keras_dtype, lookup_layer, lookup_size
+from features.spec import RankstageConfig
+from features.vocab import FeatureStats
+from ranking.layers.bias_tower import PositionBiasTower
+from ranking.layers.mmoe import MMoE
+from ranking.tasks import ServedValue
+
+
+@dataclass
+class RankingModels:
+    train: keras.Model  # inputs: all features; outputs: {task: (B, 1) logit}
+    serve: keras.Model  # inputs: serving features; outputs: {task: (B,) served value}
+    bias_tower: PositionBiasTower | None
+
+
+def _mlp(x, units: list[int], dropout: float, prefix: str):
+    for i, u in enumerate(units):
+        x = keras.layers.Dense(u, activation="relu", name=f"{prefix}_{i}")(x)
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, name=f"{prefix}_dropout_{i}")(x)
+    return x
+
+
+def build_models(config: RankstageConfig, stats: dict[str, FeatureStats]) -> RankingModels:
+    """Build the training and serving models from the spec and the training log's statistics."""
+    m, seed = config.model, config.training.seed
+    inputs = {f.name: keras.Input(shape=(), dtype=keras_dtype(f), name=f.name) for f in config.features}
+    encoded = [encode_feature(inputs[f.name], f, stats[f.name], m.embedding_dim) for f in config.serving_features]
+    x = keras.layers.Concatenate(name="features")(encoded) if len(encoded) > 1 else encoded[0]
+    x = _mlp(x, m.bottom_units, m.dropout, "shared_bottom")
+    if m.num_experts > 0:
+        mixed = MMoE(m.num_experts, m.expert_units, len(config.tasks), m.gate_dropout, seed=seed, name="mmoe")(x)
+        tower_inputs = [mixed[:, i, :] for i in range(len(config.tasks))]  # T x (B, H)
+    else:
+        tower_inputs = [x] * len(config.tasks)
+
+    bias_logit, tower = None, None
+    bt = m.bias_tower
+    if config.bias_features:
+        feats = {f.name: f for f in config.bias_features}
+        idx, sizes = {}, {}
+        for role in ("position", "device"):
+            name = getattr(bt, role)
+            if name is not None:
+                f = feats[name]
+                idx[role] = lookup_layer(f, stats[name], name=f"bias_{role}_lookup")(inputs[name])
+                sizes[role] = lookup_size(f, stats[name])
+        tower = PositionBiasTower(sizes.get("position", 1), sizes.get("device", 1), bt.position_dropout,
+                                  seed=seed, name="position_bias_tower")
+        bias_logit = tower(idx.get("position"), idx.get("device"))
+
+    train_out, serve_out = {}, {}
+    for task, h in zip(config.tasks, tower_inputs):
+        h = _mlp(h, m.tower_units, m.dropout, f"{task.name}_tower")
+        logit = keras.layers.Dense(1, name=f"{task.name}_logit")(h)  # (B, 1)
+        serve_out[task.name] = ServedValue(task.type, name=f"{task.name}_serve")(logit)
+        if bias_logit is not None and task.name in bt.tasks:
+            logit = keras.layers.Add(name=f"{task.name}_debiased_logit")([logit, bias_logit])
+        train_out[task.name] = keras.layers.Identity(name=task.name)(logit)
+
+    serve_inputs = {f.name: inputs[f.name] for f in config.serving_features}
+    return RankingModels(
+        train=keras.Model(inputs, train_out, name=f"{config.name}_train"),
+        serve=keras.Model(serve_inputs, serve_out, name=f"{config.name}_serve"),
+        bias_tower=tower,
+    )

@@ -1,0 +1,69 @@
+"""Tasks: how each behaviour's label becomes a training target, its loss, and its served value.
+
+Every task trains one logit z with a weighted binary cross-entropy; tasks differ in target and weight:
+- binary: y in {0, 1}; served sigmoid(z).
+- watch_time (t seconds): weighted logistic regression, y = t / (1 + t) with weight (1 + t), i.e.
+  loss = -t log s(z) - log(1 - s(z)); its minimiser has odds exp(z) = E[t], so serving returns exp(z) seconds.
+- completion (ratio in [0, 1]): soft-label BCE; served sigmoid(z).
+A task with a ``condition`` only counts rows where that binary task's label is 1.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from features.spec import TaskSpec
+
+
+def watch_time_weight_scale(seconds: np.ndarray) -> float:
+    """1 / mean(1 + t) over training rows, so watch-time weights average ~1 (loss scale like BCE)."""
+    return float(1.0 / np.mean(1.0 + seconds)) if len(seconds) else 1.0
+
+
+def prepare_targets(task: TaskSpec, label: np.ndarray, row_weight: np.ndarray,
+                    condition: np.ndarray | None = None, weight_scale: float = 1.0) -> np.ndarray:
+    """(N,) label, (N,) row weight -> (N, 2) float32 [target, weight]; NaN labels get weight 0."""
+    valid = np.isfinite(label)
+    y = np.where(valid, label, 0.0)
+    w = row_weight * valid
+    if condition is not None:
+        w = w * (condition == 1)
+    if task.type == "watch_time":
+        y, w = y / (1.0 + y), w * (1.0 + y) * weight_scale
+    return np.stack([y, w], axis=1).astype(np.float32)
+
+
+@keras.saving.register_keras_serializable(package="rankstage")
+def weighted_bce_from_logits(y_true, y_pred):
+    """(B, 2) [target, weight], (B, 1) logit -> (B,) weighted, numerically stable BCE."""
+    y, w = y_true[:, 0], y_true[:, 1]
+    z = ops.cast(y_pred[:, 0], y.dtype)
+    return w * (ops.maximum(z, 0.0) - z * y + ops.log1p(ops.exp(-ops.abs(z))))
+
+
+@keras.saving.register_keras_serializable(package="rankstage")
+class ServedValue(keras.layers.Layer):
+    """(B, 1) logit -> (B,) served value: exp(z) seconds for watch_time, sigmoid(z) otherwise."""
+
+    def __init__(self, task_type: str, **kwargs):
+        super().__init__(**kwargs)
+        if task_type not in ("binary", "watch_time", "completion"):
+            raise ValueError(f"ServedValue: unknown task type {task_type!r}")
+        self.task_type = task_type
+
+    def call(self, logit):
+        z = logit[:, 0]
+        return ops.exp(z) if self.task_type == "watch_time" else ops.sigmoid(z)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],)
+
+    def get_config(self):
+        return {**super().get_config(), "task_type": self.task_type}
+
+
+def serve_transform_np(task: TaskSpec, logit: np.ndarray) -> np.ndarray:
+    """numpy twin of ``serve_transform`` for offline evaluation: (N,) logit -> (N,)."""
+    return np.exp(logit) if task.type == "watch_time" else 1.0 / (1.0 + np.exp(-logit))

@@ -1,0 +1,279 @@
+"""Training: time split, negative down-sampling, fit with early stopping, validation metrics, optional refit.
+
+A run directory holds everything export needs:
+    config.yaml  stats.json  artifacts.json  model.weights.h5  metrics.json  history.json  tensorboard/
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import yaml
+
+from calibration.downsampling import correct_downsampling, effective_kept_fraction
+from features.logs import raw_inputs, read_log, task_labels, time_split
+from features.spec import RankstageConfig, TaskSpec
+from features.vocab import FeatureStats, build_stats, load_stats, save_stats
+from ranking import metrics
+from ranking.model import RankingModels, build_models
+from ranking.tasks import prepare_targets, watch_time_weight_scale, weighted_bce_from_logits
+
+
+@dataclass
+class TrainingArtifacts:
+    """What training learned besides weights; shipped with the model as metadata."""
+
+    sampling: dict[str, dict]  # task -> {"kept_fraction": a, "method": ...}
+    weight_scales: dict[str, float]
+    priors: dict[str, float]  # task -> initial logit
+    train_periods: list
+    validation_periods: list
+    best_epoch: int | None = None
+    refit: bool = False
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+def _jsonable(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def sample_negatives(labels: dict[str, np.ndarray], config: RankstageConfig, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, dict]]:
+    """Keep rows whose sampling-task label is 0 with probability a -> (keep (N,) bool, row weight (N,), rates).
+
+    Binary tasks train unweighted and are corrected at serving with their effective kept fraction; watch time and
+    completion instead weight kept negatives by 1/a (importance weighting), so their means need no correction.
+    """
+    ns = config.training.negative_sampling
+    n = len(next(iter(labels.values())))
+    neg = labels[ns.task] == 0
+    rng = np.random.default_rng(seed)
+    keep = ~neg | (rng.random(n) < ns.keep_fraction)
+    inv = np.where(neg, 1.0 / ns.keep_fraction, 1.0)
+    sampling = {}
+    for t in config.tasks:
+        if t.type == "binary":
+            a = effective_kept_fraction(labels[t.name], keep)
+            sampling[t.name] = {"kept_fraction": a, "method": "correct_downsampling"}
+        else:
+            sampling[t.name] = {"kept_fraction": 1.0, "method": "importance_weighted",
+                                "negative_weight": 1.0 / ns.keep_fraction}
+    return keep, inv[keep], sampling
+
+
+def targets(config: RankstageConfig, labels: dict[str, np.ndarray], row_weight: np.ndarray,
+            weight_scales: dict[str, float]) -> dict[str, np.ndarray]:
+    """Per task (N, 2) [target, weight] arrays."""
+    return {t.name: prepare_targets(t, labels[t.name], row_weight,
+                                    labels[t.condition] if t.condition else None,
+                                    weight_scales.get(t.name, 1.0)) for t in config.tasks}
+
+
+def initial_logits(config: RankstageConfig, labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """Start each logit at its base rate (log-odds; log mean seconds for watch time) so rare tasks train at once."""
+    out = {}
+    for t in config.tasks:
+        y = labels[t.name][np.isfinite(labels[t.name])]
+        if t.condition:
+            y = labels[t.name][labels[t.condition] == 1]
+        m = float(np.mean(y)) if len(y) else 0.5
+        if t.type == "watch_time":
+            out[t.name] = float(np.log(max(m, 1e-3)))
+        else:
+            m = min(max(m, 1e-4), 1 - 1e-4)
+            out[t.name] = float(np.log(m / (1 - m)))
+    return out
+
+
+def make_dataset(x: dict[str, np.ndarray], y: dict[str, np.ndarray] | None, batch_size: int,
+                 shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+    tensors = {k: tf.constant(v) for k, v in x.items()}
+    ds = tf.data.Dataset.from_tensor_slices((tensors, y) if y is not None else tensors)
+    if shuffle:
+        ds = ds.shuffle(len(next(iter(x.values()))), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def compile_model(models: RankingModels, config: RankstageConfig, priors: dict[str, float]) -> None:
+    for t in config.tasks:
+        models.train.get_layer(f"{t.name}_logit").bias.assign([priors[t.name]])
+    models.train.compile(
+        optimizer=keras.optimizers.Adam(config.training.learning_rate),
+        loss={t.name: weighted_bce_from_logits for t in config.tasks},
+        loss_weights={t.name: t.loss_weight for t in config.tasks},
+    )
+
+
+def predict(models: RankingModels, x: dict[str, np.ndarray], batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """Served values per task through the serving model: (N,) each."""
+    parts: dict[str, list] = {}
+    serve_x = {k: x[k] for k in models.serve.input}
+    for batch in make_dataset(serve_x, None, batch_size):
+        for k, v in models.serve(batch, training=False).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def evaluate(config: RankstageConfig, models: RankingModels, frame: pd.DataFrame,
+             sampling: dict[str, dict]) -> dict[str, dict]:
+    """Per-task validation metrics, keyed "task" -> {metric: value}; binary predictions are corrected first."""
+    x = raw_inputs(frame, config.features)
+    labels = task_labels(frame, config.tasks)
+    pred = predict(models, x)
+    users = frame[config.data.user_column].to_numpy()
+    out = {}
+    for t in config.tasks:
+        y, p = labels[t.name], pred[t.name].astype(np.float64)
+        if t.condition:
+            cond = labels[t.condition] == 1
+            y, p, u = y[cond], p[cond], users[cond]
+        else:
+            u = users
+        if t.type == "binary":
+            p = correct_downsampling(p, sampling[t.name]["kept_fraction"])
+            out[t.name] = metrics.binary_report(y, p, u)
+        else:
+            out[t.name] = metrics.regression_report(y, p, "seconds" if t.type == "watch_time" else "ratio")
+    return out
+
+
+class _Progress(keras.callbacks.Callback):
+    """One line per epoch with every loss, for logs that are not a terminal."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        shown = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if k.endswith("loss"))
+        print(f"epoch {epoch + 1}: {shown}", flush=True)
+
+
+def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureStats], epochs: int,
+        validation: pd.DataFrame | None, log_dir: Path | None, verbose: bool = True
+        ) -> tuple[RankingModels, dict, TrainingArtifacts]:
+    """Build and train on ``frame`` (down-sampled as configured); early-stop on ``validation`` if given."""
+    seed = config.training.seed
+    keras.utils.set_random_seed(seed)
+    labels = task_labels(frame, config.tasks)
+    keep, row_weight, sampling = sample_negatives(labels, config, seed)
+    kept_labels = {k: v[keep] for k, v in labels.items()}
+    scales = {t.name: watch_time_weight_scale(kept_labels[t.name]) for t in config.tasks if t.type == "watch_time"}
+    priors = initial_logits(config, kept_labels)
+    x = raw_inputs(frame[keep].reset_index(drop=True), config.features)
+    train_ds = make_dataset(x, targets(config, kept_labels, row_weight, scales), config.training.batch_size,
+                            shuffle=True, seed=seed)
+    models = build_models(config, stats)
+    compile_model(models, config, priors)
+    callbacks: list = []
+    val_ds = None
+    if validation is not None:
+        vlab = task_labels(validation, config.tasks)
+        vx = raw_inputs(validation, config.features)
+        val_ds = make_dataset(vx, targets(config, vlab, np.ones(len(validation)), scales), 4096)
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
+                                                       patience=config.training.early_stopping_patience,
+                                                       restore_best_weights=True))
+    if log_dir is not None:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
+    interactive = verbose and sys.stdout.isatty()
+    if verbose and not interactive:
+        callbacks.append(_Progress())
+    hist = models.train.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+                            verbose=1 if interactive else 0)
+    history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
+    best = int(np.argmin(history["val_loss"])) + 1 if "val_loss" in history else epochs
+    periods = sorted(frame[config.data.time_column].unique().tolist())
+    art = TrainingArtifacts(sampling=sampling, weight_scales=scales, priors=priors, train_periods=periods,
+                            validation_periods=[], best_epoch=best, rows={"train": int(keep.sum()),
+                                                                          "train_before_sampling": len(frame)})
+    return models, history, art
+
+
+def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None = None, refit: bool = False,
+          verbose: bool = True) -> Path:
+    """Train, validate on the last period(s), optionally refit on the whole window; write the run directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    df = read_log(config.data, log)
+    train_df, val_df = time_split(df, config)
+    stats = build_stats(raw_inputs(train_df, config.features), config.features)
+    if verbose:
+        print(f"{len(train_df)} training rows, {len(val_df)} validation rows "
+              f"({config.data.time_column} >= {val_df[config.data.time_column].min()})", flush=True)
+    models, history, art = fit(config, train_df, stats, config.training.epochs, val_df, out / "tensorboard",
+                               verbose)
+    art.validation_periods = sorted(val_df[config.data.time_column].unique().tolist())
+    val_metrics = evaluate(config, models, val_df, art.sampling)
+    art.rows["validation"] = len(val_df)
+    if refit:
+        if verbose:
+            print(f"refit on the whole window for {art.best_epoch} epoch(s)", flush=True)
+        stats = build_stats(raw_inputs(df, config.features), config.features)
+        best, val_periods, rows = art.best_epoch, art.validation_periods, art.rows
+        models, refit_history, art = fit(config, df, stats, best, None, out / "tensorboard_refit", verbose)
+        art.best_epoch, art.refit, art.validation_periods = best, True, val_periods
+        art.rows = {**rows, "refit": art.rows["train"]}
+        history["refit_loss"] = refit_history["loss"]
+    models.train.save_weights(out / "model.weights.h5")
+    save_stats(stats, out / "stats.json")
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    (out / "artifacts.json").write_text(json.dumps(art.__dict__, indent=2, default=_jsonable))
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    report = {"tasks": val_metrics, "validation_periods": art.validation_periods, "best_epoch": art.best_epoch,
+              "refit": refit, "seconds": round(time.perf_counter() - t0, 1), "config": config.name,
+              "num_experts": config.model.num_experts}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    if verbose:
+        print(format_metrics(val_metrics), flush=True)
+        print(f"run written to {out}", flush=True)
+    return out
+
+
+def format_metrics(report: dict[str, dict]) -> str:
+    lines = []
+    for task, m in report.items():
+        if "auc" in m:
+            lo, hi = m["auc_ci95"]
+            lines.append(f"{task:>12}  AUC {m['auc']:.4f} [{lo:.3f}, {hi:.3f}]  gAUC {m['gauc']:.4f}  "
+                         f"pos {m['positives']}  pred/obs {m['predicted_mean']:.4f}/{m['observed_rate']:.4f}")
+        else:
+            unit = "seconds" if "mae_seconds" in m else "ratio"
+            lines.append(f"{task:>12}  Spearman {m['spearman']:.4f}  MAE {m[f'mae_{unit}']:.3f} {unit}  "
+                         f"pred/obs mean {m[f'predicted_mean_{unit}']:.3f}/{m[f'observed_mean_{unit}']:.3f}")
+    return "\n".join(lines)
+
+
+@dataclass
+class LoadedRun:
+    config: RankstageConfig
+    stats: dict[str, FeatureStats]
+    artifacts: dict
+    models: RankingModels
+    metrics: dict
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild the models of a run directory and load its weights."""
+    from features.spec import parse_config
+
+    run = Path(run_dir)
+    for name in ("config.yaml", "stats.json", "artifacts.json", "model.weights.h5"):
+        if not (run / name).exists():
+            raise FileNotFoundError(f"--run {run}: missing {name}; is this a finished training run?")
+    config = parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+    stats = load_stats(run / "stats.json")
+    models = build_models(config, stats)
+    models.train.load_weights(run / "model.weights.h5")
+    metrics_path = run / "metrics.json"
+    return LoadedRun(config, stats, json.loads((run / "artifacts.json").read_text()), models,
+                     json.loads(metrics_path.read_text()) if metrics_path.exists() else {})
+
+
+def task_by_name(config: RankstageConfig) -> dict[str, TaskSpec]:
+    return {t.name: t for t in config.tasks}

@@ -1,0 +1,110 @@
+"""`rankstage` command line: train, export, score. Flags map onto config fields here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``--set model.num_experts=0`` -> data["model"]["num_experts"] = 0 (values parsed as YAML)."""
+    import yaml
+
+    from features.spec import ConfigError
+
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return data
+
+
+def load_cli_config(path: str, overrides: list[str], tasks: list[str] | None):
+    import yaml
+
+    from features.spec import ConfigError, parse_config
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    config = parse_config(_apply_overrides(data or {}, overrides), path)
+    return config.with_tasks(tasks) if tasks else config
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ranking.train import train
+
+    config = load_cli_config(args.config, args.set, args.tasks)
+    train(config, args.out, log=args.data, refit=args.refit)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from ranking.export import export_run
+
+    export_run(args.run, args.model_base_path, version=args.version, log=args.data)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from ranking.score import score_logged_requests
+
+    score_logged_requests(args.model_base_path, args.requests, args.top_k, log=args.data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankstage", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the multitask ranker on a log; writes a run directory")
+    p.add_argument("--config", required=True, help="feature/model/training spec (YAML)")
+    p.add_argument("--data", help="impression log (CSV/Parquet); default: data.log of the config")
+    p.add_argument("--out", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--refit", action="store_true",
+                   help="after early stopping, retrain on the whole window (validation included) for the chosen "
+                        "number of epochs and keep that model (metrics stay those of the non-refit run)")
+    p.add_argument("--tasks", nargs="+", help="train only these tasks (e.g. single-task baselines)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set model.num_experts=0 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a run as a versioned SavedModel for TF Serving")
+    p.add_argument("--run", required=True)
+    p.add_argument("--model-base-path", required=True)
+    p.add_argument("--version", type=int, help="integer version (default: next free)")
+    p.add_argument("--data", help="log to draw warmup requests from (default: the run's config)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("score", help="score logged requests with the latest exported model")
+    p.add_argument("--model-base-path", required=True)
+    p.add_argument("--requests", type=int, default=3, help="number of logged requests (user x day lists)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--data", help="log to draw requests from (default: the model's training config)")
+    p.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from features.spec import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"rankstage {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
