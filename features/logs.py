@@ -60,9 +60,9 @@ def read_log(data: DataConfig, log: str | Path | None = None) -> pd.DataFrame:
 
 def _as_int(values: pd.Series, feature: str) -> np.ndarray:
     num = pd.to_numeric(values, errors="coerce")
-    bad = values.notna() & num.isna()
+    bad = values.notna() & ~(num % 1 == 0)  # non-numbers, fractions (1.5 would truncate to id 1) and inf
     if bad.any():
-        raise ConfigError(f"feature {feature!r}: value {values[bad].iloc[0]!r} is not an integer id")
+        raise ConfigError(f"feature {feature!r}: value {values[bad].tolist()[0]!r} is not an integer id")
     return num.fillna(MISSING_INT).to_numpy().astype(np.int64)
 
 
@@ -104,12 +104,12 @@ def task_label(df: pd.DataFrame, task: TaskSpec) -> np.ndarray:
     if task.type == "binary":
         bad = ~np.isin(y, (0.0, 1.0))
         if bad.any():
-            raise ConfigError(f"task {task.name!r}: binary label {task.label!r} has value {y[bad][0]!r} (row "
+            raise ConfigError(f"task {task.name!r}: binary label {task.label!r} has value {float(y[bad][0])!r} (row "
                               f"{int(np.flatnonzero(bad)[0])}); expected 0 or 1")
     elif task.type == "watch_time":
         bad = ~np.isfinite(y) | (y < 0)
         if bad.any():
-            raise ConfigError(f"task {task.name!r}: watch time {task.label!r} has value {y[bad][0]!r} (row "
+            raise ConfigError(f"task {task.name!r}: watch time {task.label!r} has value {float(y[bad][0])!r} (row "
                               f"{int(np.flatnonzero(bad)[0])}); expected a finite number >= 0")
         y = y * task.scale
         if task.max_value is not None:

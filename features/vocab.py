@@ -32,11 +32,11 @@ def transform_numeric(x: np.ndarray, feature: FeatureSpec) -> np.ndarray:
 
 
 def split_multi(values: np.ndarray, feature: FeatureSpec) -> list[str]:
-    """All tokens of a multi-valued string column (each row keeps its first ``max_values``)."""
+    """All tokens of a multi-valued string column, split as ``SplitValues`` does (strip, split, first L)."""
     out: list[str] = []
     for v in values:
         if v:
-            out.extend(t for t in v.split(feature.separator)[: feature.max_values] if t)
+            out.extend(t for t in v.strip().split(feature.separator)[: feature.max_values] if t)
     return out
 
 

@@ -71,8 +71,9 @@ def sample_negatives(labels: dict[str, np.ndarray], config: RankstageConfig, see
 
 def targets(config: RankstageConfig, labels: dict[str, np.ndarray], row_weight: np.ndarray,
             weight_scales: dict[str, float]) -> dict[str, np.ndarray]:
-    """Per task (N, 2) [target, weight] arrays."""
-    return {t.name: prepare_targets(t, labels[t.name], row_weight,
+    """Per task (N, 2) [target, weight] arrays; binary tasks ignore ``row_weight`` (they are corrected instead)."""
+    ones = np.ones_like(row_weight)
+    return {t.name: prepare_targets(t, labels[t.name], ones if t.type == "binary" else row_weight,
                                     labels[t.condition] if t.condition else None,
                                     weight_scales.get(t.name, 1.0)) for t in config.tasks}
 

@@ -62,6 +62,21 @@ def cmd_score(args: argparse.Namespace) -> None:
     score_logged_requests(args.model_base_path, args.requests, args.top_k, log=args.data)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from ranking.compare import compare
+
+    config = load_cli_config(args.config, args.set, None)
+    compare(config, args.out, log=args.data, single_task=not args.no_single_task, gbdt=not args.no_gbdt)
+
+
+def cmd_gbdt(args: argparse.Namespace) -> None:
+    from ranking.baselines.gbdt import run_gbdt
+    from ranking.train import format_metrics
+
+    config = load_cli_config(args.config, args.set, args.tasks)
+    print(format_metrics(run_gbdt(config, args.out, log=args.data, num_trees=args.trees)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankstage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--data", help="log to draw requests from (default: the model's training config)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("compare", help="MMoE vs shared-bottom vs single-task models vs LightGBM on one split")
+    p.add_argument("--config", required=True)
+    p.add_argument("--data")
+    p.add_argument("--out", required=True, help="report directory (compare.md, compare.json, runs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-single-task", action="store_true")
+    p.add_argument("--no-gbdt", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("gbdt-baseline", help="LightGBM baseline, one model per task, same split and metrics")
+    p.add_argument("--config", required=True)
+    p.add_argument("--data")
+    p.add_argument("--out", help="directory for metrics.json")
+    p.add_argument("--trees", type=int, default=300)
+    p.add_argument("--tasks", nargs="+")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_gbdt)
     return parser
 
 
