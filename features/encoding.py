@@ -19,7 +19,7 @@ from features.vocab import FeatureStats
 
 @keras.saving.register_keras_serializable(package="rankstage")
 class NumericEncoder(keras.layers.Layer):
-    """(B,) raw float -> (B, 1): NaN -> ``default``, optional log1p, then (x - mean) / std."""
+    """(B,) raw float -> (B, 1): NaN or +-inf -> ``default``, optional log1p, then (x - mean) / std."""
 
     def __init__(self, mean: float, std: float, default: float = 0.0, transform: str = "none", **kwargs):
         super().__init__(**kwargs)
@@ -31,7 +31,7 @@ class NumericEncoder(keras.layers.Layer):
 
     def call(self, x):
         x = ops.cast(x, "float32")
-        x = ops.where(ops.isnan(x), self.default, x)
+        x = ops.where(ops.isfinite(x), x, self.default)
         if self.transform == "log1p":
             x = ops.log1p(ops.maximum(x, 0.0))
         return ops.expand_dims((x - self.mean) / self.std, -1)
@@ -46,7 +46,7 @@ class NumericEncoder(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="rankstage")
 class FillNaN(keras.layers.Layer):
-    """(B,) float -> (B,) float with NaN replaced by ``default`` (before bucketizing)."""
+    """(B,) float -> (B,) float with NaN and +-inf replaced by ``default`` (before bucketizing)."""
 
     def __init__(self, default: float = 0.0, **kwargs):
         super().__init__(**kwargs)
@@ -54,7 +54,7 @@ class FillNaN(keras.layers.Layer):
 
     def call(self, x):
         x = ops.cast(x, "float32")
-        return ops.where(ops.isnan(x), self.default, x)
+        return ops.where(ops.isfinite(x), x, self.default)
 
     def get_config(self):
         return {**super().get_config(), "default": self.default}

@@ -141,9 +141,9 @@ class ModelConfig(_Strict):
 
 
 class NegativeSampling(_Strict):
-    """Keep each training row whose ``task`` label is 0 with probability ``keep_fraction``."""
+    """Keep each training row whose ``task`` label is 0 with probability ``keep_fraction`` (``task: null``: off)."""
 
-    task: str = "click"
+    task: str | None = "click"
     keep_fraction: float = Field(1.0, gt=0, le=1)
 
 
@@ -209,7 +209,7 @@ class RankstageConfig(_Strict):
             if t not in tasks:
                 raise ValueError(f"model.bias_tower.tasks: {t!r} is not a task of this config")
         ns = self.training.negative_sampling
-        if ns.task not in tasks or tasks[ns.task].type != "binary":
+        if ns.task is not None and (ns.task not in tasks or tasks[ns.task].type != "binary"):
             raise ValueError(f"training.negative_sampling.task: {ns.task!r} is not a binary task of this config")
         return self
 
@@ -227,7 +227,7 @@ class RankstageConfig(_Strict):
         if unknown:
             raise ConfigError(f"--tasks: unknown task(s) {unknown}; known: {[t.name for t in self.tasks]}")
         ns = self.training.negative_sampling
-        keep_ns = ns if ns.task in names else NegativeSampling(task=names[0], keep_fraction=1.0)
+        keep_ns = ns if ns.task in names else NegativeSampling(task=None, keep_fraction=1.0)
         data = self.model_dump()
         data["tasks"] = [t.model_dump() for t in self.tasks if t.name in names]
         for t in data["tasks"]:
@@ -235,12 +235,12 @@ class RankstageConfig(_Strict):
                 t["condition"] = None
         data["model"]["bias_tower"]["tasks"] = [t for t in self.model.bias_tower.tasks if t in names]
         data["training"]["negative_sampling"] = keep_ns.model_dump()
-        return RankstageConfig.model_validate(data)
+        return parse_config(data, "--tasks")
 
     def with_model(self, **changes: object) -> RankstageConfig:
         data = self.model_dump()
         data["model"].update(changes)
-        return RankstageConfig.model_validate(data)
+        return parse_config(data, "model overrides")
 
 
 def _format_error(err: ValidationError, source: str) -> str:

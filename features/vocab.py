@@ -24,8 +24,8 @@ class FeatureStats:
 
 
 def transform_numeric(x: np.ndarray, feature: FeatureSpec) -> np.ndarray:
-    """NaN -> default, then the feature's transform. (N,) float -> (N,) float. Mirrors NumericEncoder."""
-    x = np.where(np.isnan(x), feature.default, x).astype(np.float64)
+    """NaN/inf -> default, then the feature's transform. (N,) float -> (N,) float. Mirrors NumericEncoder."""
+    x = np.where(np.isfinite(x), x, feature.default).astype(np.float64)
     if feature.transform == "log1p":
         x = np.log1p(np.maximum(x, 0.0))
     return x

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from features.spec import RankstageConfig
 from ranking.baselines.gbdt import run_gbdt
 from ranking.train import train
@@ -26,9 +28,14 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
     results: dict[str, dict] = {}
 
     def run(name: str, cfg: RankstageConfig) -> dict:
-        print(f"== {name}", flush=True)
-        run_dir = train(cfg, out / "runs" / name, log=log, verbose=False)
-        return json.loads((run_dir / "metrics.json").read_text())["tasks"]
+        run_dir = out / "runs" / name
+        done = run_dir / "metrics.json"
+        if done.exists() and yaml.safe_load((run_dir / "config.yaml").read_text()) == cfg.model_dump():
+            print(f"== {name}: reusing {done}", flush=True)  # same config already trained: resume
+        else:
+            print(f"== {name}", flush=True)
+            train(cfg, run_dir, log=log, verbose=False)
+        return json.loads(done.read_text())["tasks"]
 
     results["mmoe"] = run("mmoe", config)
     results["shared_bottom"] = run("shared_bottom", config.with_model(num_experts=0))

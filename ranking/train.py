@@ -54,10 +54,11 @@ def sample_negatives(labels: dict[str, np.ndarray], config: RankstageConfig, see
     """
     ns = config.training.negative_sampling
     n = len(next(iter(labels.values())))
-    neg = labels[ns.task] == 0
+    rate = ns.keep_fraction if ns.task is not None else 1.0
+    neg = labels[ns.task] == 0 if ns.task is not None else np.zeros(n, dtype=bool)
     rng = np.random.default_rng(seed)
-    keep = ~neg | (rng.random(n) < ns.keep_fraction)
-    inv = np.where(neg, 1.0 / ns.keep_fraction, 1.0)
+    keep = ~neg | (rng.random(n) < rate)
+    inv = np.where(neg, 1.0 / rate, 1.0)
     sampling = {}
     for t in config.tasks:
         if t.type == "binary":
@@ -65,7 +66,7 @@ def sample_negatives(labels: dict[str, np.ndarray], config: RankstageConfig, see
             sampling[t.name] = {"kept_fraction": a, "method": "correct_downsampling"}
         else:
             sampling[t.name] = {"kept_fraction": 1.0, "method": "importance_weighted",
-                                "negative_weight": 1.0 / ns.keep_fraction}
+                                "negative_weight": 1.0 / rate}
     return keep, inv[keep], sampling
 
 

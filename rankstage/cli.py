@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -124,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_gbdt)
+
+    if importlib.util.find_spec("fusion.commands") is not None:  # replay / tune-fusion live with fusion/
+        from fusion.commands import register
+
+        register(sub)
+    if importlib.util.find_spec("simulation.commands") is not None:  # simulate / debias-report
+        from simulation.commands import register as register_simulation
+
+        register_simulation(sub)
     return parser
 
 

@@ -210,7 +210,7 @@ def test_with_tasks_drops_conditions_on_removed_tasks():
     assert [t.name for t in cfg.tasks] == ["like", "watch_time"]
     assert cfg.tasks[0].condition is None
     assert cfg.model.bias_tower.tasks == []
-    assert cfg.training.negative_sampling.task == "like" and cfg.training.negative_sampling.keep_fraction == 1.0
+    assert cfg.training.negative_sampling.task is None  # sampling was on click, which is gone: no sampling
     with pytest.raises(ConfigError, match="'share'"):
         parse_config(small_config()).with_tasks(["share"])
 

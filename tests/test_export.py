@@ -1,0 +1,222 @@
+"""Export of a run as a TF Serving SavedModel: layout, warmup requests, metadata, model server config, signature,
+a graph the C++ loader can run without project code, robustness to bad values, and safe failure.
+
+C candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+import ranking.export
+from features.logs import raw_inputs
+from ranking.export import check_export, export_run, input_signature
+from ranking.train import load_run
+
+PROJECT_PACKAGES = ("features", "ranking", "calibration", "fusion", "serving", "retrieval", "rankstage")
+TASKS = {"click", "like", "watch_time"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, full_run):
+    """Version 1 of the export run under a fresh model base path."""
+    base = tmp_path_factory.mktemp("models") / "synthetic"
+    version_dir = export_run(full_run.run_dir, base, verbose=False)
+    return base, version_dir
+
+
+@pytest.fixture(scope="module")
+def signature_def(exported):
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((exported[1] / "saved_model.pb").read_bytes())
+    assert len(saved.meta_graphs) == 1
+    return saved.meta_graphs[0], saved.meta_graphs[0].signature_def["serving_default"]
+
+
+def serving_rows(frame, config, n: int) -> dict[str, np.ndarray]:
+    return raw_inputs(frame.iloc[:n].reset_index(drop=True), config.serving_features)
+
+
+def copy_base(exported, tmp_path):
+    base = tmp_path / "synthetic"
+    shutil.copytree(exported[0], base)
+    return base
+
+
+def test_export_writes_a_versioned_servable(exported, full_run):
+    base, version_dir = exported
+    assert version_dir == base / "1"
+    assert (version_dir / "saved_model.pb").is_file()
+    assert (version_dir / "variables" / "variables.index").is_file()
+    assert (version_dir / "assets.extra" / "tf_serving_warmup_requests").is_file()
+    assert not list(base.glob(".tmp-*")) and not list(base.glob(".*.tmp"))
+
+    metadata = json.loads((version_dir / "assets.extra" / "rankstage_metadata.json").read_text())
+    artifacts = json.loads((full_run.run_dir / "artifacts.json").read_text())
+    assert metadata["version"] == 1 and metadata["signature"] == "serving_default"
+    assert metadata["sampling"] == artifacts["sampling"]
+    assert metadata["sampling"]["click"]["kept_fraction"] == pytest.approx(0.5, rel=0.05)
+    assert metadata["sampling"]["watch_time"]["method"] == "importance_weighted"
+    assert {o["task"]: o["unit"] for o in metadata["outputs"]} == {
+        "click": "probability", "like": "probability", "watch_time": "seconds"}
+    assert [i["name"] for i in metadata["inputs"]] == [f.name for f in full_run.config.serving_features]
+
+
+def test_models_config_is_a_model_server_config(exported, full_run):
+    base, _ = exported
+    cfg = text_format.Parse((base / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    (model,) = cfg.model_config_list.config
+    assert model.name == full_run.config.name
+    assert model.base_path == str(base.resolve())
+    assert model.model_platform == "tensorflow"
+
+
+def test_warmup_requests_match_the_signature(exported, full_run, signature_def):
+    _, signature = signature_def
+    records = list(tf.data.TFRecordDataset(str(exported[1] / "assets.extra" / "tf_serving_warmup_requests")))
+    assert len(records) == len(ranking.export.WARMUP_SIZES)
+    for record, size in zip(records, ranking.export.WARMUP_SIZES):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        request = log.predict_log.request
+        assert request.model_spec.name == full_run.config.name
+        assert request.model_spec.signature_name == "serving_default"
+        assert set(request.inputs) == set(signature.inputs)
+        for name, tensor in request.inputs.items():
+            assert tensor.dtype == signature.inputs[name].dtype, name
+            assert tf.make_ndarray(tensor).shape == (size,), name
+
+
+def test_second_export_becomes_version_2(exported, full_run, tmp_path):
+    base = copy_base(exported, tmp_path)
+    v2 = export_run(full_run.run_dir, base, verbose=False)
+    assert v2 == base / "2"
+    assert sorted(p.name for p in base.iterdir() if p.is_dir()) == ["1", "2"]
+    assert json.loads((v2 / "assets.extra" / "rankstage_metadata.json").read_text())["version"] == 2
+    cfg = text_format.Parse((base / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    assert cfg.model_config_list.config[0].base_path == str(base.resolve())
+
+
+def test_signature_is_predict_over_serving_features_only(signature_def, full_run):
+    _, signature = signature_def
+    assert signature.method_name == "tensorflow/serving/predict"
+    assert set(signature.inputs) == set(input_signature(full_run.config))
+    assert set(signature.inputs) == {"segment", "user_id", "item_id", "quality", "tags"}
+    assert not {"position", "device"} & set(signature.inputs)
+    assert set(signature.outputs) == TASKS
+    for name, spec in input_signature(full_run.config).items():
+        assert signature.inputs[name].dtype == spec.dtype.as_datatype_enum, name
+        assert [d.size for d in signature.inputs[name].tensor_shape.dim] == [-1], name
+
+
+def test_graph_has_no_python_ops(signature_def):
+    meta_graph, _ = signature_def
+    ops = {n.op for n in meta_graph.graph_def.node}
+    for fn in meta_graph.graph_def.library.function:
+        ops |= {n.op for n in fn.node_def}
+    assert ops, "no ops found in the graph"
+    assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import importlib.abc, sys
+
+    BLOCKED = set(sys.argv[1].split(","))
+
+    class NoProjectCode(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in BLOCKED:
+                raise ImportError(f"project module {name!r} imported while serving")
+            return None
+
+    sys.meta_path.insert(0, NoProjectCode())
+    try:
+        import ranking  # noqa
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the import blocker does not work")
+
+    import numpy as np
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(sys.argv[2]).signatures["serving_default"]
+    with np.load(sys.argv[3]) as rows:
+        outputs = fn(**{k: tf.constant(rows[k]) for k in rows.files})
+    np.savez(sys.argv[4], **{k: v.numpy() for k, v in outputs.items()})
+    leaked = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
+    if leaked:
+        raise SystemExit(f"project modules loaded: {leaked}")
+""")
+
+
+def test_fresh_process_serves_without_project_code(exported, full_run, validation_frame, tmp_path):
+    rows = serving_rows(validation_frame, full_run.config, 64)
+    np.savez(tmp_path / "rows.npz", **{k: v.astype(str) if v.dtype == object else v for k, v in rows.items()})
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", FRESH_PROCESS, ",".join(PROJECT_PACKAGES), str(exported[1]),
+         str(tmp_path / "rows.npz"), str(tmp_path / "out.npz")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = full_run.models.serve({k: tf.constant(v) for k, v in rows.items()}, training=False)
+    with np.load(tmp_path / "out.npz") as got:
+        assert set(got.files) == TASKS
+        for task in TASKS:
+            assert got[task].shape == (64,)
+            np.testing.assert_allclose(got[task], np.asarray(want[task]), rtol=1e-5, atol=1e-6, err_msg=task)
+
+
+def test_bad_values_give_finite_outputs(exported):
+    fn = tf.saved_model.load(str(exported[1])).signatures["serving_default"]
+    out = fn(segment=tf.constant(["", "news", "never-seen", ""]),
+             user_id=tf.constant([10**12, -1, 0, 7], tf.int64),
+             item_id=tf.constant([10**12, -(10**12), 0, 3], tf.int64),
+             quality=tf.constant([np.nan, np.inf, -np.inf, -3.0], tf.float32),
+             tags=tf.constant(["", ",,", "t999,never,seen", "t1"]))
+    assert set(out) == TASKS
+    for task, values in out.items():
+        values = values.numpy()
+        assert values.shape == (4,), task
+        assert np.all(np.isfinite(values)), f"{task}: {values}"
+        assert np.all(values >= 0), f"{task}: {values}"
+    assert np.all(out["click"].numpy() <= 1) and np.all(out["like"].numpy() <= 1)
+
+
+def test_check_export_rejects_a_model_that_disagrees(exported, full_run, validation_frame):
+    """The guard itself can fail: a serving model whose click logit moved is caught against the SavedModel."""
+    rows = serving_rows(validation_frame, full_run.config, 100)
+    check_export(exported[1], full_run.models.serve, rows)  # the exported model agrees with itself
+    other = load_run(full_run.run_dir).models
+    bias = other.serve.get_layer("click_logit").bias
+    bias.assign(bias.numpy() + 0.5)
+    with pytest.raises(RuntimeError, match="click"):
+        check_export(exported[1], other.serve, rows)
+
+
+def test_failed_export_never_replaces_a_good_version(exported, full_run, tmp_path, monkeypatch):
+    base = copy_base(exported, tmp_path)
+    before = sorted(p.name for p in base.iterdir())
+    config_text = (base / "models.config").read_bytes()
+
+    def bad_check(*args, **kwargs):
+        raise RuntimeError("planted export check failure")
+
+    monkeypatch.setattr(ranking.export, "check_export", bad_check)
+    with pytest.raises(RuntimeError, match="planted"):
+        export_run(full_run.run_dir, base, verbose=False)
+    assert sorted(p.name for p in base.iterdir()) == before == ["1", "models.config"]
+    assert not list(base.glob(".tmp-*"))
+    assert (base / "models.config").read_bytes() == config_text
