@@ -1,0 +1,112 @@
+"""`rankstage replay`, `rankstage tune-fusion`, `rankstage calibrate`: flags map onto function arguments here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-base-path", required=True, help="exported model base path (newest version) or version dir")
+    p.add_argument("--logs", help="impression log, CSV/Parquet (default: the model's config log)")
+    p.add_argument("--chunk-mb", type=float, default=8.0, help="size of a streamed log chunk")
+    p.add_argument("--order-column", default="time_ms", help="logged order within a list (default: time_ms)")
+
+
+def _lists(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group", default="user_day", choices=["user_day", "user_window", "request"])
+    p.add_argument("--min-list", type=int, default=5, help="drop lists shorter than this")
+    p.add_argument("--k", type=int, default=5, help="cut-off K of NDCG@K and top-K sums")
+    p.add_argument("--reps", type=int, default=1000, help="bootstrap resamples over lists")
+    p.add_argument("--list-column", help="request id column for --group request (e.g. request_id)")
+    p.add_argument("--truth-column", action="append", default=[],
+                   help="planted-truth column summed over the top K (simulator logs, e.g. true_attraction)")
+
+
+def _load_fusion(path: str, tasks: list[str], calibration: str | None):
+    from calibration.posthoc import load_artifact
+    from fusion.config import calibration_path, load_fusion_config
+
+    config = load_fusion_config(path, tasks)
+    cal = calibration or calibration_path(config, path)
+    return config, (load_artifact(cal) if cal else None)
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from fusion.replay import CLICK_ONLY, evaluate, format_report, score_log
+
+    scored = score_log(args.model_base_path, args.logs, days=args.day, order_column=args.order_column,
+                       chunk_mb=args.chunk_mb, list_column=args.list_column, truth_columns=tuple(args.truth_column))
+    config, cal = _load_fusion(args.fusion, scored.model["tasks"], args.calibration)
+    names = args.profile or list(config.profiles)
+    profiles = {"logged_order": None, "click_only": CLICK_ONLY, **{n: config.profile(n) for n in names}}
+    result = evaluate(scored, profiles, args.group, args.min_list, args.k, cal, args.reps)
+    days = sorted(set(scored.day.tolist()))
+    title = (f"replay: model {scored.model['name']} v{scored.model['version']} ({scored.model['path']}), fusion "
+             f"{config.version}{', calibration ' + cal['version'] if cal else ''}, days {days}")
+    report = format_report(result, title)
+    print(report)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "replay.md").write_text(report)
+        (out / "replay.json").write_text(json.dumps({"model": scored.model, "fusion_version": config.version,
+                                                     "days": days, **result}, indent=1, default=float))
+        print(f"wrote {out / 'replay.md'} and replay.json")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from fusion.tune import tune_fusion
+
+    tune_fusion(model_base_path=args.model_base_path, log=args.logs, fusion_path=args.fusion,
+                hand_profile=args.hand_profile, tune_days=args.tune_day, eval_day=args.eval_day, out=args.out,
+                trials=args.trials, seed=args.seed, group=args.group, min_list=args.min_list, k=args.k,
+                tolerance=args.click_tolerance, formula=args.formula, calibration=args.calibration,
+                reps=args.reps, order_column=args.order_column, chunk_mb=args.chunk_mb,
+                list_column=args.list_column, truth_columns=tuple(args.truth_column))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from calibration.fit import calibrate_command
+
+    calibrate_command(args.model_base_path, args.logs, fit_days=args.fit_day, eval_days=args.eval_day,
+                      method=args.method, tasks=args.tasks, out=args.out, chunk_mb=args.chunk_mb)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("replay", help="replay logged lists through the exported model, fuse, re-rank, measure")
+    _common(p)
+    _lists(p)
+    p.add_argument("--fusion", required=True, help="fusion config (YAML)")
+    p.add_argument("--profile", action="append", help="profile(s) to evaluate (default: all)")
+    p.add_argument("--day", type=int, action="append", help="only these values of the time column (repeatable)")
+    p.add_argument("--calibration", help="post-hoc calibration artifact (default: the fusion config's)")
+    p.add_argument("--out", help="directory for replay.md / replay.json")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("tune-fusion", help="search fusion weights with Optuna on earlier days, judge on a later day")
+    _common(p)
+    _lists(p)
+    p.add_argument("--fusion", required=True, help="fusion config holding the hand-set profile")
+    p.add_argument("--hand-profile", default=None, help="hand-set profile to compare (default: the config's default)")
+    p.add_argument("--tune-day", type=int, action="append", required=True, help="day(s) to tune on (repeatable)")
+    p.add_argument("--eval-day", type=int, required=True, help="held-out day to judge on")
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--formula", default="weighted_product", choices=["weighted_product", "click_multiplier",
+                                                                     "weighted_sum"])
+    p.add_argument("--click-tolerance", type=float, default=0.01,
+                   help="constraint: click NDCG@K >= (1 - tolerance) x click-only's, on the tuning days")
+    p.add_argument("--calibration", help="post-hoc calibration artifact (default: the fusion config's)")
+    p.add_argument("--out", required=True, help="directory: fusion_tuned.yaml, tune.md, tradeoff.png, trials.csv")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("calibrate", help="fit post-hoc calibration per task on held-out days; diagnostics and plots")
+    _common(p)
+    p.add_argument("--fit-day", type=int, action="append", required=True, help="day(s) to fit on (repeatable)")
+    p.add_argument("--eval-day", type=int, action="append", help="day(s) to judge on (default: the fit days)")
+    p.add_argument("--method", default="platt", choices=["isotonic", "platt"])
+    p.add_argument("--tasks", nargs="+", help="tasks to calibrate (default: the binary tasks)")
+    p.add_argument("--out", required=True, help="directory: calibration.json, calibration.md, reliability_*.png")
+    p.set_defaults(func=cmd_calibrate)

@@ -1,0 +1,136 @@
+"""The fusion config: a version string and named profiles (one per scenario / tab, chosen per request).
+
+    version: "2026-11-23.1"
+    default_profile: feed
+    calibration: calibration.json        # optional, relative to this file: post-hoc calibration artifact
+    profiles:
+      feed: {formula: weighted_product, weights: {click: 1, watch_time: 0.05}, exponents: {watch_time: 0.5}}
+
+Validated at load: known formula, known task names, finite numbers; errors name the field and the value, e.g.
+``profiles.feed.weights.clik: unknown task 'clik' (known: click, like, ...)``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from features.spec import ConfigError
+from fusion.formulas import fuse
+
+# Tasks of the ranker a fusion term may name (probabilities, watch time in seconds, completion ratio).
+KNOWN_TASKS = ("click", "like", "collect", "share", "long_view", "watch_time", "completion")
+
+
+class FusionProfile(BaseModel):
+    """One way to turn a candidate's task predictions into a ranking score."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    formula: Literal["weighted_sum", "click_multiplier", "weighted_product"]
+    weights: dict[str, float] = Field(min_length=1)
+    exponents: dict[str, float] = {}
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self, info) -> FusionProfile:
+        known = (info.context or {}).get("tasks", KNOWN_TASKS)
+        for field in ("weights", "exponents"):
+            for task, value in getattr(self, field).items():
+                if task not in known:
+                    raise ValueError(f"{field}.{task}: unknown task {task!r} (known: {', '.join(known)})")
+                if not math.isfinite(value):
+                    raise ValueError(f"{field}.{task}: must be a finite number, got {value!r}")
+        if self.exponents and self.formula != "weighted_product":
+            raise ValueError(f"exponents: only the weighted_product formula has exponents, not {self.formula!r}")
+        for task in self.exponents:
+            if task not in self.weights:
+                raise ValueError(f"exponents.{task}: {task!r} has an exponent but no weight")
+        if self.formula == "weighted_product":
+            for task, w in self.weights.items():
+                if w < 0:
+                    raise ValueError(f"weights.{task}: weighted_product weights must be >= 0, got {w!r}")
+        if self.formula == "click_multiplier" and "click" not in known:
+            raise ValueError("formula: click_multiplier needs a 'click' task")
+        return self
+
+    def score(self, terms: dict[str, np.ndarray]) -> np.ndarray:
+        """(C,) fused scores from (C,) task predictions."""
+        return fuse(terms, self.formula, self.weights, self.exponents)
+
+
+class FusionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(min_length=1)
+    default_profile: str | None = None
+    calibration: str | None = None  # post-hoc calibration artifact (JSON), relative to the config file
+    profiles: dict[str, FusionProfile] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_default(self) -> FusionConfig:
+        if self.default_profile is not None and self.default_profile not in self.profiles:
+            raise ValueError(f"default_profile: {self.default_profile!r} is not a profile "
+                             f"(profiles: {', '.join(self.profiles)})")
+        return self
+
+    def profile(self, name: str | None = None) -> FusionProfile:
+        name = name or self.default_profile or next(iter(self.profiles))
+        if name not in self.profiles:
+            raise ConfigError(f"--profile: {name!r} is not a profile of this fusion config "
+                              f"(profiles: {', '.join(self.profiles)})")
+        return self.profiles[name]
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid fusion config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        field = re.match(r"^(weights|exponents|formula|default_profile)(\.\w+)?: ", msg)
+        if field:  # "profiles.a" + "weights.x: ..." -> "profiles.a.weights.x: ..."
+            name = field.group(0)[:-2]
+            loc, msg = (f"{loc}.{name}" if loc else name), msg[len(field.group(0)):]
+        got = f" (got {e['input']!r})" if e["type"] not in ("value_error", "missing") and "input" in e else ""
+        lines.append(f"  {loc or '<root>'}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_fusion_config(data: dict, source: str = "<dict>", tasks: tuple[str, ...] | list[str] = KNOWN_TASKS
+                        ) -> FusionConfig:
+    """Validate a fusion config mapping against the task names ``tasks``; raises ConfigError naming the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"fusion config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return FusionConfig.model_validate(data, context={"tasks": tuple(tasks)})
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_fusion_config(path: str | Path, tasks: tuple[str, ...] | list[str] = KNOWN_TASKS) -> FusionConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"fusion config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"fusion config {path} is not valid YAML: {err}") from None
+    return parse_fusion_config(data, str(path), tasks)
+
+
+def calibration_path(config: FusionConfig, config_path: str | Path) -> Path | None:
+    """The calibration artifact named by the config, resolved beside the config file."""
+    if config.calibration is None:
+        return None
+    p = Path(config.calibration)
+    return p if p.is_absolute() else Path(config_path).parent / p
+
+
+def dump_fusion_config(config: FusionConfig) -> str:
+    return yaml.safe_dump(config.model_dump(exclude_defaults=True, exclude_none=True), sort_keys=False)

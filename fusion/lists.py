@@ -1,0 +1,109 @@
+"""Logged impressions grouped into lists, re-ranked by a score, and listwise metrics per list.
+
+N rows, L lists, M = longest list (shorter lists padded with row index -1), K = cut-off.
+Within a list, columns are in logged order (KuaiRand: time order), so a stable sort by score breaks ties by the
+logged order and the identity permutation *is* the logged order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ranking.metrics import bootstrap_ci
+
+
+@dataclass(frozen=True)
+class Lists:
+    index: np.ndarray  # (L, M) row indices in logged order, -1 = padding
+    lengths: np.ndarray  # (L,)
+
+    @property
+    def mask(self) -> np.ndarray:  # (L, M)
+        return self.index >= 0
+
+    def gather(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """(N,) per-row values -> (L, M) per list position, ``fill`` in padding."""
+        return np.where(self.mask, np.asarray(values)[np.maximum(self.index, 0)], fill)
+
+
+def group_lists(keys: list[np.ndarray], order: np.ndarray, min_len: int = 1) -> Lists:
+    """Rows sharing all ``keys`` (each (N,)) form a list, ordered by ``order`` (N,); lists shorter than ``min_len``
+    are dropped. Lists come out sorted by key."""
+    codes = np.zeros(len(order), dtype=np.int64)
+    for k in keys:  # combine keys into one dense code
+        c, uniq = pd.factorize(np.asarray(k), sort=True)
+        codes = codes * len(uniq) + c
+    codes = pd.factorize(codes, sort=True)[0]
+    rows = np.lexsort((np.arange(len(order)), np.asarray(order), codes))  # by list, then logged order, then row
+    sorted_codes = codes[rows]
+    counts = np.bincount(sorted_codes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(len(rows)) - starts[sorted_codes]
+    keep_list = counts >= min_len
+    new_id = np.cumsum(keep_list) - 1
+    keep_row = keep_list[sorted_codes]
+    n_lists, width = int(keep_list.sum()), int(counts[keep_list].max()) if keep_list.any() else 0
+    index = np.full((n_lists, width), -1, dtype=np.int64)
+    index[new_id[sorted_codes[keep_row]], pos[keep_row]] = rows[keep_row]
+    return Lists(index=index, lengths=counts[keep_list])
+
+
+def rank(lists: Lists, score: np.ndarray | None) -> np.ndarray:
+    """(L, M) permutation of each list's positions by descending score (ties: logged order); None = logged order."""
+    if score is None:
+        return np.broadcast_to(np.arange(lists.index.shape[1]), lists.index.shape)
+    s = lists.gather(np.asarray(score, dtype=np.float64), fill=-np.inf)
+    s = np.where(np.isnan(s), -np.inf, s)
+    return np.argsort(-s, axis=1, kind="stable")
+
+
+def _discounts(k: int) -> np.ndarray:
+    return 1.0 / np.log2(np.arange(2, k + 2))
+
+
+def ndcg_at_k(rel_ranked: np.ndarray, rel_logged: np.ndarray, k: int) -> np.ndarray:
+    """(L, M) gains in ranked order and in any order -> (L,) NDCG@k; NaN for lists without a positive gain."""
+    k = min(k, rel_ranked.shape[1])
+    d = _discounts(k)
+    dcg = rel_ranked[:, :k] @ d
+    ideal = -np.sort(-rel_logged, axis=1)[:, :k] @ d
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ideal > 0, dcg / ideal, np.nan)
+
+
+def top_k_sum(values_ranked: np.ndarray, k: int) -> np.ndarray:
+    """(L, M) values in ranked order -> (L,) sum over the first k."""
+    return values_ranked[:, :k].sum(axis=1)
+
+
+def list_metrics(lists: Lists, score: np.ndarray | None, labels: dict[str, np.ndarray], k: int,
+                 ndcg_tasks: list[str], sum_tasks: list[str]) -> dict[str, np.ndarray]:
+    """Per-list metrics (L,) for one ranking: ``<task>/ndcg@k`` (binary labels) and ``<task>/top@k`` (sums)."""
+    perm = rank(lists, score)
+    out = {}
+    for task in ndcg_tasks:
+        rel = lists.gather(labels[task])
+        out[f"{task}/ndcg@{k}"] = ndcg_at_k(np.take_along_axis(rel, perm, axis=1), rel, k)
+    for task in sum_tasks:
+        val = lists.gather(np.nan_to_num(labels[task]))
+        out[f"{task}/top@{k}"] = top_k_sum(np.take_along_axis(val, perm, axis=1), k)
+    return out
+
+
+def summarise(per_list: dict[str, np.ndarray], reps: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Mean over lists (lists where the metric is defined) and a bootstrap 95% interval over lists."""
+    out = {}
+    for name, v in per_list.items():
+        v = v[np.isfinite(v)]
+        lo, hi = bootstrap_ci(np.mean, v, reps=reps, seed=seed) if len(v) else (np.nan, np.nan)
+        out[name] = {"mean": float(np.mean(v)) if len(v) else float("nan"), "ci95": [lo, hi], "lists": int(len(v))}
+    return out
+
+
+def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], reps: int = 1000, seed: int = 0
+                      ) -> dict[str, dict]:
+    """Mean of per-list a − b over lists where both are defined, with a bootstrap 95% interval over lists."""
+    return summarise({name: a[name] - b[name] for name in a if name in b}, reps=reps, seed=seed)
