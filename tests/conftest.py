@@ -87,3 +87,13 @@ def bias_run(tmp_path_factory, synthetic_log) -> Trained:
     config = synthetic.config(synthetic_log, ["segment"], ["click"], epochs=6, batch_size=1024, learning_rate=3e-3,
                               bias_tower=True)
     return train_run(config, tmp_path_factory.mktemp("runs") / "bias")
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, full_run):
+    """Version 1 of ``full_run`` exported under a fresh model base path -> (base path, version dir)."""
+    from ranking.export import export_run
+
+    base = tmp_path_factory.mktemp("models") / "synthetic"
+    version_dir = export_run(full_run.run_dir, base, verbose=False)
+    return base, version_dir

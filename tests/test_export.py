@@ -31,14 +31,6 @@ TASKS = {"click", "like", "watch_time"}
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, full_run):
-    """Version 1 of the export run under a fresh model base path."""
-    base = tmp_path_factory.mktemp("models") / "synthetic"
-    version_dir = export_run(full_run.run_dir, base, verbose=False)
-    return base, version_dir
-
-
-@pytest.fixture(scope="module")
 def signature_def(exported):
     saved = saved_model_pb2.SavedModel()
     saved.ParseFromString((exported[1] / "saved_model.pb").read_bytes())

@@ -122,16 +122,10 @@ def test_chunked_reading_and_per_chunk_joins_equal_read_log(tmp_path):
     pd.testing.assert_frame_equal(streamed, read_log(data), check_dtype=False)
 
 
-def test_replay_with_the_exported_model_does_not_depend_on_the_chunk_size(tmp_path):
-    from pathlib import Path
-
+def test_replay_with_the_exported_model_does_not_depend_on_the_chunk_size(tmp_path, exported, synthetic_log):
     from fusion.replay import score_log
 
-    root = Path(__file__).resolve().parents[1]
-    model, log = root / "models" / "ranker", root.parent / "shared" / "data" / "kuairand-pure" / \
-        "log_standard_pure_20220425_to_20220430.csv"
-    if not (model.exists() and log.exists()):
-        pytest.skip("needs models/ranker and ../shared/data/kuairand-pure")
+    model, log = exported[0], synthetic_log
     pd.read_csv(log, nrows=400).to_csv(tmp_path / "log.csv", index=False)
     one = score_log(model, tmp_path / "log.csv", verbose=False)
     many = score_log(model, tmp_path / "log.csv", chunk_mb=0.005, verbose=False)
