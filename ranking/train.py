@@ -124,11 +124,17 @@ def predict(models: RankingModels, x: dict[str, np.ndarray], batch_size: int = 4
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def evaluation_labels(frame: pd.DataFrame, config: RankstageConfig) -> dict[str, np.ndarray]:
+    """Labels to judge predictions by: as trained, except watch time in real, uncapped seconds (``max_value`` only
+    shapes training), so models with different caps and baselines are compared on the same truth."""
+    return task_labels(frame, [t.model_copy(update={"max_value": None}) for t in config.tasks])
+
+
 def evaluate(config: RankstageConfig, models: RankingModels, frame: pd.DataFrame,
              sampling: dict[str, dict]) -> dict[str, dict]:
     """Per-task validation metrics, keyed "task" -> {metric: value}; binary predictions are corrected first."""
     x = raw_inputs(frame, config.features)
-    labels = task_labels(frame, config.tasks)
+    labels = evaluation_labels(frame, config)
     pred = predict(models, x)
     users = frame[config.data.user_column].to_numpy()
     out = {}

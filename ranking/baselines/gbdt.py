@@ -17,6 +17,7 @@ import pandas as pd
 from features.logs import raw_inputs, read_log, task_labels, time_split
 from features.spec import RankstageConfig
 from ranking import metrics
+from ranking.train import evaluation_labels
 
 
 def gbdt_frame(frame: pd.DataFrame, config: RankstageConfig, categories: dict | None = None
@@ -44,7 +45,7 @@ def run_gbdt(config: RankstageConfig, out: str | Path | None = None, log: str | 
     train_df, val_df = time_split(df, config)
     x_tr, cats = gbdt_frame(train_df, config)
     x_va, _ = gbdt_frame(val_df, config, cats)
-    y_tr, y_va = task_labels(train_df, config.tasks), task_labels(val_df, config.tasks)
+    y_tr, y_va = task_labels(train_df, config.tasks), evaluation_labels(val_df, config)
     users = val_df[config.data.user_column].to_numpy()
     report: dict[str, dict] = {}
     for t in config.tasks:
