@@ -41,10 +41,16 @@ def read_log(data: DataConfig, log: str | Path | None = None) -> pd.DataFrame:
     for col in (data.time_column, data.user_column, data.item_column):
         if col not in df.columns:
             raise ConfigError(f"data: column {col!r} not in log {log or data.log} (has {list(df.columns)})")
+    return join_side_tables(df, load_side_tables(data))
+
+
+def load_side_tables(data: DataConfig) -> list[tuple[str, pd.DataFrame]]:
+    """The spec's side tables as (key, table): selected columns, one row per key, missing markers as NaN."""
+    sides = []
     for join in data.joins:
         side = read_table(join.path)
-        if join.key not in side.columns or join.key not in df.columns:
-            raise ConfigError(f"data.joins: key {join.key!r} missing in {join.path} or in the log")
+        if join.key not in side.columns:
+            raise ConfigError(f"data.joins: key {join.key!r} missing in {join.path}")
         if join.columns:
             absent = [c for c in join.columns if c not in side.columns]
             if absent:
@@ -53,8 +59,17 @@ def read_log(data: DataConfig, log: str | Path | None = None) -> pd.DataFrame:
         side = side.drop_duplicates(join.key)
         if join.missing_values:
             side = side.replace({v: np.nan for v in join.missing_values})
-        overlap = [c for c in side.columns if c in df.columns and c != join.key]
-        df = df.merge(side.drop(columns=overlap), on=join.key, how="left")
+        sides.append((join.key, side))
+    return sides
+
+
+def join_side_tables(df: pd.DataFrame, sides: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """Left-join each side table onto the log (or a chunk of it); log columns win where names overlap."""
+    for key, side in sides:
+        if key not in df.columns:
+            raise ConfigError(f"data.joins: key {key!r} not in the log")
+        overlap = [c for c in side.columns if c in df.columns and c != key]
+        df = df.merge(side.drop(columns=overlap), on=key, how="left")
     return df
 
 

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from calibration.outputs import correct_outputs
 from calibration.posthoc import calibrate
-from features.logs import raw_inputs, read_table, task_labels
-from features.spec import ConfigError, DataConfig, RankstageConfig, parse_config
+from features.logs import join_side_tables, load_side_tables, raw_inputs, task_labels
+from features.spec import ConfigError, RankstageConfig, parse_config
 from fusion.config import FusionProfile
 from fusion.lists import Lists, group_lists, list_metrics, paired_difference, summarise
 
@@ -51,35 +51,6 @@ def iter_log_chunks(path: str | Path, chunk_mb: float = 8.0) -> Iterator[pd.Data
             yield batch.to_pandas()
     else:
         raise ConfigError(f"--logs {path}: unknown format (expected .csv, .csv.gz or .parquet)")
-
-
-def load_side_tables(data: DataConfig) -> list[tuple[str, pd.DataFrame]]:
-    """The spec's side tables, prepared as ``features.logs.read_log`` prepares them (columns, dedup, missing)."""
-    sides = []
-    for join in data.joins:
-        side = read_table(join.path)
-        if join.key not in side.columns:
-            raise ConfigError(f"data.joins: key {join.key!r} missing in {join.path}")
-        if join.columns:
-            absent = [c for c in join.columns if c not in side.columns]
-            if absent:
-                raise ConfigError(f"data.joins: columns {absent} not in {join.path}")
-            side = side[[join.key, *join.columns]]
-        side = side.drop_duplicates(join.key)
-        if join.missing_values:
-            side = side.replace({v: np.nan for v in join.missing_values})
-        sides.append((join.key, side))
-    return sides
-
-
-def join_side_tables(chunk: pd.DataFrame, sides: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
-    """Left-join each side table onto a log chunk (log columns win on overlap, as in ``read_log``)."""
-    for key, side in sides:
-        if key not in chunk.columns:
-            raise ConfigError(f"data.joins: key {key!r} not in the log")
-        overlap = [c for c in side.columns if c in chunk.columns and c != key]
-        chunk = chunk.merge(side.drop(columns=overlap), on=key, how="left")
-    return chunk
 
 
 # ---------------------------------------------------------------- scoring

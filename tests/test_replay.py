@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.logs import read_log
+from features.logs import join_side_tables, load_side_tables, read_log
 from features.spec import DataConfig, JoinSpec
 from fusion.config import FusionProfile
 from fusion.lists import group_lists, list_metrics, ndcg_at_k, paired_difference, summarise
-from fusion.replay import CLICK_ONLY, ScoredLog, evaluate, iter_log_chunks, join_side_tables, load_side_tables
+from fusion.replay import CLICK_ONLY, ScoredLog, evaluate, iter_log_chunks
 
 # A tiny log: user 1 on day 1 sees rows 0, 1, 3 (logged order by time: 1, 3, 0); user 2 on day 1 sees rows 2, 4, 5
 # (order 4, 2, 5); user 3 on day 1 sees one row (6); user 1 on day 2 sees rows 7, 8.

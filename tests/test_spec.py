@@ -200,7 +200,7 @@ def test_real_kuairand_config_loads():
                                            "completion"]
     assert cfg.bias_features == []
     watch = {t.name: t for t in cfg.tasks}["watch_time"]
-    assert (watch.type, watch.scale, watch.max_value) == ("watch_time", 0.001, 600)
+    assert (watch.type, watch.scale, watch.max_value) == ("watch_time", 0.001, 60)
     assert {f.name: f for f in cfg.features}["tag"].kind == "multi_valued"
     assert cfg.data.joins[0].key == "user_id" and cfg.data.joins[0].missing_values == [-124]
 
