@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.spec import ConfigError
+from features.spec import ConfigError, read_document
 
 FORMAT = "rankstage.calibration/1"
 METHODS = ("isotonic", "platt")
@@ -96,12 +96,9 @@ def save_artifact(artifact: dict, path: str | Path) -> Path:
 def load_artifact(path: str | Path) -> dict:
     """Read and check a calibration artifact; errors name the field and the value."""
     path = Path(path)
-    try:
-        art = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"calibration artifact not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"calibration artifact {path} is not valid JSON: {err}") from None
+    art = read_document(path, "calibration artifact", "json")
+    if not isinstance(art, dict):
+        raise ConfigError(f"calibration artifact {path}: expected a JSON object, got {type(art).__name__}")
     if art.get("format") != FORMAT:
         raise ConfigError(f"calibration artifact {path}: format {art.get('format')!r}, expected {FORMAT!r}")
     for task, params in art.get("tasks", {}).items():

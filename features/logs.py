@@ -139,8 +139,18 @@ def task_labels(df: pd.DataFrame, tasks: list[TaskSpec]) -> dict[str, np.ndarray
 
 
 def time_split(df: pd.DataFrame, config: RankstageConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train on all but the last ``validation_periods`` distinct time values; validate on those. Never random."""
+    """Train on all but the last ``validation_periods`` distinct time values; validate on those. Never random.
+
+    Rows later than ``data.until`` (when set) are dropped first, so days kept for testing never reach training.
+    """
     col = config.data.time_column
+    until = config.data.until
+    if until is not None:
+        try:
+            df = df[df[col] <= until]
+        except TypeError as e:
+            raise ConfigError(f"data.until: {until!r} cannot be compared with column {col!r} "
+                              f"(dtype {df[col].dtype})") from e
     periods = np.sort(df[col].unique())
     n_val = config.data.validation_periods
     if len(periods) <= n_val:

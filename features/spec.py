@@ -6,6 +6,7 @@ Every section is a pydantic model validated at load; errors name the field and t
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -172,6 +173,7 @@ class DataConfig(_Strict):
     user_column: str  # for user-grouped AUC and request grouping
     item_column: str
     validation_periods: int = Field(1, ge=1)  # last N distinct time values are validation
+    until: int | float | str | None = None  # drop rows whose time value is later (keeps test days out of training)
 
 
 class RankstageConfig(_Strict):
@@ -261,15 +263,24 @@ def parse_config(data: dict, source: str = "<dict>") -> RankstageConfig:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def load_config(path: str | Path) -> RankstageConfig:
-    """Read and validate one YAML config file."""
+def read_document(path: str | Path, what: str, fmt: Literal["yaml", "json"] = "yaml") -> object:
+    """Parse a YAML or JSON file; a missing file or bad syntax is a ConfigError naming ``what`` and the path.
+
+    JSON goes through ``json`` (PyYAML reads exponents such as ``1e-05`` as strings)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
+    try:
+        return json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{what} {path} is not valid {fmt.upper()}: {err}") from None
+
+
+def load_config(path: str | Path) -> RankstageConfig:
+    """Read and validate one YAML config file."""
+    data = read_document(path, "config file")
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
     return parse_config(data, str(path))

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from features.spec import ConfigError
+from features.spec import ConfigError, read_document
 from fusion.formulas import fuse
 
 # Tasks of the ranker a fusion term may name (probabilities, watch time in seconds, completion ratio).
@@ -114,14 +114,8 @@ def parse_fusion_config(data: dict, source: str = "<dict>", tasks: tuple[str, ..
 
 
 def load_fusion_config(path: str | Path, tasks: tuple[str, ...] | list[str] = KNOWN_TASKS) -> FusionConfig:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"fusion config file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"fusion config {path} is not valid YAML: {err}") from None
-    return parse_fusion_config(data, str(path), tasks)
+    """Read and validate a fusion config YAML file."""
+    return parse_fusion_config(read_document(path, "fusion config file"), str(path), tasks)
 
 
 def calibration_path(config: FusionConfig, config_path: str | Path) -> Path | None:

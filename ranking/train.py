@@ -210,6 +210,7 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
     t0 = time.perf_counter()
     df = read_log(config.data, log)
     train_df, val_df = time_split(df, config)
+    df = pd.concat([train_df, val_df], ignore_index=True)  # the window: without rows after data.until
     stats = build_stats(raw_inputs(train_df, config.features), config.features)
     if verbose:
         print(f"{len(train_df)} training rows, {len(val_df)} validation rows "

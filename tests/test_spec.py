@@ -288,6 +288,18 @@ def test_time_split_never_mixes_periods():
     assert set(train.day) == {20220425, 20220426, 20220427} and set(val.day) == {20220428, 20220429}
 
 
+def test_time_split_until_keeps_later_days_out_of_both_sides():
+    df = pd.DataFrame({"day": np.repeat([20220425, 20220426, 20220427, 20220428], 3), "x": np.arange(12)})
+    data = small_config()
+    data["data"]["time_column"] = "day"
+    data["data"]["until"] = 20220427
+    train, val = time_split(df, parse_config(data))
+    assert set(train.day) == {20220425, 20220426} and set(val.day) == {20220427}
+    data["data"]["until"] = "yesterday"
+    with pytest.raises(ConfigError, match="data.until: 'yesterday'"):
+        time_split(df, parse_config(data))
+
+
 def test_time_split_needs_training_periods():
     df = pd.DataFrame({"day": [1, 1, 2, 2]})
     data = small_config()
