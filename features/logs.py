@@ -138,6 +138,12 @@ def task_labels(df: pd.DataFrame, tasks: list[TaskSpec]) -> dict[str, np.ndarray
     return {t.name: task_label(df, t) for t in tasks}
 
 
+def evaluation_labels(frame: pd.DataFrame, config: RankstageConfig) -> dict[str, np.ndarray]:
+    """Labels to judge predictions by: as trained, except watch time in real, uncapped seconds (``max_value`` only
+    shapes training), so models with different caps, baselines and replays are measured on the same truth."""
+    return task_labels(frame, [t.model_copy(update={"max_value": None}) for t in config.tasks])
+
+
 def time_split(df: pd.DataFrame, config: RankstageConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train on all but the last ``validation_periods`` distinct time values; validate on those. Never random.
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from calibration.outputs import correct_outputs
 from calibration.posthoc import calibrate
-from features.logs import join_side_tables, load_side_tables, raw_inputs, task_labels
+from features.logs import evaluation_labels, join_side_tables, load_side_tables, raw_inputs
 from features.spec import ConfigError, RankstageConfig, parse_config
 from fusion.config import FusionProfile
 from fusion.lists import Lists, group_lists, list_metrics, paired_difference, summarise
@@ -173,7 +173,7 @@ def _score_chunk(fn, config: RankstageConfig, chunk: pd.DataFrame, sampling: dic
         out = correct_outputs({k: np.asarray(v) for k, v in fn(**tensors).items()}, sampling)
         for task in preds:
             preds[task].append(out[task].astype(np.float32))
-    for task, y in task_labels(chunk, config.tasks).items():
+    for task, y in evaluation_labels(chunk, config).items():
         labels[task].append(y.astype(np.float32))
 
 

@@ -51,6 +51,14 @@ def bootstrap_ci(metric, *arrays: np.ndarray, reps: int = 200, seed: int = 0, le
     return float(np.quantile(vals, lo)), float(np.quantile(vals, 1 - lo))
 
 
+def paired_difference(metric, y: np.ndarray, a: np.ndarray, b: np.ndarray, reps: int = 200, seed: int = 0
+                      ) -> dict:
+    """``metric(y, a) - metric(y, b)`` for two models' predictions (N,) of the same rows, with a 95% interval from
+    resampling rows jointly: far tighter than comparing two separate intervals, which ignores their correlation."""
+    lo, hi = bootstrap_ci(lambda yy, aa, bb: metric(yy, aa) - metric(yy, bb), y, a, b, reps=reps, seed=seed)
+    return {"difference": metric(y, a) - metric(y, b), "ci95": [lo, hi]}
+
+
 def binary_report(y: np.ndarray, p: np.ndarray, users: np.ndarray, reps: int = 200) -> dict:
     a = auc(y, p)
     gauc, groups = grouped_auc(y, p, users)

@@ -19,7 +19,7 @@ import tensorflow as tf
 import yaml
 
 from calibration.downsampling import correct_downsampling, effective_kept_fraction
-from features.logs import raw_inputs, read_log, task_labels, time_split
+from features.logs import evaluation_labels, raw_inputs, read_log, task_labels, time_split
 from features.spec import RankstageConfig, TaskSpec
 from features.vocab import FeatureStats, build_stats, load_stats, save_stats
 from ranking import metrics
@@ -124,33 +124,56 @@ def predict(models: RankingModels, x: dict[str, np.ndarray], batch_size: int = 4
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def evaluation_labels(frame: pd.DataFrame, config: RankstageConfig) -> dict[str, np.ndarray]:
-    """Labels to judge predictions by: as trained, except watch time in real, uncapped seconds (``max_value`` only
-    shapes training), so models with different caps and baselines are compared on the same truth."""
-    return task_labels(frame, [t.model_copy(update={"max_value": None}) for t in config.tasks])
+Judged = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # task -> (label, prediction, user), each (N_t,)
 
 
-def evaluate(config: RankstageConfig, models: RankingModels, frame: pd.DataFrame,
-             sampling: dict[str, dict]) -> dict[str, dict]:
-    """Per-task validation metrics, keyed "task" -> {metric: value}; binary predictions are corrected first."""
-    x = raw_inputs(frame, config.features)
+def judged_predictions(config: RankstageConfig, models: RankingModels, frame: pd.DataFrame,
+                       sampling: dict[str, dict]) -> Judged:
+    """The model's served predictions on ``frame``, binary ones corrected for down-sampling, as ``judge`` keeps them."""
+    pred = predict(models, raw_inputs(frame, config.features))
+    for t in config.tasks:
+        if t.type == "binary":
+            pred[t.name] = correct_downsampling(pred[t.name].astype(np.float64), sampling[t.name]["kept_fraction"])
+    return judge(config, frame, pred)
+
+
+def judge(config: RankstageConfig, frame: pd.DataFrame, pred: dict[str, np.ndarray]) -> Judged:
+    """Per task the rows it is judged on (its condition's positives, finite labels; watch time in real seconds)
+    with label, prediction ``pred[task]`` (N,) and user id."""
     labels = evaluation_labels(frame, config)
-    pred = predict(models, x)
     users = frame[config.data.user_column].to_numpy()
+    out: Judged = {}
+    for t in config.tasks:
+        y, p = labels[t.name], np.asarray(pred[t.name], np.float64)
+        keep = np.isfinite(y) & (labels[t.condition] == 1 if t.condition else True)
+        out[t.name] = (y[keep], p[keep], users[keep])
+    return out
+
+
+def judged_report(config: RankstageConfig, judged: Judged) -> dict[str, dict]:
+    """Per-task metrics keyed "task" -> {metric: value}: AUC and user-grouped AUC, or Spearman and the mean error."""
     out = {}
     for t in config.tasks:
-        y, p = labels[t.name], pred[t.name].astype(np.float64)
-        if t.condition:
-            cond = labels[t.condition] == 1
-            y, p, u = y[cond], p[cond], users[cond]
-        else:
-            u = users
+        if t.name not in judged:
+            continue
+        y, p, u = judged[t.name]
         if t.type == "binary":
-            p = correct_downsampling(p, sampling[t.name]["kept_fraction"])
             out[t.name] = metrics.binary_report(y, p, u)
         else:
             out[t.name] = metrics.regression_report(y, p, "seconds" if t.type == "watch_time" else "ratio")
     return out
+
+
+def save_judged(judged: Judged, path: Path) -> None:
+    """``validation_predictions.npz``: arrays "<task>/y", "<task>/p", "<task>/user"."""
+    np.savez_compressed(path, **{f"{task}/{k}": a for task, arrays in judged.items()
+                                 for k, a in zip(("y", "p", "user"), arrays, strict=True)})
+
+
+def load_judged(path: Path) -> Judged:
+    with np.load(path, allow_pickle=False) as z:
+        tasks = sorted({k.split("/")[0] for k in z.files})
+        return {t: (z[f"{t}/y"], z[f"{t}/p"], z[f"{t}/user"]) for t in tasks}
 
 
 class _Progress(keras.callbacks.Callback):
@@ -202,6 +225,9 @@ def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureSt
     return models, history, art
 
 
+PREDICTIONS = "validation_predictions.npz"  # the non-refit model's judged validation predictions
+
+
 def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None = None, refit: bool = False,
           verbose: bool = True) -> Path:
     """Train, validate on the last period(s), optionally refit on the whole window; write the run directory."""
@@ -218,7 +244,9 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
     models, history, art = fit(config, train_df, stats, config.training.epochs, val_df, out / "tensorboard",
                                verbose)
     art.validation_periods = sorted(val_df[config.data.time_column].unique().tolist())
-    val_metrics = evaluate(config, models, val_df, art.sampling)
+    judged = judged_predictions(config, models, val_df, art.sampling)
+    save_judged(judged, out / PREDICTIONS)
+    val_metrics = judged_report(config, judged)
     art.rows["validation"] = len(val_df)
     if refit:
         if verbose:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.logs import raw_column, task_label, time_split
+from features.logs import evaluation_labels, raw_column, task_label, task_labels, time_split
 from features.spec import ConfigError, FeatureSpec, TaskSpec, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +233,17 @@ def test_watch_time_label_is_scaled_and_clipped():
     np.testing.assert_allclose(y, [0.0, 1.5, 5.0])
     with pytest.raises(ConfigError, match="task 'watch_time'.*value -3.0"):
         task_label(pd.DataFrame({"ms": [1.0, -3.0]}), task)
+
+
+def test_evaluation_labels_keep_real_seconds_above_the_training_cap():
+    data = small_config()
+    data["tasks"] = [{"name": "click", "type": "binary", "label": "click"},
+                     {"name": "watch_time", "type": "watch_time", "label": "ms", "scale": 0.001, "max_value": 5.0}]
+    frame = pd.DataFrame({"click": [1, 0, 1], "ms": [0, 1500, 9000]})
+    config = parse_config(data)
+    np.testing.assert_allclose(task_labels(frame, config.tasks)["watch_time"], [0.0, 1.5, 5.0])
+    np.testing.assert_allclose(evaluation_labels(frame, config)["watch_time"], [0.0, 1.5, 9.0])
+    np.testing.assert_array_equal(evaluation_labels(frame, config)["click"], [1, 0, 1])
 
 
 def test_completion_label_expression_clips_and_marks_non_finite_as_nan():

@@ -16,8 +16,7 @@ import pandas as pd
 
 from features.logs import raw_inputs, read_log, task_labels, time_split
 from features.spec import RankstageConfig
-from ranking import metrics
-from ranking.train import evaluation_labels
+from ranking.train import PREDICTIONS, judge, judged_report, save_judged
 
 
 def gbdt_frame(frame: pd.DataFrame, config: RankstageConfig, categories: dict | None = None
@@ -45,9 +44,8 @@ def run_gbdt(config: RankstageConfig, out: str | Path | None = None, log: str | 
     train_df, val_df = time_split(df, config)
     x_tr, cats = gbdt_frame(train_df, config)
     x_va, _ = gbdt_frame(val_df, config, cats)
-    y_tr, y_va = task_labels(train_df, config.tasks), evaluation_labels(val_df, config)
-    users = val_df[config.data.user_column].to_numpy()
-    report: dict[str, dict] = {}
+    y_tr = task_labels(train_df, config.tasks)
+    preds: dict[str, np.ndarray] = {}
     for t in config.tasks:
         t0 = time.perf_counter()
         ok = np.isfinite(y_tr[t.name])
@@ -60,18 +58,17 @@ def run_gbdt(config: RankstageConfig, out: str | Path | None = None, log: str | 
         y = np.log1p(y_tr[t.name][ok]) if t.type == "watch_time" else y_tr[t.name][ok]
         m.fit(x_tr[ok], y)
         p = m.predict_proba(x_va)[:, 1] if t.type == "binary" else m.predict(x_va)
-        if t.type == "watch_time":
-            p = np.expm1(p)
-        if t.type == "binary":
-            report[t.name] = metrics.binary_report(y_va[t.name], p, users)
-        else:
-            unit = "seconds" if t.type == "watch_time" else "ratio"
-            report[t.name] = metrics.regression_report(y_va[t.name], p, unit)
+        preds[t.name] = np.expm1(p) if t.type == "watch_time" else p
         if verbose:
-            main = report[t.name].get("auc", report[t.name].get("spearman"))
-            print(f"lightgbm {t.name}: {main:.4f} ({time.perf_counter() - t0:.1f} s)", flush=True)
+            print(f"lightgbm {t.name}: trained ({time.perf_counter() - t0:.1f} s)", flush=True)
+    judged = judge(config, val_df, preds)
+    report = judged_report(config, judged)
+    if verbose:
+        for name, m in report.items():
+            print(f"lightgbm {name}: {m.get('auc', m.get('spearman')):.4f}", flush=True)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
+        save_judged(judged, Path(out) / PREDICTIONS)
         (Path(out) / "metrics.json").write_text(json.dumps({"tasks": report, "model": "lightgbm",
                                                             "num_trees": num_trees}, indent=2))
     return report

@@ -1,0 +1,75 @@
+"""The model comparison: every variant judged on the same rows, and paired differences that agree with the
+separate metrics; runs trained before predictions were saved are rescored from their weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import synthetic
+from conftest import TRUTH
+
+from ranking import metrics
+from ranking.compare import compare
+from ranking.train import PREDICTIONS, load_judged
+
+
+def test_paired_difference_by_hand():
+    y = np.array([0, 0, 1, 1, 0, 1, 0, 1], float)
+    perfect, reversed_ = y + 0.1 * np.arange(8), -y
+    same = metrics.paired_difference(metrics.auc, y, perfect, perfect, reps=50)
+    assert same == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    d = metrics.paired_difference(metrics.auc, y, perfect, reversed_, reps=200)
+    assert d["difference"] == pytest.approx(1.0)
+    assert d["ci95"][0] > 0.9  # every resample holding both classes: AUC 1 vs 0
+
+
+@pytest.fixture(scope="module")
+def small_compare(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    log = synthetic.write_log(synthetic.generate_log(24_000, TRUTH, seed=1), root / "log.csv")
+    config = synthetic.config(log, ["segment", "quality"], ["click", "watch_time"], epochs=1, batch_size=1024)
+    out = root / "report"
+    return config, out, compare(config, out)
+
+
+def test_compare_judges_every_model_on_the_same_rows(small_compare):
+    config, out, results = small_compare
+    assert set(results) == {"mmoe", "shared_bottom", "single_task", "lightgbm"}
+    runs = {"mmoe": "mmoe", "shared_bottom": "shared_bottom", "lightgbm": "lightgbm",
+            "single_click": "single_click"}
+    judged = {name: load_judged(out / "runs" / d / PREDICTIONS) for name, d in runs.items()}
+    y_click = judged["mmoe"]["click"][0]
+    assert len(y_click) > 1000
+    for name, j in judged.items():
+        assert np.array_equal(j["click"][0], y_click), name
+    assert set(judged["single_click"]) == {"click"}
+
+
+def test_paired_differences_agree_with_the_separate_metrics(small_compare):
+    config, out, results = small_compare
+    report = json.loads((out / "compare.json").read_text())
+    paired = report["paired_vs_mmoe"]
+    assert set(paired) == {"shared_bottom", "single_task", "lightgbm"}
+    for other in paired:
+        click, watch = paired[other]["click"], paired[other]["watch_time"]
+        assert click["difference"] == pytest.approx(results["mmoe"]["click"]["auc"] - results[other]["click"]["auc"])
+        assert watch["difference"] == pytest.approx(
+            results["mmoe"]["watch_time"]["spearman"] - results[other]["watch_time"]["spearman"])
+        for d in (click, watch):
+            lo, hi = d["ci95"]
+            assert lo <= d["difference"] <= hi
+    assert "mmoe − lightgbm" in (out / "compare.md").read_text()
+
+
+def test_a_run_without_saved_predictions_is_rescored_from_its_weights(small_compare):
+    config, out, _ = small_compare
+    path = out / "runs" / "mmoe" / PREDICTIONS
+    before = load_judged(path)
+    path.unlink()
+    compare(config, out, single_task=False, gbdt=False)
+    after = load_judged(path)
+    for task, (y, p, u) in before.items():
+        assert np.array_equal(after[task][0], y) and np.array_equal(after[task][2], u)
+        np.testing.assert_allclose(after[task][1], p, rtol=1e-5, atol=1e-6)
