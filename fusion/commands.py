@@ -24,21 +24,13 @@ def _lists(p: argparse.ArgumentParser) -> None:
                    help="planted-truth column summed over the top K (simulator logs, e.g. true_attraction)")
 
 
-def _load_fusion(path: str, tasks: list[str], calibration: str | None):
-    from calibration.posthoc import load_artifact
-    from fusion.config import calibration_path, load_fusion_config
-
-    config = load_fusion_config(path, tasks)
-    cal = calibration or calibration_path(config, path)
-    return config, (load_artifact(cal) if cal else None)
-
-
 def cmd_replay(args: argparse.Namespace) -> None:
+    from fusion.config import load_fusion
     from fusion.replay import CLICK_ONLY, evaluate, format_report, score_log
 
     scored = score_log(args.model_base_path, args.logs, days=args.day, order_column=args.order_column,
                        chunk_mb=args.chunk_mb, list_column=args.list_column, truth_columns=tuple(args.truth_column))
-    config, cal = _load_fusion(args.fusion, scored.model["tasks"], args.calibration)
+    config, cal = load_fusion(args.fusion, scored.model["tasks"], args.calibration)
     names = args.profile or list(config.profiles)
     profiles = {"logged_order": None, "click_only": CLICK_ONLY, **{n: config.profile(n) for n in names}}
     result = evaluate(scored, profiles, args.group, args.min_list, args.k, cal, args.reps)

@@ -126,5 +126,16 @@ def calibration_path(config: FusionConfig, config_path: str | Path) -> Path | No
     return p if p.is_absolute() else Path(config_path).parent / p
 
 
+def load_fusion(path: str | Path, tasks: list[str] | tuple[str, ...], calibration: str | Path | None = None
+                ) -> tuple[FusionConfig, dict | None]:
+    """A fusion config checked against the model's ``tasks``, and its post-hoc calibration artifact (``calibration``
+    if given, else the one the config names, else None)."""
+    from calibration.posthoc import load_artifact
+
+    config = load_fusion_config(path, tasks)
+    cal = calibration or calibration_path(config, path)
+    return config, (load_artifact(cal) if cal else None)
+
+
 def dump_fusion_config(config: FusionConfig) -> str:
     return yaml.safe_dump(config.model_dump(exclude_defaults=True, exclude_none=True), sort_keys=False)

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.posthoc import load_artifact
 from features.spec import ConfigError
-from fusion.config import FusionConfig, FusionProfile, calibration_path, dump_fusion_config, load_fusion_config
+from fusion.config import FusionConfig, FusionProfile, dump_fusion_config, load_fusion, load_fusion_config
 from fusion.lists import Lists
 from fusion.replay import CLICK_ONLY, ScoredLog, evaluate, format_report, make_lists, per_list_metrics, score_log
 
@@ -55,9 +54,7 @@ def tune_fusion(model_base_path, log, fusion_path, hand_profile, tune_days, eval
     scored_all = score_log(model_base_path, log, days=[*tune_days, eval_day], order_column=order_column,
                            chunk_mb=chunk_mb, list_column=list_column, truth_columns=truth_columns)
     tasks = scored_all.model["tasks"]
-    config = load_fusion_config(fusion_path, tasks)
-    cal_path = calibration or calibration_path(config, fusion_path)
-    cal = load_artifact(cal_path) if cal_path else None
+    config, cal = load_fusion(fusion_path, tasks, calibration)
     hand = config.profile(hand_profile)
     tune_scored, eval_scored = scored_all.days(tune_days), scored_all.days([eval_day])
     lists = make_lists(tune_scored, group, min_list)

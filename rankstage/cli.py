@@ -60,7 +60,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from ranking.score import score_logged_requests
 
-    score_logged_requests(args.model_base_path, args.requests, args.top_k, log=args.data)
+    score_logged_requests(args.model_base_path, args.requests, args.top_k, log=args.data, fusion=args.fusion,
+                          profile=args.profile, calibration=args.calibration)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=3, help="number of logged requests (user x day lists)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--data", help="log to draw requests from (default: the model's training config)")
+    p.add_argument("--fusion", help="fusion config (YAML): rank by its profile's fused score (default: by click)")
+    p.add_argument("--profile", help="fusion profile (default: the config's default_profile)")
+    p.add_argument("--calibration", help="post-hoc calibration artifact (default: the fusion config's)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("compare", help="MMoE vs shared-bottom vs single-task models vs LightGBM on one split")

@@ -67,8 +67,11 @@ def test_a_run_without_saved_predictions_is_rescored_from_its_weights(small_comp
     config, out, _ = small_compare
     path = out / "runs" / "mmoe" / PREDICTIONS
     before = load_judged(path)
+    weights = out / "runs" / "mmoe" / "model.weights.h5"
+    trained_at = weights.stat().st_mtime_ns
     path.unlink()
     compare(config, out, single_task=False, gbdt=False)
+    assert weights.stat().st_mtime_ns == trained_at  # the finished run was reused, not trained again
     after = load_judged(path)
     for task, (y, p, u) in before.items():
         assert np.array_equal(after[task][0], y) and np.array_equal(after[task][2], u)

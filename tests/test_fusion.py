@@ -63,8 +63,9 @@ def test_raising_one_probability_never_lowers_a_score_with_positive_weights(form
             assert np.all(fuse(raised, formula, weights, exponents) >= base - 1e-12 * np.abs(base)), (formula, t)
 
 
-def test_shipped_fusion_config_loads_and_profiles_score():
-    config = load_fusion_config(ROOT / "configs" / "fusion.yaml")
+@pytest.mark.parametrize("name", ["fusion.yaml", "fusion_tuned.yaml"])
+def test_shipped_fusion_config_loads_and_profiles_score(name):
+    config = load_fusion_config(ROOT / "configs" / name)
     assert config.version and config.default_profile in config.profiles
     terms = {t: np.array([0.3, 0.6]) for t in ("click", "like", "long_view", "completion")}
     terms["watch_time"] = np.array([5.0, 50.0])
