@@ -14,7 +14,7 @@ $R simulate --out "$SIM/log" --rows 60000 --seed 0
   "$SIM/log/train.csv" "$SIM/log/test.csv" "$SIM/log/all.csv"
 $R train --config configs/simulated.yaml --data "$SIM/log/train.csv" --out "$SIM/run"
 rm -rf "$SIM/models"
-$R export --run "$SIM/run" --model-base-path "$SIM/models"
+$R export --run "$SIM/run" --model-base-path "$SIM/models" --data "$SIM/log/train.csv"
 $R tune-fusion --model-base-path "$SIM/models" --logs "$SIM/log/all.csv" --fusion configs/fusion_simulated.yaml \
   --group request --list-column request_id --order-column position \
   --truth-column true_attraction --truth-column true_utility --min-list 6 --k 3 \
