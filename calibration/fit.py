@@ -13,39 +13,55 @@ from pathlib import Path
 import numpy as np
 
 from calibration import diagnostics, posthoc
+from features.spec import ConfigError
 
 
-def fit_tasks(predictions: dict[str, np.ndarray], labels: dict[str, np.ndarray], tasks: list[str], method: str
-              ) -> dict[str, dict]:
-    """Per task, fit ``method`` on (N,) corrected predictions and labels (rows with a NaN label skipped)."""
+def fit_tasks(predictions: dict[str, np.ndarray], labels: dict[str, np.ndarray], tasks: list[str], method: str,
+              units: dict[str, str | None] | None = None) -> dict[str, dict]:
+    """Per task, fit ``method`` on (N,) corrected predictions and labels (rows with a NaN label skipped); tasks
+    whose ``units`` entry is not None (watch time: "seconds") are fitted isotonic, without an upper bound."""
+    units = units or {}
     params = {}
     for t in tasks:
         ok = np.isfinite(labels[t])
-        params[t] = posthoc.fit(method, predictions[t][ok], labels[t][ok])
+        unit = units.get(t)
+        params[t] = posthoc.fit("isotonic" if unit else method, predictions[t][ok], labels[t][ok], unit is None)
     return params
 
 
+def task_units(task_types: dict[str, str]) -> dict[str, str | None]:
+    """The unit of each task's served value: None for probabilities (binary tasks, completion ratio), else seconds."""
+    return {t: "seconds" if kind == "watch_time" else None for t, kind in task_types.items()}
+
+
 def diagnose(predictions: dict[str, np.ndarray], labels: dict[str, np.ndarray], artifact: dict, out: Path,
-             bins: int = 15) -> dict[str, dict]:
-    """Per task: ECE and predicted mean vs observed rate before and after; writes reliability_<task>.png."""
+             bins: int = 15, units: dict[str, str | None] | None = None) -> dict[str, dict]:
+    """Per task: ECE and predicted mean vs observed rate before and after; writes reliability_<task>.png.
+    Tasks with a unit (watch seconds) are binned by prediction quantiles and their ECE is in that unit."""
+    units = units or {}
     after = posthoc.calibrate(predictions, artifact)
     rows = {}
     for t in artifact["tasks"]:
         ok = np.isfinite(labels[t])
         p0, p1, y = predictions[t][ok], after[t][ok], labels[t][ok]
-        rows[t] = {"before": diagnostics.summary(p0, y, bins), "after": diagnostics.summary(p1, y, bins)}
+        prob = units.get(t) is None
+        rows[t] = {"before": diagnostics.summary(p0, y, bins, prob), "after": diagnostics.summary(p1, y, bins, prob),
+                   "unit": units.get(t) or "probability"}
         diagnostics.reliability_plot({"before": (p0, y), f"after ({artifact['tasks'][t]['method']})": (p1, y)},
-                                     out / f"reliability_{t}.png", f"{t}: reliability", bins)
+                                     out / f"reliability_{t}.png", f"{t}: reliability", bins, units.get(t))
     return rows
 
 
 def format_diagnostics(rows: dict[str, dict], title: str) -> str:
-    lines = [f"## {title}", "", "| task | rows | positives | observed rate | predicted mean before -> after | "
+    lines = [f"## {title}", "", "| task | rows | positives | observed rate / mean | predicted mean before -> after | "
              "ECE before -> after |", "|---|---|---|---|---|---|"]
     for t, r in rows.items():
         b, a = r["before"], r["after"]
-        lines.append(f"| {t} | {b['rows']} | {b['positives']:.0f} | {b['observed_rate']:.4f} | "
-                     f"{b['predicted_mean']:.4f} -> {a['predicted_mean']:.4f} | {b['ece']:.4f} -> {a['ece']:.4f} |")
+        unit = r.get("unit", "probability")
+        positives = f"{b['positives']:.0f}" if unit == "probability" else "-"
+        ece = f"{b['ece']:.4f} -> {a['ece']:.4f}" + ("" if unit == "probability" else f" {unit}")
+        lines.append(f"| {t} | {b['rows']} | {positives} | {b['observed_rate']:.4f} | "
+                     f"{b['predicted_mean']:.4f} -> {a['predicted_mean']:.4f} | {ece} |")
     return "\n".join(lines) + "\n"
 
 
@@ -57,14 +73,18 @@ def calibrate_command(model_base_path, log, fit_days, eval_days, method, tasks, 
     eval_days = eval_days or fit_days
     scored = score_log(model_base_path, log, days=sorted({*fit_days, *eval_days}), chunk_mb=chunk_mb)
     tasks = tasks or [t for t, kind in scored.model["task_types"].items() if kind == "binary"]
+    unknown = [t for t in tasks if t not in scored.model["task_types"]]
+    if unknown:
+        raise ConfigError(f"--tasks: {unknown} not tasks of the model (tasks: {list(scored.model['task_types'])})")
+    units = task_units(scored.model["task_types"])
     fit_part, eval_part = scored.days(fit_days), scored.days(eval_days)
-    params = fit_tasks(fit_part.predictions, fit_part.labels, tasks, method)
+    params = fit_tasks(fit_part.predictions, fit_part.labels, tasks, method, units)
     artifact = posthoc.make_artifact(
         params, model={k: scored.model[k] for k in ("name", "version", "path")},
         fitted_on={"log": scored.model["log"], "days": list(fit_days), "rows": len(fit_part), "method": method,
                    "applied_after": "correct_downsampling"})
     path = posthoc.save_artifact(artifact, out / "calibration.json")
-    rows = diagnose(eval_part.predictions, eval_part.labels, artifact, out)
+    rows = diagnose(eval_part.predictions, eval_part.labels, artifact, out, units=units)
     same = set(eval_days) == set(fit_days)
     report = format_diagnostics(rows, f"calibration {method} fitted on {list(fit_days)}, judged on {list(eval_days)}"
                                       f"{' (same days: optimistic)' if same else ''}")

@@ -31,11 +31,14 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def fit_isotonic(p: np.ndarray, y: np.ndarray) -> dict:
-    """(N,) predictions, (N,) labels in [0, 1] -> {"method": "isotonic", "x": [...], "y": [...]}."""
+def fit_isotonic(p: np.ndarray, y: np.ndarray, y_max: float | None = 1.0) -> dict:
+    """(N,) predictions, (N,) labels in [0, y_max] -> {"method": "isotonic", "x": [...], "y": [...]}.
+
+    ``y_max=None`` for values without an upper bound (watch seconds): the map then gives the mean observed value
+    per increasing step of the prediction, which keeps the ranking and fixes the level."""
     from sklearn.isotonic import IsotonicRegression
 
-    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
+    iso = IsotonicRegression(y_min=0.0, y_max=y_max, out_of_bounds="clip").fit(p, y)
     return {"method": "isotonic", "x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
 
 
@@ -55,16 +58,20 @@ def fit_platt(p: np.ndarray, y: np.ndarray) -> dict:
     return {"method": "platt", "a": float(res.x[0]), "b": float(res.x[1])}
 
 
-def fit(method: str, p: np.ndarray, y: np.ndarray) -> dict:
+def fit(method: str, p: np.ndarray, y: np.ndarray, probability: bool = True) -> dict:
+    """Fit one task's map; values that are not probabilities (watch seconds) only take ``isotonic``."""
+    if not probability and method != "isotonic":
+        raise ConfigError(f"calibration method: {method!r} needs probabilities; use 'isotonic' for values in "
+                          "other units (watch time)")
     if method == "isotonic":
-        return fit_isotonic(p, y)
+        return fit_isotonic(p, y, 1.0 if probability else None)
     if method == "platt":
         return fit_platt(p, y)
     raise ConfigError(f"calibration method: unknown {method!r} (known: {', '.join(METHODS)})")
 
 
 def apply(params: dict, p: np.ndarray) -> np.ndarray:
-    """(...) probabilities -> (...) calibrated probabilities with one task's fitted parameters."""
+    """(...) predictions -> (...) calibrated predictions with one task's fitted parameters."""
     p = np.asarray(p, dtype=np.float64)
     if params["method"] == "isotonic":
         return np.interp(p, params["x"], params["y"])

@@ -99,6 +99,7 @@ def register(sub) -> None:
     p.add_argument("--fit-day", type=int, action="append", required=True, help="day(s) to fit on (repeatable)")
     p.add_argument("--eval-day", type=int, action="append", help="day(s) to judge on (default: the fit days)")
     p.add_argument("--method", default="platt", choices=["isotonic", "platt"])
-    p.add_argument("--tasks", nargs="+", help="tasks to calibrate (default: the binary tasks)")
+    p.add_argument("--tasks", nargs="+", help="tasks to calibrate (default: the binary tasks); watch_time is always "
+                   "fitted isotonic, in seconds")
     p.add_argument("--out", required=True, help="directory: calibration.json, calibration.md, reliability_*.png")
     p.set_defaults(func=cmd_calibrate)

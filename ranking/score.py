@@ -29,11 +29,12 @@ def score_logged_requests(model_base_path: str | Path, n_requests: int = 3, top_
     meta = load_metadata(version_dir)
     config = parse_config(meta["feature_spec"], f"{version_dir} metadata")
     tasks = [o["task"] for o in meta["outputs"]]
-    ranker, cal, by = None, None, "predicted click"
+    ranker, cal, by = None, None, f"predicted {'click' if 'click' in tasks else tasks[0]}"
     if fusion is not None:
         fusion_config, cal = load_fusion(fusion, tasks, calibration)
-        ranker = fusion_config.profile(profile)
-        by = f"fused score (profile {profile or fusion_config.default_profile}, fusion {fusion_config.version})"
+        name = profile or fusion_config.default_profile or next(iter(fusion_config.profiles))
+        ranker = fusion_config.profile(name)
+        by = f"fused score (profile {name}, fusion {fusion_config.version})"
     fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
     df = read_log(config.data, log)
     day = df[df[config.data.time_column] == df[config.data.time_column].max()]
@@ -54,8 +55,8 @@ def score_logged_requests(model_base_path: str | Path, n_requests: int = 3, top_
         ms = (time.perf_counter() - t0) * 1e3
         labels = evaluation_labels(rows, config)
         order = np.argsort(-score, kind="stable")
-        print(f"\nuser {user}: {len(rows)} candidates scored in {ms:.1f} ms (model, calibration, fusion); "
-              f"top {top_k} by {by}")
+        steps = "model, correction, calibration, fusion" if ranker is not None else "model, correction"
+        print(f"\nuser {user}: {len(rows)} candidates scored in {ms:.1f} ms ({steps}); top {top_k} by {by}")
         shown = tasks[:7]
         print("  rank  item      " + "  ".join(f"{t[:10]:>10}" for t in shown)
               + ("       fused" if ranker is not None else "") + "   logged click / watch s")

@@ -15,7 +15,8 @@ R=.venv/bin/rankstage
 $R train --config configs/kuairand.yaml --set data.until=20220429 --out "$RUN"
 rm -rf "$MODELS"
 $R export --run "$RUN" --model-base-path "$MODELS"
-$R calibrate --model-base-path "$MODELS" --fit-day 20220429 --eval-day 20220430 --method platt --out "$OUT/calibration"
+$R calibrate --model-base-path "$MODELS" --fit-day 20220429 --eval-day 20220430 --method platt \
+  --tasks click like long_view watch_time completion --out "$OUT/calibration"
 $R replay --model-base-path "$MODELS" --fusion configs/fusion.yaml --day 20220430 --out "$OUT/replay"
 $R tune-fusion --model-base-path "$MODELS" --fusion configs/fusion.yaml --tune-day 20220429 --eval-day 20220430 \
   --trials "$TRIALS" --seed 0 --out "$OUT/tune"

@@ -89,3 +89,34 @@ def test_reliability_plot_writes_a_png(tmp_path):
     q, y = _miscalibrated(500, seed=4)
     path = reliability_plot({"before": (q, y), "after": (np.sqrt(q), y)}, tmp_path / "r.png", "click")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_watch_seconds_isotonic_fixes_the_level_and_keeps_the_order():
+    """A capped watch-time model: served seconds = min-like compression of the true mean. Isotonic without an
+    upper bound maps them back to the observed mean per step; binned error is in seconds, and Platt is refused."""
+    rng = np.random.default_rng(3)
+    mean = rng.lognormal(2.5, 0.8, 40000)  # true E[t] per row, seconds
+    t = rng.exponential(mean)
+    served = 30 * (1 - np.exp(-mean / 30))  # under-estimates, monotone in the true mean
+    fit_rows, test_rows = slice(0, 20000), slice(20000, None)
+    params = posthoc.fit("isotonic", served[fit_rows], t[fit_rows], probability=False)
+    after = posthoc.apply(params, served[test_rows])
+    assert max(params["y"]) > 30  # not clipped to [0, 1] or to the cap
+    assert abs(after.mean() - t[test_rows].mean()) < 0.05 * t[test_rows].mean() < abs(served[test_rows].mean()
+                                                                                        - t[test_rows].mean())
+    order = np.argsort(served[test_rows], kind="stable")
+    assert np.all(np.diff(after[order]) >= 0)
+    before_err = expected_calibration_error(served[test_rows], t[test_rows], probability=False)
+    after_err = expected_calibration_error(after, t[test_rows], probability=False)
+    assert after_err < 0.3 * before_err, (before_err, after_err)
+    with pytest.raises(ConfigError, match="'platt' needs probabilities"):
+        posthoc.fit("platt", served, t, probability=False)
+
+
+def test_equal_count_bins_by_hand():
+    p, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 2.0, 3.0, 7.0])
+    t = reliability_table(p, y, bins=2, probability=False)
+    np.testing.assert_allclose(t["count"], [2, 2])
+    np.testing.assert_allclose(t["predicted"], [1.5, 3.5])
+    np.testing.assert_allclose(t["observed"], [2.0, 5.0])
+    assert expected_calibration_error(p, y, bins=2, probability=False) == pytest.approx(0.5 * 0.5 + 0.5 * 1.5)
