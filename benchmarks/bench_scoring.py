@@ -43,6 +43,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from _report import write_report
 
 from features.logs import raw_inputs, read_log
 from features.spec import RankstageConfig, parse_config
@@ -607,12 +608,7 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(args)
         return
     report = bench(args)
-    print()
-    print(format_table(report))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nreport written to {out} ({report['seconds']} s)")
+    write_report(report, format_table(report), args.out)
 
 
 if __name__ == "__main__":

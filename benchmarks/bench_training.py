@@ -17,17 +17,16 @@ Usage (from the project root, env active):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+from _report import write_report
 
 from features.logs import raw_inputs, read_log, task_labels, time_split
 from features.spec import RankstageConfig, load_config, parse_config
@@ -190,12 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = bench(args)
-    print()
-    print(format_table(report))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nreport written to {out} ({report['seconds']} s)")
+    write_report(report, format_table(report), args.out)
 
 
 if __name__ == "__main__":
