@@ -278,9 +278,14 @@ def read_document(path: str | Path, what: str, fmt: Literal["yaml", "json"] = "y
         raise ConfigError(f"{what} {path} is not valid {fmt.upper()}: {err}") from None
 
 
-def load_config(path: str | Path) -> RankstageConfig:
-    """Read and validate one YAML config file."""
+def read_config_data(path: str | Path) -> dict:
+    """The mapping of one YAML config file, not yet validated (overrides may still be applied to it)."""
     data = read_document(path, "config file")
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
-    return parse_config(data, str(path))
+    return data
+
+
+def load_config(path: str | Path) -> RankstageConfig:
+    """Read and validate one YAML config file."""
+    return parse_config(read_config_data(path), str(path))

@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from features.logs import read_log, time_split
-from features.spec import RankstageConfig, parse_config
+from features.spec import RankstageConfig, load_config
 from ranking import metrics
 from ranking.baselines.gbdt import run_gbdt
 from ranking.train import PREDICTIONS, Judged, judged_predictions, load_judged, load_run, save_judged, train
@@ -45,8 +44,8 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
     def run(name: str, cfg: RankstageConfig, group: str | None = None) -> dict:
         run_dir = out / "runs" / name
         done = run_dir / "metrics.json"
-        saved = run_dir / "config.yaml"  # parsed again, so fields added since the run have their defaults
-        if done.exists() and parse_config(yaml.safe_load(saved.read_text())).model_dump() == cfg.model_dump():
+        # parsed again, so fields added since the run have their defaults
+        if done.exists() and load_config(run_dir / "config.yaml").model_dump() == cfg.model_dump():
             print(f"== {name}: reusing {done}", flush=True)  # same config already trained: resume
         else:
             print(f"== {name}", flush=True)

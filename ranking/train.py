@@ -20,7 +20,7 @@ import yaml
 
 from calibration.downsampling import correct_downsampling, effective_kept_fraction
 from features.logs import evaluation_labels, raw_inputs, read_log, task_labels, time_split
-from features.spec import RankstageConfig, TaskSpec
+from features.spec import RankstageConfig, TaskSpec, load_config
 from features.vocab import FeatureStats, build_stats, load_stats, save_stats
 from ranking import metrics
 from ranking.model import RankingModels, build_models
@@ -297,13 +297,11 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Rebuild the models of a run directory and load its weights."""
-    from features.spec import parse_config
-
     run = Path(run_dir)
     for name in ("config.yaml", "stats.json", "artifacts.json", "model.weights.h5"):
         if not (run / name).exists():
             raise FileNotFoundError(f"--run {run}: missing {name}; is this a finished training run?")
-    config = parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+    config = load_config(run / "config.yaml")
     stats = load_stats(run / "stats.json")
     models = build_models(config, stats)
     models.train.load_weights(run / "model.weights.h5")

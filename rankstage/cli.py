@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,15 +31,9 @@ def _apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_cli_config(path: str, overrides: list[str], tasks: list[str] | None):
-    import yaml
+    from features.spec import parse_config, read_config_data
 
-    from features.spec import ConfigError, parse_config
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config: file not found: {path}") from None
-    config = parse_config(_apply_overrides(data or {}, overrides), path)
+    config = parse_config(_apply_overrides(read_config_data(path), overrides), path)
     return config.with_tasks(tasks) if tasks else config
 
 
@@ -79,20 +72,25 @@ def cmd_gbdt(args: argparse.Namespace) -> None:
     print(format_metrics(run_gbdt(config, args.out, log=args.data, num_trees=args.trees)))
 
 
+def _config_args(p: argparse.ArgumentParser) -> None:
+    """--config, --data and --set, shared by the commands that read a training config."""
+    p.add_argument("--config", required=True, help="feature/model/training spec (YAML)")
+    p.add_argument("--data", help="impression log (CSV/Parquet); default: data.log of the config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set model.num_experts=0 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankstage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the multitask ranker on a log; writes a run directory")
-    p.add_argument("--config", required=True, help="feature/model/training spec (YAML)")
-    p.add_argument("--data", help="impression log (CSV/Parquet); default: data.log of the config")
+    _config_args(p)
     p.add_argument("--out", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--refit", action="store_true",
                    help="after early stopping, retrain on the whole window (validation included) for the chosen "
                         "number of epochs and keep that model (metrics stay those of the non-refit run)")
     p.add_argument("--tasks", nargs="+", help="train only these tasks (e.g. single-task baselines)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set model.num_experts=0 (repeatable)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a run as a versioned SavedModel for TF Serving")
@@ -113,21 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("compare", help="MMoE vs shared-bottom vs single-task models vs LightGBM on one split")
-    p.add_argument("--config", required=True)
-    p.add_argument("--data")
+    _config_args(p)
     p.add_argument("--out", required=True, help="report directory (compare.md, compare.json, runs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-single-task", action="store_true")
     p.add_argument("--no-gbdt", action="store_true")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("gbdt-baseline", help="LightGBM baseline, one model per task, same split and metrics")
-    p.add_argument("--config", required=True)
-    p.add_argument("--data")
+    _config_args(p)
     p.add_argument("--out", help="directory for metrics.json")
     p.add_argument("--trees", type=int, default=300)
     p.add_argument("--tasks", nargs="+")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_gbdt)
 
     if importlib.util.find_spec("fusion.commands") is not None:  # replay / tune-fusion live with fusion/

@@ -318,3 +318,17 @@ def test_time_split_needs_training_periods():
     with pytest.raises(ConfigError, match="data.validation_periods: 2"):
         time_split(df, parse_config(data))
 
+
+
+def test_cli_config_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    from rankstage.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    for path, expected in ((bad, "is not valid YAML"), (listed, "expected a mapping"),
+                           (tmp_path / "nope.yaml", "config file not found")):
+        assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and str(path) in err and "Traceback" not in err
