@@ -8,10 +8,12 @@ of paired differences: the MMoE against each other model on the same validation 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from features.logs import read_log, time_split
 from features.spec import RankstageConfig, load_config
@@ -30,15 +32,15 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     judged: dict[str, Judged] = {}
-    val_df = []  # read once, only if a run from before predictions were saved needs scoring
+    @functools.cache
+    def validation_frame() -> pd.DataFrame:  # read once, only if a run from before predictions were saved needs it
+        return time_split(read_log(config.data, log), config)[1]
 
     def predictions(run_dir: Path) -> Judged:
         path = run_dir / PREDICTIONS
         if not path.exists():
-            if not val_df:
-                val_df.append(time_split(read_log(config.data, log), config)[1])
-            loaded = load_run(run_dir)
-            save_judged(judged_predictions(loaded.config, loaded.models, val_df[0], loaded.artifacts["sampling"]), path)
+            run = load_run(run_dir)
+            save_judged(judged_predictions(run.config, run.models, validation_frame(), run.artifacts["sampling"]), path)
         return load_judged(path)
 
     def run(name: str, cfg: RankstageConfig, group: str | None = None) -> dict:
