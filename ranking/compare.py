@@ -39,8 +39,9 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
     def predictions(run_dir: Path) -> Judged:
         path = run_dir / PREDICTIONS
         if not path.exists():
-            run = load_run(run_dir)
-            save_judged(judged_predictions(run.config, run.models, validation_frame(), run.artifacts["sampling"]), path)
+            prior = load_run(run_dir)
+            save_judged(judged_predictions(prior.config, prior.models, validation_frame(), prior.artifacts["sampling"]),
+                        path)
         return load_judged(path)
 
     def run(name: str, cfg: RankstageConfig, group: str | None = None) -> dict:
