@@ -46,9 +46,9 @@ import tensorflow as tf
 from _report import write_report
 
 from features.logs import raw_inputs, read_log
-from features.spec import RankstageConfig, parse_config
-from ranking.export import latest_version, load_metadata
+from features.spec import RankstageConfig
 from ranking.layers.mmoe import MMoE
+from ranking.servable import load_servable as load_version
 
 Batch = dict[str, np.ndarray]
 READY, TIMES = "BENCH_READY ", "BENCH_TIMES "  # worker -> parent line prefixes
@@ -100,20 +100,12 @@ class Servable:
     run_dir: Path | None
 
 
-def resolve_version(model: str) -> Path:
-    """A version directory, or the newest version under a model base path."""
-    path = Path(model)
-    return path if (path / "saved_model.pb").exists() else latest_version(path)
-
-
 def load_servable(model: str, run: str | None, with_keras: bool = True) -> Servable:
     """Load the SavedModel signature; rebuild the Keras serving model from ``run`` (default: the metadata's run)."""
     from ranking.train import load_run  # heavy import only when needed
 
-    version_dir = resolve_version(model)
-    meta = load_metadata(version_dir)
-    config = parse_config(meta["feature_spec"], f"{version_dir} metadata")
-    loaded = tf.saved_model.load(str(version_dir))
+    sv = load_version(model)
+    version_dir, meta, config, loaded = sv.version_dir, sv.metadata, sv.config, sv.loaded
     run_dir = Path(run or meta.get("run", ""))
     serve = None
     if with_keras and (run_dir / "model.weights.h5").exists():

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from calibration.outputs import correct_outputs
 from calibration.posthoc import calibrate
 from features.logs import evaluation_labels, join_side_tables, load_side_tables, raw_inputs
-from features.spec import ConfigError, RankstageConfig, parse_config
+from features.spec import ConfigError, RankstageConfig
 from fusion.config import FusionProfile
 from fusion.lists import Lists, group_lists, list_metrics, paired_difference, summarise
 
@@ -83,30 +83,13 @@ class ScoredLog:
         return len(self.user)
 
 
-def resolve_version(model_base_path: str | Path) -> Path:
-    """A version directory itself, or the newest integer version under a base path."""
-    from ranking.export import latest_version
-
-    p = Path(model_base_path)
-    if (p / "saved_model.pb").exists():
-        return p
-    if not p.exists():
-        raise ConfigError(f"--model-base-path: not found: {p}")
-    return latest_version(p)
-
-
 def load_model(model_base_path: str | Path):
-    """-> (serving_default function, metadata, config) of an exported version."""
-    import tensorflow as tf
+    """-> (serving_default function, metadata, config) of an exported version, through ``ranking.servable``."""
+    from ranking.servable import load_servable
 
-    from ranking.export import load_metadata
-
-    version_dir = resolve_version(model_base_path)
-    meta = load_metadata(version_dir)
-    config = parse_config(meta["feature_spec"], f"{version_dir} metadata")
-    fn = tf.saved_model.load(str(version_dir)).signatures[meta.get("signature", "serving_default")]
-    meta["path"] = str(version_dir)
-    return fn, meta, config
+    sv = load_servable(model_base_path)
+    meta = {**sv.metadata, "path": str(sv.version_dir), "_servable": sv}  # keeps the SavedModel alive
+    return sv.signature(sv.metadata.get("signature", "serving_default")), meta, sv.config
 
 
 def score_log(model_base_path: str | Path, log: str | Path | None = None, days: list[int] | None = None,

@@ -29,20 +29,16 @@ from tensorflow_serving.config import model_server_config_pb2
 from features.encoding import tf_dtype
 from features.logs import raw_inputs, read_log
 from features.spec import RankstageConfig
+from ranking.servable import METADATA_FILE, WARMUP_FILE, latest_version, load_metadata, next_version
 from ranking.train import LoadedRun, load_run
 
-METADATA_FILE = "rankstage_metadata.json"
-WARMUP_FILE = "tf_serving_warmup_requests"
+__all__ = ["export_run", "check_export", "input_signature", "latest_version", "load_metadata", "predict_request"]
+
 WARMUP_SIZES = (1, 10, 100, 500)
 
 
 def input_signature(config: RankstageConfig) -> dict[str, tf.TensorSpec]:
     return {f.name: tf.TensorSpec([None], tf_dtype(f), name=f.name) for f in config.serving_features}
-
-
-def next_version(base: Path) -> int:
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.exists() else []
-    return max(versions, default=0) + 1
 
 
 def predict_request(features: dict[str, np.ndarray], model_name: str, signature: str = "serving_default"
@@ -160,16 +156,3 @@ def check_export(path: Path, serve: keras.Model, batch: dict[str, np.ndarray], a
         if g.shape != w.shape or not np.all(np.isfinite(g)) or not np.allclose(g, w, rtol=1e-4, atol=atol):
             raise RuntimeError(f"export check failed for output {task!r}: reloaded model disagrees with the trained "
                                f"model (max diff {np.max(np.abs(g - w)) if g.shape == w.shape else 'shape'})")
-
-
-def load_metadata(version_dir: str | Path) -> dict:
-    return json.loads((Path(version_dir) / "assets.extra" / METADATA_FILE).read_text())
-
-
-def latest_version(base: str | Path) -> Path:
-    base = Path(base)
-    v = next_version(base) - 1
-    if v < 1:
-        raise FileNotFoundError(f"no model versions under {base}")
-    return base / str(v)
-

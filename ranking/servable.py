@@ -1,0 +1,156 @@
+"""The one loader of exported model versions: version directories, metadata, signatures and warmup.
+
+The ranking service's in-process backend, the local model server, replay and the benchmarks all load a version
+through ``load_servable``. A version lives at ``<model_base_path>/<integer version>/`` (TF Serving's layout) with
+``assets.extra/rankstage_metadata.json`` (feature spec, tasks, down-sampling rates) and
+``assets.extra/tf_serving_warmup_requests`` (a TFRecord of PredictionLog, as TF Serving reads it).
+
+C candidates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from features.spec import ConfigError, RankstageConfig, parse_config
+
+METADATA_FILE = "rankstage_metadata.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+
+def list_versions(base: str | Path) -> list[int]:
+    """Integer versions under a model base path that hold a ``saved_model.pb``, ascending."""
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir()
+                  if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").exists())
+
+
+def next_version(base: str | Path) -> int:
+    """The next free version number (directories being written count as taken)."""
+    base = Path(base)
+    taken = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.exists() else []
+    return max(taken, default=0) + 1
+
+
+def latest_version(base: str | Path) -> Path:
+    """The newest version directory under ``base``; FileNotFoundError if there is none."""
+    versions = list_versions(base)
+    if not versions:
+        raise FileNotFoundError(f"no model versions under {base}")
+    return Path(base) / str(versions[-1])
+
+
+def resolve_version(path: str | Path) -> Path:
+    """A version directory itself, or the newest version under a model base path."""
+    p = Path(path)
+    if (p / "saved_model.pb").exists():
+        return p
+    if not p.exists():
+        raise ConfigError(f"--model-base-path: not found: {p}")
+    return latest_version(p)
+
+
+def load_metadata(version_dir: str | Path) -> dict:
+    path = Path(version_dir) / "assets.extra" / METADATA_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"model version {version_dir}: no metadata ({path} missing)") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model version {version_dir}: metadata {path} is not valid JSON: {err}") from None
+
+
+@dataclass
+class Servable:
+    """One loaded model version. ``loaded`` must outlive ``signatures`` (they hold its variables weakly)."""
+
+    version_dir: Path
+    version: int
+    metadata: dict
+    config: RankstageConfig
+    loaded: object
+    signatures: dict[str, Callable[..., dict]] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.metadata["model_name"]
+
+    @property
+    def tasks(self) -> list[str]:
+        return [o["task"] for o in self.metadata["outputs"]]
+
+    @property
+    def sampling(self) -> dict[str, dict]:
+        return self.metadata["sampling"]
+
+    def signature(self, name: str = "serving_default") -> Callable[..., dict]:
+        if name not in self.signatures:
+            raise ConfigError(f"signature {name!r} not in model {self.name} version {self.version} "
+                              f"(has {sorted(self.signatures)})")
+        return self.signatures[name]
+
+    def predict(self, inputs: dict[str, np.ndarray], signature: str = "serving_default") -> dict[str, np.ndarray]:
+        """Raw numpy inputs -> {task: (C,) numpy} through a signature (no correction, no calibration)."""
+        import tensorflow as tf
+
+        out = self.signature(signature)(**{k: tf.constant(v) for k, v in inputs.items()})
+        return {k: v.numpy() for k, v in out.items()}
+
+
+def load_servable(path: str | Path) -> Servable:
+    """Load a version directory (or the newest under a base path): SavedModel, signatures, metadata, spec."""
+    import tensorflow as tf
+
+    version_dir = resolve_version(path)
+    meta = load_metadata(version_dir)
+    config = parse_config(meta["feature_spec"], f"{version_dir} metadata")
+    loaded = tf.saved_model.load(str(version_dir))
+    return Servable(version_dir, int(version_dir.name) if version_dir.name.isdigit() else int(meta["version"]),
+                    meta, config, loaded, dict(loaded.signatures))
+
+
+def read_warmup_requests(version_dir: str | Path) -> list:
+    """The PredictRequests of ``assets.extra/tf_serving_warmup_requests`` (empty if the file is absent)."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = Path(version_dir) / "assets.extra" / WARMUP_FILE
+    if not path.exists():
+        return []
+    requests = []
+    for record in tf.data.TFRecordDataset(str(path)):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        if log.WhichOneof("log_type") != "predict_log":
+            raise ConfigError(f"warmup record in {path}: only predict_log records are supported, got "
+                              f"{log.WhichOneof('log_type')!r}")
+        requests.append(log.predict_log.request)
+    return requests
+
+
+def run_warmup(servable: Servable) -> int:
+    """Run every warmup record through its signature; raise ConfigError on a failure or a non-finite output.
+
+    Returns the number of records run. This is what TF Serving does before a version takes traffic."""
+    import tensorflow as tf
+
+    requests = read_warmup_requests(servable.version_dir)
+    for i, req in enumerate(requests):
+        sig = req.model_spec.signature_name or "serving_default"
+        inputs = {k: tf.make_ndarray(v) for k, v in req.inputs.items()}
+        try:
+            out = servable.predict(inputs, sig)
+        except Exception as err:  # any TF error in a warmup call means the version must not take traffic
+            raise ConfigError(f"model {servable.version_dir}: warmup record {i} ({sig}) failed: "
+                              f"{type(err).__name__}: {str(err)[:300]}") from None
+        for task, v in out.items():
+            if not np.all(np.isfinite(v)):
+                raise ConfigError(f"model {servable.version_dir}: warmup record {i} ({sig}) gave non-finite "
+                                  f"{task!r} outputs")
+    return len(requests)
