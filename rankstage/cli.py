@@ -1,4 +1,6 @@
-"""`rankstage` command line: train, export, score. Flags map onto config fields here and nowhere else."""
+"""`rankstage` command line: train, export, compare, serve, rank, ...
+
+Flags map onto config fields here and nowhere else."""
 
 from __future__ import annotations
 
@@ -50,13 +52,6 @@ def cmd_export(args: argparse.Namespace) -> None:
     export_run(args.run, args.model_base_path, version=args.version, log=args.data)
 
 
-def cmd_score(args: argparse.Namespace) -> None:
-    from ranking.score import score_logged_requests
-
-    score_logged_requests(args.model_base_path, args.requests, args.top_k, log=args.data, fusion=args.fusion,
-                          profile=args.profile, calibration=args.calibration)
-
-
 def cmd_compare(args: argparse.Namespace) -> None:
     from ranking.compare import compare
 
@@ -100,16 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="log to draw warmup requests from (default: the run's config)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("score", help="score logged requests with the latest exported model")
-    p.add_argument("--model-base-path", required=True)
-    p.add_argument("--requests", type=int, default=3, help="number of logged requests (user x day lists)")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--data", help="log to draw requests from (default: the model's training config)")
-    p.add_argument("--fusion", help="fusion config (YAML): rank by its profile's fused score (default: by click)")
-    p.add_argument("--profile", help="fusion profile (default: the config's default_profile)")
-    p.add_argument("--calibration", help="post-hoc calibration artifact (default: the fusion config's)")
-    p.set_defaults(func=cmd_score)
-
     p = sub.add_parser("compare", help="MMoE vs shared-bottom vs single-task models vs LightGBM on one split")
     _config_args(p)
     p.add_argument("--out", required=True, help="report directory (compare.md, compare.json, runs/)")
@@ -128,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         from fusion.commands import register
 
         register(sub)
+    if importlib.util.find_spec("serving.commands") is not None:  # serve / rank / requests / model-server
+        from serving.commands import register as register_serving
+
+        register_serving(sub)
     if importlib.util.find_spec("simulation.commands") is not None:  # simulate / debias-report
         from simulation.commands import register as register_simulation
 

@@ -97,3 +97,33 @@ def exported(tmp_path_factory, full_run):
     base = tmp_path_factory.mktemp("models") / "synthetic"
     version_dir = export_run(full_run.run_dir, base, verbose=False)
     return base, version_dir
+
+
+KUAIRAND = Path(__file__).resolve().parent.parent / "configs" / "kuairand.yaml"
+
+
+@pytest.fixture(scope="session")
+def kuairand_model(tmp_path_factory):
+    """A small real ranker: KuaiRand-Pure Apr 25-29 (validated on Apr 30), 1 epoch, narrow layers, exported as
+    version 1 -> (config, base path). Tests that copy the base path may add versions to their copy."""
+    import os
+
+    from features.spec import load_config, parse_config
+    from ranking.export import export_run
+
+    root = KUAIRAND.parent.parent
+    cwd = os.getcwd()
+    os.chdir(root)  # the config's paths are relative to the project root
+    try:
+        data = load_config(KUAIRAND).model_dump()
+        data["model"].update(bottom_units=[64], num_experts=2, expert_units=[32], tower_units=[16])
+        data["training"].update(epochs=1, batch_size=4096)
+        data["data"] = {**data["data"], "log": str(root / data["data"]["log"]),
+                        "joins": [{**j, "path": str(root / j["path"])} for j in data["data"]["joins"]]}
+        config = parse_config(data, "kuairand tiny")
+        run = ranking.train.train(config, tmp_path_factory.mktemp("runs") / "kuairand", verbose=False)
+        base = tmp_path_factory.mktemp("models") / "kuairand"
+        export_run(run, base, verbose=False)
+    finally:
+        os.chdir(cwd)
+    return config, base

@@ -174,26 +174,3 @@ def test_fusion_search_is_reproducible_from_its_seed_and_keeps_the_click_constra
     assert np.nanmean(m["click/ndcg@3"]) >= floor == pytest.approx(0.99 * np.nanmean(ref["click/ndcg@3"]))
     assert best.value == pytest.approx(np.mean(m["watch_time/top@3"]))
     assert best.value > np.mean(ref["watch_time/top@3"])  # watch predictions are informative: the search gains
-
-
-def test_score_ranks_requests_by_the_fusion_profile_it_is_given(tmp_path, exported, synthetic_log):
-    from features.spec import ConfigError
-    from ranking.score import score_logged_requests
-
-    fusion = tmp_path / "fusion.yaml"
-    fusion.write_text("version: t1\ndefault_profile: watch\nprofiles:\n"
-                      "  watch: {formula: weighted_sum, weights: {watch_time: 1.0}}\n"
-                      "  mix: {formula: weighted_product, weights: {click: 1.0, watch_time: 0.1}}\n")
-    base = exported[0]
-    by_click = score_logged_requests(base, n_requests=2, top_k=3, min_candidates=3)
-    by_watch = score_logged_requests(base, n_requests=2, top_k=3, min_candidates=3, fusion=fusion)
-    mixed = score_logged_requests(base, n_requests=2, top_k=3, min_candidates=3, fusion=fusion, profile="mix")
-    assert len(by_click) == len(by_watch) == 2
-    for c, w, m in zip(by_click, by_watch, mixed, strict=True):
-        assert c["fused"] is None
-        np.testing.assert_array_equal(c["order"], np.argsort(-c["scores"]["click"], kind="stable"))
-        np.testing.assert_array_equal(w["order"], np.argsort(-w["scores"]["watch_time"], kind="stable"))
-        np.testing.assert_allclose(m["fused"], (1 + m["scores"]["click"]) * (1 + 0.1 * m["scores"]["watch_time"]))
-        assert np.all(np.diff(m["fused"][m["order"]]) <= 0)
-    with pytest.raises(ConfigError, match="--profile: 'nope'"):
-        score_logged_requests(base, n_requests=1, fusion=fusion, profile="nope")

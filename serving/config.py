@@ -1,0 +1,98 @@
+"""The ranking service's config: one YAML file, validated at load, errors naming the field and the value.
+
+    model:   {base_path: models/ranker, backend: in_process, signature: rank_candidates}
+    tf_serving: {address: localhost:8500, model_name: ranker, timeout_ms: 200}
+    fusion:  configs/fusion.yaml
+    limits:  {max_candidates: 2000, max_message_bytes: 4194304, default_top_k: 50}
+    server:  {port: 50051, metrics_port: 9090, drain_s: 10}
+    reload:  {interval_s: 2}
+
+Paths are relative to the working directory (the project root), like the training configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from features.spec import ConfigError, read_document
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    base_path: str  # <base_path>/<version>/ as exported; also where metadata is read for the TF Serving backend
+    backend: Literal["in_process", "tf_serving"] = "in_process"
+    # rank_candidates: user side once per request (falls back to serving_default when a version lacks it)
+    signature: Literal["rank_candidates", "serving_default"] = "rank_candidates"
+
+
+class TFServingConfig(_Strict):
+    address: str = "localhost:8500"
+    model_name: str | None = None  # default: the model name in the exported metadata
+    version_label: str | None = None  # route by label instead of pinning the version the service checked
+    timeout_ms: float = Field(200.0, gt=0)  # per Predict call, capped by the caller's remaining deadline
+
+
+class Limits(_Strict):
+    max_candidates: int = Field(2000, ge=1)
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    default_top_k: int = Field(0, ge=0)  # 0 = all candidates when the request says 0
+
+
+class TLSConfig(_Strict):
+    cert: str
+    key: str
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics over HTTP; None = off
+    max_workers: int = Field(8, ge=1)
+    drain_s: float = Field(10.0, ge=0)  # SIGTERM: NOT_SERVING, stop taking calls, wait this long for in-flight
+    tls: TLSConfig | None = None
+
+
+class ReloadConfig(_Strict):
+    interval_s: float = Field(2.0, gt=0)
+
+
+class ServingConfig(_Strict):
+    model: ModelSource
+    tf_serving: TFServingConfig = TFServingConfig()
+    fusion: str  # fusion config YAML; its `calibration` (if any) is the post-hoc calibration artifact
+    calibration: str | None = None  # overrides the fusion config's calibration artifact
+    limits: Limits = Limits()
+    server: ServerConfig = ServerConfig()
+    reload: ReloadConfig = ReloadConfig()
+
+    @model_validator(mode="after")
+    def _paths(self) -> ServingConfig:
+        if self.server.tls is not None:
+            for field in ("cert", "key"):
+                if not Path(getattr(self.server.tls, field)).is_file():
+                    raise ValueError(f"server.tls.{field}: file not found: {getattr(self.server.tls, field)}")
+        return self
+
+
+def parse_serving_config(data: dict, source: str = "<dict>") -> ServingConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"serving config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ServingConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"invalid serving config {source}:"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            got = f" (got {e['input']!r})" if e["type"] not in ("value_error", "missing") and "input" in e else ""
+            lines.append(f"  {loc or '<root>'}: {e['msg'].removeprefix('Value error, ')}{got}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_serving_config(path: str | Path) -> ServingConfig:
+    return parse_serving_config(read_document(path, "serving config file"), str(path))

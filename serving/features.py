@@ -1,0 +1,262 @@
+"""Server-side feature join: the side tables of ``data.joins`` held in memory, keyed lookups per request.
+
+The gateway sends a user id, the context and C candidate item ids (sometimes with some features inline); the service
+must hand the model exactly the raw inputs training saw for the same logged row, i.e. what
+``features.logs.raw_inputs(join_side_tables(log, load_side_tables(data)))`` gives. So a side table is loaded by
+``load_side_tables`` itself (selected columns, first row per key, ``missing_values`` -> NaN), and each feature's
+column is converted once at load by ``raw_column`` (the training conversion) into an (R + 1,) array whose last row
+is the missing value (-1, "" or NaN). A request then costs one key lookup per table (a dict for the 1-row request
+side, ``pandas.Index.get_indexer`` for C candidates) and one ``np.take`` per feature: no loop over candidates.
+
+Precedence, as in training where log columns win over table columns and an earlier table over a later one: a value
+sent inline (request or candidates, by feature name or source column) > the first side table providing the column >
+missing. A join key comes from the request (1 row), else the candidates (C rows), else an earlier table's column
+(chained joins). An unknown id, or a key nobody sent, makes that table's features missing; it is never an error.
+
+Notation: R rows of a side table, C candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from features.logs import MISSING_INT, MISSING_STRING, load_side_tables, raw_column
+from features.spec import ConfigError, FeatureSpec, JoinSpec, RankstageConfig
+
+REQUEST_GROUPS = ("user", "context")  # (1,) inputs; every other group is per candidate, (C,)
+
+Rows = int | np.ndarray  # a table's matched row for the request side (int) or for each candidate ((C,) intp)
+
+
+def file_stamp(path: str | Path) -> tuple:
+    """(path, mtime_ns, size): a change of either means the file was rewritten (None, None if it is gone)."""
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        return (str(path), None, None)
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+
+def missing_column(raw_dtype: str, n: int) -> np.ndarray:
+    """(n,) missing values of a raw dtype, as ``raw_column`` writes them."""
+    if raw_dtype == "int":
+        return np.full(n, MISSING_INT, dtype=np.int64)
+    if raw_dtype == "string":
+        return np.full(n, MISSING_STRING, dtype=object)
+    return np.full(n, np.nan, dtype=np.float32)
+
+
+def _frozen(values: np.ndarray) -> np.ndarray:
+    values.flags.writeable = False  # part of an immutable snapshot shared by concurrent calls
+    return values
+
+
+def _key_column(values: pd.Series) -> np.ndarray:
+    """(R + 1,) a column as a later join's key: numbers as float64 + NaN (a left-joined column in training), other
+    values as objects + None."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return _frozen(np.append(values.to_numpy(dtype=np.float64, na_value=np.nan), np.nan))
+    return _frozen(np.append(values.to_numpy(dtype=object, na_value=None), np.array([None], dtype=object)))
+
+
+@dataclass(frozen=True)
+class SideTable:
+    """One side table in memory. ``values[(source, raw_dtype)]`` is an (R + 1,) raw column, last row missing."""
+
+    join: JoinSpec
+    stamp: tuple
+    index: pd.Index  # (R,) unique keys, in table order
+    positions: Mapping[object, int]  # key -> row, for the 1-row request side
+    provides: tuple[str, ...]  # columns training takes from this table (not its key, not earlier tables' columns)
+    values: dict[tuple[str, str], np.ndarray] = field(repr=False)
+    keys: Mapping[str, np.ndarray] = field(repr=False)  # column -> (R + 1,) values, for later joins keyed on it
+    frame: pd.DataFrame = field(repr=False)  # for a feature not in the config at load (converted on first use)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.index)
+
+    def lookup(self, keys: np.ndarray, per_candidate: bool) -> Rows:
+        """Row of each key, R for unknown ones: an int for the 1-row request side, else (C,) intp."""
+        if not per_candidate:
+            try:
+                return self.positions.get(keys[0], self.n_rows)
+            except TypeError:  # an unhashable value is no known key
+                return self.n_rows
+        rows = self.index.get_indexer(keys)
+        rows[rows < 0] = self.n_rows
+        return rows
+
+    def column(self, feature: FeatureSpec) -> np.ndarray:
+        """(R + 1,) the feature's raw values from this table."""
+        slot = (feature.source, feature.raw_dtype)
+        values = self.values.get(slot)
+        if values is None:  # a feature list other than the config's: convert once (a racing duplicate is harmless)
+            values = self.values[slot] = _convert(self.frame, feature, self.join.path)
+        return values
+
+
+def _convert(frame: pd.DataFrame, feature: FeatureSpec, path: str) -> np.ndarray:
+    try:
+        values = raw_column(frame, feature)
+    except ConfigError as err:
+        raise ConfigError(f"data.joins: side table {path}: {err}") from None
+    return _frozen(np.concatenate([values, missing_column(feature.raw_dtype, 1)]))
+
+
+class _Input(NamedTuple):
+    """How one feature is filled: inline by ``name`` or ``source``, else from ``column`` of table ``table``."""
+
+    name: str
+    source: str
+    raw_dtype: str
+    per_candidate: bool
+    table: int | None
+    column: np.ndarray | None  # (R + 1,)
+    group: str
+
+
+@dataclass(frozen=True)
+class FeatureTables:
+    """Immutable snapshot of every side table of a config; a reload builds a new one (``load``)."""
+
+    tables: tuple[SideTable, ...]
+    provider: Mapping[str, int]  # column -> index of the table it is taken from
+    aliases: Mapping[str, tuple[str, ...]]  # source column -> names of the features reading it (key lookups)
+    _plans: dict[tuple[int, ...], tuple[tuple[_Input, ...], list[FeatureSpec]]] = field(
+        default_factory=dict, repr=False, compare=False)  # per feature list (by identity): what fills each input
+
+    @classmethod
+    def load(cls, config: RankstageConfig) -> FeatureTables:
+        """Read ``config.data.joins`` as training does; raises ConfigError (naming the table) if one is unusable."""
+        data = config.data
+        stamps = [file_stamp(j.path) for j in data.joins]  # before reading: a write during the read shows later
+        sides = load_side_tables(data)
+        log_columns = {data.user_column, data.item_column}  # always in a log, so never taken from a table
+        taken: set[str] = set()
+        provides: list[tuple[str, ...]] = []
+        for key, side in sides:
+            taken |= log_columns | {key}
+            own = tuple(c for c in side.columns if c not in taken)
+            taken |= set(own)
+            provides.append(own)
+        provider = {c: i for i, own in enumerate(provides) for c in own}
+        later_keys = [{j.key for j in data.joins[i + 1:]} for i in range(len(data.joins))]
+        tables = []
+        for i, (join, stamp, (key, side), own) in enumerate(zip(data.joins, stamps, sides, provides)):
+            index = pd.Index(side[key])
+            values = {(f.source, f.raw_dtype): _convert(side, f, join.path)
+                      for f in config.features if provider.get(f.source) == i}
+            keys = {c: _key_column(side[c]) for c in own if c in later_keys[i]}
+            tables.append(SideTable(join, stamp, index, dict(zip(index.tolist(), range(len(index)))), own,
+                                    values, keys, side))
+        aliases: dict[str, tuple[str, ...]] = {}
+        for f in config.features:
+            if f.source != f.name:
+                aliases[f.source] = (*aliases.get(f.source, ()), f.name)
+        return cls(tuple(tables), provider, aliases)
+
+    def fingerprint(self) -> tuple:
+        """((path, mtime_ns, size), ...) per table, as they were when loaded."""
+        return tuple(t.stamp for t in self.tables)
+
+    def changed(self) -> bool:
+        """Whether any table file was rewritten (or removed) since the load."""
+        return any(file_stamp(t.join.path) != t.stamp for t in self.tables)
+
+    def _sent(self, sent: dict[str, np.ndarray], column: str) -> np.ndarray | None:
+        """A column sent inline, under its own name or the name of a feature reading it."""
+        values = sent.get(column)
+        if values is None:
+            for name in self.aliases.get(column, ()):
+                values = sent.get(name)
+                if values is not None:
+                    break
+        return values
+
+    def _match(self, request: dict[str, np.ndarray], candidates: dict[str, np.ndarray]) -> list[Rows | None]:
+        """Each table's matched rows (None: its key was not sent and no earlier table gives it)."""
+        rows: list[Rows | None] = []
+        for table in self.tables:
+            key = table.join.key
+            matched: Rows | None = None
+            if (keys := self._sent(request, key)) is not None:
+                matched = table.lookup(keys, per_candidate=False)
+            elif (keys := self._sent(candidates, key)) is not None:
+                matched = table.lookup(keys, per_candidate=True)
+            elif (src := self.provider.get(key)) is not None and rows[src] is not None:
+                values, at = self.tables[src].keys[key], rows[src]
+                if isinstance(at, np.ndarray):
+                    matched = table.lookup(values.take(at), per_candidate=True)
+                else:
+                    matched = table.lookup(values[at:at + 1], per_candidate=False)
+            rows.append(matched)
+        return rows
+
+    def _plan(self, features: list[FeatureSpec]) -> tuple[_Input, ...]:
+        """Per feature: where its values come from. Cached by the features' identity (the entry holds them, so an
+        id is not reused while cached): reading pydantic properties per call would cost more than the join."""
+        key = tuple(map(id, features))
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached[0]
+        plan = []
+        for f in features:
+            src = self.provider.get(f.source)
+            column = self.tables[src].column(f) if src is not None else None
+            plan.append(_Input(f.name, f.source, f.raw_dtype, f.group not in REQUEST_GROUPS, src, column, f.group))
+        if len(self._plans) >= 16:  # a few configs at most; never grow without bound
+            self._plans.clear()
+        self._plans[key] = (tuple(plan), list(features))
+        return tuple(plan)
+
+    def assemble(self, features: list[FeatureSpec], request: dict[str, np.ndarray],
+                 candidates: dict[str, np.ndarray], n_candidates: int,
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Raw model inputs for one request: ((1,) per user/context feature, (C,) per other feature).
+
+        ``request``: (1,) arrays, ``candidates``: (C,) arrays (with the item ids), keyed by feature name or source
+        column, already of the features' raw dtypes; they pass through unchanged and win over the tables.
+        Values like ``features.logs.raw_column``: int64 (missing -1), object str (missing ""), float32 (missing NaN).
+        """
+        c = n_candidates
+        for name, values in candidates.items():
+            if len(values) != c:
+                raise ConfigError(f"candidates[{name}]: {len(values)} values, expected {c} (one per candidate)")
+        rows = self._match(request, candidates)
+        request_inputs: dict[str, np.ndarray] = {}
+        candidate_inputs: dict[str, np.ndarray] = {}
+        for name, source, raw_dtype, per_candidate, src, column, group in self._plan(features):
+            values = None
+            if per_candidate:
+                values = candidates.get(name)
+                if values is None:
+                    values = candidates.get(source)
+            if values is None:
+                values = request.get(name)
+                if values is None:
+                    values = request.get(source)
+                if values is not None and per_candidate and len(values) != c:
+                    values = np.repeat(values, c)  # one value sent for the request, the same for every candidate
+            if values is None and src is not None and (at := rows[src]) is not None:
+                if type(at) is not int:  # (C,) rows: a table keyed by the candidates
+                    if not per_candidate:
+                        join = self.tables[src].join
+                        raise ConfigError(f"feature {name!r} (group {group!r}) comes from side table {join.path}, "
+                                          f"keyed by the candidates' {join.key!r}: a user or context feature needs "
+                                          "a table keyed by the request")
+                    values = column.take(at)
+                elif per_candidate:
+                    values = np.full(c, column[at], dtype=column.dtype)
+                else:
+                    values = column[at:at + 1].copy()
+            if values is None:
+                values = missing_column(raw_dtype, c if per_candidate else 1)
+            (candidate_inputs if per_candidate else request_inputs)[name] = values
+        return request_inputs, candidate_inputs
