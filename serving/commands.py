@@ -46,6 +46,24 @@ def cmd_requests(args: argparse.Namespace) -> None:
         print(path)
 
 
+def model_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``rankstage model-server``."""
+    parser.add_argument("--model-base-path", required=True, help="directory of integer version subdirectories")
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: a free one, printed); default 8500")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    parser.add_argument("--model-name", help="served model name (default: model_name of the newest version)")
+    parser.add_argument("--poll-interval-s", type=float, default=1.0, help="how often to look for new versions")
+    parser.add_argument("--num-versions", type=int, default=2, help="versions kept loaded (newest serves)")
+    parser.add_argument("--max-workers", type=int, default=8, help="gRPC serving threads")
+    parser.add_argument("--grace-s", type=float, default=10.0, help="drain time for in-flight calls on shutdown")
+
+
+def cmd_model_server(args: argparse.Namespace) -> None:
+    from serving import model_server  # TensorFlow: imported only when this command runs
+
+    model_server.main(args)
+
+
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run the gRPC ranking service (Rank, health, reflection, /metrics)")
     p.add_argument("--config", required=True, help="serving config (YAML), e.g. configs/serving.yaml")
@@ -74,7 +92,5 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_requests)
 
     p = sub.add_parser("model-server", help="serve exported SavedModels over TF Serving's gRPC API")
-    from serving import model_server
-
-    model_server.add_arguments(p)
-    p.set_defaults(func=model_server.main)
+    model_server_arguments(p)
+    p.set_defaults(func=cmd_model_server)
