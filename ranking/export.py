@@ -8,8 +8,17 @@
 
 Signature ``serving_default``: one (C,) tensor per serving feature, raw logged values (C candidates), and one (C,)
 output per task: probabilities (not yet corrected for down-sampling: see metadata ``sampling``), watch time in
-seconds, completion in [0, 1]. A version is written to a temporary directory, reloaded and checked against the
-in-memory model, and only then renamed into place, so a bad export never becomes a servable version.
+seconds, completion in [0, 1].
+
+Signature ``rank_candidates``: the same outputs, but the request's user and context features come once as (1,)
+tensors and only the item features as (C,). The graph encodes the request side once and computes its share of the
+first shared-bottom layer once, ``W·[u; i] + b = W_u·u + (W_i·i + b)``, broadcast to the C candidates. It is left
+out (and metadata ``omitted_signatures`` says why) when the model has no user/context or no item feature, or no
+shared bottom layer to split.
+
+A version is written to a temporary directory, reloaded and checked (against the in-memory model, and
+``rank_candidates`` against ``serving_default``), and only then renamed into place, so a bad export never becomes a
+servable version.
 """
 
 from __future__ import annotations
@@ -17,12 +26,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
+from keras import ops
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -32,13 +44,153 @@ from features.spec import RankstageConfig
 from ranking.servable import METADATA_FILE, WARMUP_FILE, latest_version, load_metadata, next_version
 from ranking.train import LoadedRun, load_run
 
-__all__ = ["export_run", "check_export", "input_signature", "latest_version", "load_metadata", "predict_request"]
+__all__ = ["export_run", "check_export", "input_signature", "rank_candidates_signature", "split_request",
+           "UserSide", "latest_version", "load_metadata", "predict_request", "matmul_flops"]
 
 WARMUP_SIZES = (1, 10, 100, 500)
+SERVING_DEFAULT = "serving_default"
+RANK_CANDIDATES = "rank_candidates"
+REQUEST_GROUPS = ("user", "context")  # features sent once per request by rank_candidates
 
 
 def input_signature(config: RankstageConfig) -> dict[str, tf.TensorSpec]:
     return {f.name: tf.TensorSpec([None], tf_dtype(f), name=f.name) for f in config.serving_features}
+
+
+def request_features(config: RankstageConfig) -> list[str]:
+    """Serving features sent once per request (user and context groups), in serving order."""
+    return [f.name for f in config.serving_features if f.group in REQUEST_GROUPS]
+
+
+def candidate_features(config: RankstageConfig) -> list[str]:
+    """Serving features sent once per candidate (item group), in serving order."""
+    return [f.name for f in config.serving_features if f.group not in REQUEST_GROUPS]
+
+
+def rank_candidates_signature(config: RankstageConfig) -> dict[str, tf.TensorSpec]:
+    """Inputs of ``rank_candidates``: (1,) per user/context feature, (C,) per item feature."""
+    request = set(request_features(config))
+    return {f.name: tf.TensorSpec([1] if f.name in request else [None], tf_dtype(f), name=f.name)
+            for f in config.serving_features}
+
+
+def rank_candidates_omitted(config: RankstageConfig) -> str | None:
+    """Why ``rank_candidates`` cannot be exported for this model, or None if it can."""
+    if not request_features(config):
+        return "the model has no user or context feature: nothing to compute once per request"
+    if not candidate_features(config):
+        return "the model has no item feature: every input is per request"
+    if not config.model.bottom_units:
+        return "model.bottom_units is empty: no shared first dense layer to split into user and item parts"
+    return None
+
+
+def split_request(batch: dict[str, np.ndarray], config: RankstageConfig, row: int = 0
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """C rows of serving inputs -> (rank_candidates inputs: row ``row``'s user/context values as (1,) and the C
+    item columns, the same as serving_default inputs: that row's user/context values repeated C times)."""
+    request = set(request_features(config))
+    n = len(next(iter(batch.values())))
+    ranked = {k: v[row:row + 1] if k in request else v for k, v in batch.items()}
+    repeated = {k: np.repeat(v[row:row + 1], n) if k in request else v for k, v in batch.items()}
+    return ranked, repeated
+
+
+@dataclass(frozen=True)
+class UserSide:
+    """The serving model cut for ``rank_candidates``; every layer and weight is the serving model's own.
+
+    C candidates, D_u / D_i encoded widths of the request / candidate features, H first bottom layer's width.
+    ``first`` is the first shared-bottom Dense (kernel (D_u + D_i, H), rows in the ``features`` concatenation order);
+    ``request_rows`` / ``candidate_rows`` are its kernel rows of the request / candidate features' slots.
+    """
+
+    request_names: list[str]
+    candidate_names: list[str]
+    request_encoder: keras.Model  # {name: (1,)} -> [(1, D_f)] per request feature
+    candidate_encoder: keras.Model  # {name: (C,)} -> [(C, D_f)] per candidate feature
+    first: keras.layers.Dense
+    request_rows: np.ndarray  # (D_u,) int
+    candidate_rows: np.ndarray  # (D_i,) int
+    rest: keras.Model  # (C, H) first layer's output -> {task: (C,)}
+
+    @classmethod
+    def of(cls, serve: keras.Model, config: RankstageConfig) -> UserSide:
+        """Cut ``serve`` (built by ``ranking.model.build_models``) at its first shared-bottom layer."""
+        reason = rank_candidates_omitted(config)
+        if reason is not None:
+            raise ValueError(f"rank_candidates: {reason}")
+        concat, first = serve.get_layer("features"), serve.get_layer("shared_bottom_0")
+        if first.input is not concat.output:
+            raise ValueError("rank_candidates: shared_bottom_0 does not read the 'features' concatenation")
+        encoded = dict(zip([f.name for f in config.serving_features], concat.input))  # name -> (B, D_f)
+        inputs = serve.input  # {name: (B,)}
+        request, candidates = request_features(config), candidate_features(config)
+        rows, start = {}, 0
+        for name, t in encoded.items():  # each encoding's width, from the graph
+            rows[name] = np.arange(start, start + int(t.shape[-1]))
+            start += int(t.shape[-1])
+        if start != first.kernel.shape[0]:
+            raise ValueError(f"rank_candidates: encoded widths sum to {start}, shared_bottom_0 kernel has "
+                             f"{first.kernel.shape[0]} rows")
+        return cls(
+            request, candidates,
+            keras.Model({n: inputs[n] for n in request}, [encoded[n] for n in request], name="request_encoder"),
+            keras.Model({n: inputs[n] for n in candidates}, [encoded[n] for n in candidates],
+                        name="candidate_encoder"),
+            first,
+            np.concatenate([rows[n] for n in request]).astype(np.int32),
+            np.concatenate([rows[n] for n in candidates]).astype(np.int32),
+            keras.Model(first.output, serve.output, name="over_first_layer"),
+        )
+
+    def __call__(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """{user/context name: (1,), item name: (C,)} -> {task: (C,)}."""
+        u = _concat(self.request_encoder({n: inputs[n] for n in self.request_names}, training=False))  # (1, D_u)
+        i = _concat(self.candidate_encoder({n: inputs[n] for n in self.candidate_names}, training=False))  # (C, D_i)
+        kernel = self.first.kernel  # (D_u + D_i, H)
+        user_part = ops.matmul(u, ops.take(kernel, self.request_rows, axis=0))  # (1, H), once per request
+        item_part = ops.matmul(i, ops.take(kernel, self.candidate_rows, axis=0)) + self.first.bias  # (C, H)
+        hidden = self.first.activation(item_part + user_part)  # (C, H), user part broadcast over C
+        return self.rest(hidden, training=False)
+
+
+def _concat(parts) -> tf.Tensor:
+    parts = list(parts) if isinstance(parts, list | tuple) else [parts]
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+
+
+def endpoints(serve: keras.Model, config: RankstageConfig
+              ) -> dict[str, tuple[Callable[[dict], dict], dict[str, tf.TensorSpec]]]:
+    """Signature name -> (function of one input dict, its input signature): what ``export_run`` writes."""
+    out = {SERVING_DEFAULT: (lambda inputs: serve(inputs, training=False), input_signature(config))}
+    if rank_candidates_omitted(config) is None:
+        out[RANK_CANDIDATES] = (UserSide.of(serve, config), rank_candidates_signature(config))
+    return out
+
+
+def matmul_flops(graph: tf.Graph) -> int:
+    """Multiply-add FLOPs (2 per multiply-add) of the MatMul / BatchMatMul / Einsum ops of a traced graph with
+    static shapes. Gathers, lookups and elementwise ops are not counted."""
+    total = 0
+    for op in graph.get_operations():
+        shapes = [list(t.shape) for t in op.inputs]
+        if op.type == "MatMul":
+            (m, k), (k2, n) = shapes[0], shapes[1]
+            if op.get_attr("transpose_a"):
+                m, k = k, m
+            if op.get_attr("transpose_b"):
+                n = k2
+            total += 2 * m * k * n
+        elif op.type in ("BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"):
+            k = shapes[0][-2] if op.get_attr("adj_x") else shapes[0][-1]
+            total += 2 * int(np.prod(op.outputs[0].shape)) * k
+        elif op.type == "Einsum":
+            sizes: dict[str, int] = {}
+            for labels, shape in zip(op.get_attr("equation").decode().split("->")[0].split(","), shapes):
+                sizes.update(zip(labels, shape))
+            total += 2 * int(np.prod(list(sizes.values())))
+    return total
 
 
 def predict_request(features: dict[str, np.ndarray], model_name: str, signature: str = "serving_default"
@@ -67,12 +219,18 @@ def warmup_rows(run: LoadedRun, log: str | None = None, sizes=WARMUP_SIZES) -> l
     return batches
 
 
-def write_warmup(path: Path, batches: list[dict[str, np.ndarray]], model_name: str) -> None:
+def write_warmup(path: Path, batches: list[dict[str, np.ndarray]], model_name: str,
+                 config: RankstageConfig | None = None) -> None:
+    """One serving_default record per batch; with ``config`` and a ``rank_candidates`` signature, then one
+    rank_candidates record per batch too: its first row's user/context values (one logged user) and its C items."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    requests = [predict_request(batch, model_name) for batch in batches]
+    if config is not None and rank_candidates_omitted(config) is None:
+        requests += [predict_request(split_request(batch, config)[0], model_name, RANK_CANDIDATES)
+                     for batch in batches]
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for batch in batches:
-            log = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=predict_request(batch, model_name)))
+        for request in requests:
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
 
 
@@ -87,12 +245,19 @@ def models_config_text(name: str, base_path: Path) -> str:
 
 def metadata(run: LoadedRun, version: int, run_dir: Path) -> dict:
     cfg = run.config
+    signatures: dict[str, dict] = {SERVING_DEFAULT: {"inputs": [f.name for f in cfg.serving_features]}}
+    omitted = rank_candidates_omitted(cfg)
+    if omitted is None:
+        signatures[RANK_CANDIDATES] = {"request_inputs": request_features(cfg),
+                                       "candidate_inputs": candidate_features(cfg)}
     return {
         "model_name": cfg.name,
         "version": version,
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run": str(run_dir),
-        "signature": "serving_default",
+        "signature": SERVING_DEFAULT,
+        "signatures": signatures,
+        **({"omitted_signatures": {RANK_CANDIDATES: omitted}} if omitted else {}),
         "inputs": [{"name": f.name, "dtype": f.raw_dtype, "group": f.group, "kind": f.kind}
                    for f in cfg.serving_features],
         "outputs": [{"task": t.name, "type": t.type,
@@ -124,14 +289,15 @@ def export_run(run_dir: str | Path, model_base_path: str | Path, version: int | 
 
     archive = keras.export.ExportArchive()
     archive.track(serve)
-    archive.add_endpoint("serving_default", lambda inputs: serve(inputs, training=False),
-                         input_signature=[input_signature(run.config)])
+    signatures = endpoints(serve, run.config)
+    for name, (fn, spec) in signatures.items():
+        archive.add_endpoint(name, fn, input_signature=[spec])
     try:
         archive.write_out(str(tmp), verbose=False)
         batches = warmup_rows(run, log)
-        write_warmup(tmp / "assets.extra" / WARMUP_FILE, batches, run.config.name)
+        write_warmup(tmp / "assets.extra" / WARMUP_FILE, batches, run.config.name, run.config)
         (tmp / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata(run, version, run_dir), indent=2))
-        check_export(tmp, serve, batches[-1])
+        check_export(tmp, serve, batches[-1], run.config)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -141,18 +307,35 @@ def export_run(run_dir: str | Path, model_base_path: str | Path, version: int | 
     staged.write_text(models_config_text(run.config.name, base))
     staged.replace(config_path)
     if verbose:
-        print(f"exported {run_dir} -> {final} (signature serving_default, {len(run.config.serving_features)} "
+        print(f"exported {run_dir} -> {final} (signatures {list(signatures)}, {len(run.config.serving_features)} "
               f"inputs, outputs {[t.name for t in run.config.tasks]})")
     return final
 
 
-def check_export(path: Path, serve: keras.Model, batch: dict[str, np.ndarray], atol: float = 1e-4) -> None:
-    """Reload the SavedModel and compare its outputs with the in-memory model; raise if they differ."""
-    fn = tf.saved_model.load(str(path)).signatures["serving_default"]
-    got = fn(**{k: tf.constant(v) for k, v in batch.items()})
+def check_export(path: Path, serve: keras.Model, batch: dict[str, np.ndarray],
+                 config: RankstageConfig | None = None, atol: float = 1e-4) -> None:
+    """Reload the SavedModel and compare ``serving_default`` with the in-memory model on ``batch`` (C rows); with
+    ``config``, also ``rank_candidates`` (if the config has one) against ``serving_default`` on the same rows: the
+    first row's user/context values, repeated C times for serving_default (within 1e-5). Raise if any differ."""
+    signatures = tf.saved_model.load(str(path)).signatures
+    got = signatures[SERVING_DEFAULT](**{k: tf.constant(v) for k, v in batch.items()})
     want = serve({k: tf.constant(v) for k, v in batch.items()}, training=False)
+    _compare(got, want, "reloaded model disagrees with the trained model", rtol=1e-4, atol=atol)
+    if config is None or rank_candidates_omitted(config) is not None:
+        return
+    if RANK_CANDIDATES not in signatures:
+        raise RuntimeError(f"export check failed: signature {RANK_CANDIDATES!r} missing (has {sorted(signatures)})")
+    ranked, repeated = split_request(batch, config)
+    got = signatures[RANK_CANDIDATES](**{k: tf.constant(v) for k, v in ranked.items()})
+    want = signatures[SERVING_DEFAULT](**{k: tf.constant(v) for k, v in repeated.items()})
+    _compare(got, want, f"{RANK_CANDIDATES} disagrees with {SERVING_DEFAULT}", rtol=1e-5, atol=1e-5)
+
+
+def _compare(got: dict, want: dict, what: str, rtol: float, atol: float) -> None:
+    if set(got) != set(want):
+        raise RuntimeError(f"export check failed: outputs {sorted(got)} != {sorted(want)} ({what})")
     for task, w in want.items():
         g, w = np.asarray(got[task]), np.asarray(w)
-        if g.shape != w.shape or not np.all(np.isfinite(g)) or not np.allclose(g, w, rtol=1e-4, atol=atol):
-            raise RuntimeError(f"export check failed for output {task!r}: reloaded model disagrees with the trained "
-                               f"model (max diff {np.max(np.abs(g - w)) if g.shape == w.shape else 'shape'})")
+        if g.shape != w.shape or not np.all(np.isfinite(g)) or not np.allclose(g, w, rtol=rtol, atol=atol):
+            raise RuntimeError(f"export check failed for output {task!r}: {what} "
+                               f"(max diff {np.max(np.abs(g - w)) if g.shape == w.shape else 'shape'})")

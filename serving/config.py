@@ -54,7 +54,10 @@ class ServerConfig(_Strict):
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics over HTTP; None = off
     max_workers: int = Field(8, ge=1)
-    drain_s: float = Field(10.0, ge=0)  # SIGTERM: NOT_SERVING, stop taking calls, wait this long for in-flight
+    # SIGTERM: health NOT_SERVING at once while calls are still served for shutdown_delay_s (load balancers that
+    # watch health move traffic away), then new calls are refused and the ones in flight get drain_s to finish
+    shutdown_delay_s: float = Field(0.0, ge=0)
+    drain_s: float = Field(10.0, ge=0)
     tls: TLSConfig | None = None
 
 

@@ -310,12 +310,16 @@ class RankingService:
             time.sleep(0.05)
         return self.snapshot is not None
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, let calls in flight finish within ``grace_s``, then stop."""
+    def stop(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
+        """Drain: NOT_SERVING at once; keep serving for ``delay_s`` (server.shutdown_delay_s) so balancers watching
+        health move away; then refuse new calls and let the calls in flight finish within ``grace_s``."""
         grace = self.config.server.drain_s if grace_s is None else grace_s
+        delay = self.config.server.shutdown_delay_s if delay_s is None else delay_s
         self._stop.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("draining", extra={"grace_s": grace})
+        log.info("draining", extra={"grace_s": grace, "delay_s": delay})
+        if delay > 0:
+            time.sleep(delay)
         if self.server is not None:
             self.server.stop(grace).wait()
         if self._thread is not None:

@@ -105,7 +105,8 @@ KUAIRAND = Path(__file__).resolve().parent.parent / "configs" / "kuairand.yaml"
 @pytest.fixture(scope="session")
 def kuairand_model(tmp_path_factory):
     """A small real ranker: KuaiRand-Pure Apr 25-29 (validated on Apr 30), 1 epoch, narrow layers, exported as
-    version 1 -> (config, base path). Tests that copy the base path may add versions to their copy."""
+    version 1 -> (config, base path). Two bottom layers: the rank_candidates cut is exercised below a deeper
+    bottom. Tests that copy the base path may add versions to their copy."""
     import os
 
     from features.spec import load_config, parse_config
@@ -116,7 +117,7 @@ def kuairand_model(tmp_path_factory):
     os.chdir(root)  # the config's paths are relative to the project root
     try:
         data = load_config(KUAIRAND).model_dump()
-        data["model"].update(bottom_units=[64], num_experts=2, expert_units=[32], tower_units=[16])
+        data["model"].update(bottom_units=[64, 32], num_experts=2, expert_units=[32], tower_units=[16])
         data["training"].update(epochs=1, batch_size=4096)
         data["data"] = {**data["data"], "log": str(root / data["data"]["log"]),
                         "joins": [{**j, "path": str(root / j["path"])} for j in data["data"]["joins"]]}
