@@ -23,7 +23,7 @@ import numpy as np
 from features.spec import ConfigError
 from rankstage.v1 import ranking_pb2 as pb
 from rankstage.v1 import ranking_pb2_grpc as pb_grpc
-from serving.codec import column, response_arrays
+from serving.codec import STAGES, column, response_arrays
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
@@ -127,14 +127,15 @@ class RankingClient:
 def format_response(resp: pb.RankResponse, max_tasks: int = 7) -> str:
     """The ranked list as a table: rank, item, fused score, per-task predictions; then versions and timings."""
     arr = response_arrays(resp)
-    tasks = [t for t in resp.predictions][:max_tasks]
+    tasks = sorted(resp.predictions)[:max_tasks]
     lines = [f"request {resp.request_id}: model {resp.model.name} v{resp.model.version} ({resp.model.backend}, "
              f"{resp.model.signature}), fusion {resp.fusion_version} profile {resp.fusion_profile}, calibration "
              f"{resp.calibration_version or 'none'}",
              "  rank  item        " + "     fused" + "".join(f"  {t[:10]:>10}" for t in tasks)]
     for r, (item, score) in enumerate(zip(arr["item_ids"], arr["scores"]), 1):
         lines.append(f"  {r:>4}  {str(item):<10}  {score:8.4g}" + "".join(f"  {arr[t][r - 1]:10.3f}" for t in tasks))
-    lines.append("  server ms: " + ", ".join(f"{k} {v:.2f}" for k, v in resp.stage_ms.items()))
+    stages = sorted(resp.stage_ms, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES))
+    lines.append("  server ms: " + ", ".join(f"{k} {resp.stage_ms[k]:.2f}" for k in stages))
     return "\n".join(lines)
 
 

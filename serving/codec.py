@@ -14,6 +14,9 @@ import numpy as np
 from rankstage.v1 import ranking_pb2 as pb
 
 
+STAGES = ("decode", "join", "model", "calibrate", "fuse", "encode", "total")  # RankResponse.stage_ms keys, in order
+
+
 class RequestError(ValueError):
     """A request the service refuses; the message names the field and the value (-> INVALID_ARGUMENT)."""
 

@@ -31,12 +31,11 @@ from features.spec import ConfigError
 from rankstage.v1 import ranking_pb2 as pb
 from rankstage.v1 import ranking_pb2_grpc as pb_grpc
 from serving.backends import GRPC_OPTIONS, BackendError, InProcessBackend, ModelBackend, TFServingBackend
-from serving.codec import DecodedRequest, RequestError, decode_request, encode_response
+from serving.codec import STAGES, DecodedRequest, RequestError, decode_request, encode_response
 from serving.config import ServingConfig
 from serving.snapshot import Reloader, Snapshot, finite_outputs
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
-STAGES = ("decode", "join", "model", "calibrate", "fuse", "encode", "total")
 log = logging.getLogger("rankstage.serving")
 
 
