@@ -13,7 +13,6 @@ import numpy as np
 
 from rankstage.v1 import ranking_pb2 as pb
 
-
 STAGES = ("decode", "join", "model", "calibrate", "fuse", "encode", "total")  # RankResponse.stage_ms keys, in order
 
 
