@@ -134,14 +134,19 @@ def read_warmup_requests(version_dir: str | Path) -> list:
     return requests
 
 
-def run_warmup(servable: Servable) -> int:
+def run_warmup(servable: Servable, pause_s: float = 0.0) -> int:
     """Run every warmup record through its signature; raise ConfigError on a failure or a non-finite output.
 
-    Returns the number of records run. This is what TF Serving does before a version takes traffic."""
+    Returns the number of records run. This is what TF Serving does before a version takes traffic. ``pause_s``
+    sleeps between records, leaving the cores to the calls being served while a new version warms beside them."""
+    import time
+
     import tensorflow as tf
 
     requests = read_warmup_requests(servable.version_dir)
     for i, req in enumerate(requests):
+        if i and pause_s > 0:
+            time.sleep(pause_s)
         sig = req.model_spec.signature_name or "serving_default"
         inputs = {k: tf.make_ndarray(v) for k, v in req.inputs.items()}
         try:

@@ -8,6 +8,8 @@ the loaded ``ModelVersion`` in its snapshot, so a call always uses the version i
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +73,17 @@ def signature_inputs(mv: ModelVersion, request_inputs: dict[str, np.ndarray],
     return {**{k: np.repeat(v, n) for k, v in request_inputs.items()}, **candidate_inputs}
 
 
+@contextlib.contextmanager
+def short_switch_interval(seconds: float = 0.0005):
+    """Temporarily make Python switch threads every ``seconds`` (default 5 ms) while a background job runs."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
 class ModelBackend(Protocol):
     kind: str
 
@@ -97,8 +110,11 @@ class InProcessBackend:
         return versions[-1] if versions else None
 
     def load(self, version: int) -> ModelVersion:
-        sv = load_servable(self.base_path / str(version))
-        run_warmup(sv)
+        """Load and warm ``version`` beside the one serving. Loading is mostly Python holding the GIL: a short
+        switch interval hands the GIL back to serving threads sooner, and paced warmup leaves them the cores."""
+        with short_switch_interval():
+            sv = load_servable(self.base_path / str(version))
+            run_warmup(sv, pause_s=0.02)
         return model_version(sv.metadata, sv.version, self.signature, set(sv.signatures), sv)
 
     def predict(self, mv, request_inputs, candidate_inputs, n, timeout_s):

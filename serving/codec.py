@@ -63,9 +63,9 @@ def column(values: np.ndarray | list) -> pb.FeatureColumn:
     arr = np.asarray(values)
     col = pb.FeatureColumn()
     if arr.dtype.kind in "iub":
-        col.int64_values.values.extend(arr.astype(np.int64, copy=False))
+        col.int64_values.values.extend(arr.astype(np.int64, copy=False).tolist())  # tolist: 10x faster
     elif arr.dtype.kind == "f":
-        col.float_values.values.extend(arr.astype(np.float32, copy=False))
+        col.float_values.values.extend(arr.astype(np.float32, copy=False).tolist())
     elif arr.dtype.kind in "OUS":
         col.string_values.values.extend(v.decode() if isinstance(v, bytes) else str(v) for v in arr.tolist())
     else:
@@ -119,10 +119,10 @@ def encode_response(request_id: str, item_ids: np.ndarray, order: np.ndarray, sc
     """Top K (``order``: (K,) candidate indices, best first) -> RankResponse (model info and timings set later)."""
     resp = pb.RankResponse(request_id=request_id)
     resp.item_ids.CopyFrom(column(item_ids[order]))
-    resp.candidate_indices.extend(order.astype(np.int32))
-    resp.scores.extend(scores[order].astype(np.float32))
+    resp.candidate_indices.extend(order.tolist())
+    resp.scores.extend(scores[order].astype(np.float32).tolist())
     for task, values in (predictions or {}).items():
-        resp.predictions[task].values.extend(np.asarray(values)[order].astype(np.float32))
+        resp.predictions[task].values.extend(np.asarray(values)[order].astype(np.float32).tolist())
     return resp
 
 
