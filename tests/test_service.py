@@ -280,6 +280,16 @@ def test_corrupt_model_and_invalid_configs_are_refused_while_the_old_ones_serve(
     assert resp.fusion_version == "f4" and resp.calibration_version == "c1"
 
 
+def test_reflection_lists_the_ranking_service(running):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    svc, client, _, _ = running
+    db = ProtoReflectionDescriptorDatabase(client.channel)
+    assert {"rankstage.v1.RankingService", "grpc.health.v1.Health"} <= set(db.get_services())
+    method = db.FindFileContainingSymbol("rankstage.v1.RankingService")
+    assert method.package == "rankstage.v1"
+
+
 def test_health_metrics_and_drain(tmp_path, kuairand_model, logged):
     base, fusion, cfg = make_env(tmp_path, kuairand_model)
     empty = tmp_path / "empty"
@@ -387,6 +397,19 @@ def test_tf_serving_backend_matches_in_process_and_survives_a_dead_model_server(
             np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
             for task in b.predictions:
                 np.testing.assert_allclose(a.predictions[task].values, b.predictions[task].values, rtol=1e-5)
+        # a slow backend: TF Serving answers in milliseconds, the configured Predict deadline is 0.1 ms
+        slow_cfg = {**cfg, "tf_serving": {**cfg["tf_serving"], "timeout_ms": 0.1}}
+        slow = RankingService(parse_serving_config(slow_cfg))
+        slow_client = RankingClient(f"127.0.0.1:{slow.start()}", timeout_s=10)
+        try:
+            assert slow.wait_until_ready(60)  # warmup calls get their own, longer deadline
+            t0 = time.monotonic()
+            code, details = _code(slow_client, ids_request(logged[0]))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "TF Serving" in details
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            slow_client.close()
+            slow.stop(0)
         ms.stop(0)
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
