@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The processor's name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def write_report(report: dict, table: str, out: str | Path) -> Path:

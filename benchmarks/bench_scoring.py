@@ -43,10 +43,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from _report import write_report
+from _report import cpu_model, write_report
 
 from features.logs import raw_inputs, read_log
 from features.spec import RankstageConfig
+from ranking.export import matmul_flops
 from ranking.layers.mmoe import MMoE
 from ranking.servable import load_servable as load_version
 
@@ -167,16 +168,6 @@ def layer_flops(serve: keras.Model) -> dict[str, int]:
     return out
 
 
-def _einsum_flops(equation: str, shapes: list[list[int]]) -> int:
-    """2 x the product of every distinct index size (one multiply-add per point of the index space)."""
-    lhs = equation.split("->")[0].split(",")
-    sizes: dict[str, int] = {}
-    for labels, shape in zip(lhs, shapes):
-        for label, size in zip(labels, shape):
-            sizes[label] = size
-    return 2 * int(np.prod(list(sizes.values())))
-
-
 def graph_flops(serve: keras.Model, config: RankstageConfig, batch: int = 1000) -> dict[str, float]:
     """Cross-checks on the traced serving graph at a fixed batch: our count of MatMul/BatchMatMul/Einsum ops, and
     TensorFlow's v1 profiler (``float_operation``), which has no FLOP rule for Einsum. Both per candidate."""
@@ -184,20 +175,7 @@ def graph_flops(serve: keras.Model, config: RankstageConfig, batch: int = 1000) 
 
     spec = {f.name: tf.TensorSpec([batch], tf_dtype(f), name=f.name) for f in config.serving_features}
     graph = tf.function(lambda kw: serve(kw, training=False)).get_concrete_function(spec).graph
-    counted = 0
-    for op in graph.get_operations():
-        shapes = [list(t.shape) for t in op.inputs]
-        if op.type == "MatMul":
-            (m, k), (_, n) = shapes[0], shapes[1]
-            if op.get_attr("transpose_a"):
-                m, k = k, m
-            if op.get_attr("transpose_b"):
-                n = shapes[1][0]
-            counted += 2 * m * k * n
-        elif op.type in ("BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"):
-            counted += 2 * int(np.prod(op.outputs[0].shape)) * shapes[0][-1]
-        elif op.type == "Einsum":
-            counted += _einsum_flops(op.get_attr("equation").decode(), shapes)
+    counted = matmul_flops(graph)
     opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     opts["output"] = "none"
     level = tf.get_logger().level
@@ -557,21 +535,11 @@ def bench(args: argparse.Namespace) -> dict:
         "flops": flops, "peak": peak,
         "efficiency": efficiency(flops, variants, args.sizes, peak) if flops else {},
         "variants": variants, "environment_reference": ENVIRONMENT_REFERENCE,
-        "machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "processor": cpu_model(), "python": platform.python_version(),
                     "tensorflow": tf.__version__, "keras": keras.__version__,
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

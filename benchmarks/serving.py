@@ -51,7 +51,7 @@ import grpc
 import numpy as np
 import pandas as pd
 
-from benchmarks._report import write_report
+from benchmarks._report import cpu_model, write_report
 from rankstage.v1 import ranking_pb2 as pb
 from serving.client import RankingClient, build_request
 
@@ -548,22 +548,12 @@ def bench(args) -> dict:
         "sizes": args.sizes, "baseline": BASELINE, "targets": targets, "target_limits": TARGETS,
         "latency": latency, "throughput": throughput, "reload": reload,
         "settings": {k: getattr(args, k) for k in ("warmup", "iters", "block", "seed", "duration", "threads")},
-        "machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "processor": cpu_model(), "python": platform.python_version(),
                     "tensorflow": tf.__version__, "grpc": grpc.__version__, "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # ----------------------------------------------------------------------------------------------------- report
