@@ -9,6 +9,17 @@ import keras
 from keras import ops
 
 
+def drop_gates(g, rate: float, rng):
+    """(..., E) softmax gate weights -> each weight dropped with probability ``rate`` and the rest renormalised to
+    sum to 1; a row that drops every expert keeps its undropped gate (training only; Zhao et al., RecSys 2019)."""
+    if rate <= 0:
+        return g
+    keep = ops.cast(keras.random.uniform(ops.shape(g), seed=rng) >= rate, g.dtype)
+    kept = g * keep
+    total = ops.sum(kept, axis=-1, keepdims=True)
+    return ops.where(total > 0, kept / ops.maximum(total, 1e-12), g)
+
+
 @keras.saving.register_keras_serializable(package="rankstage")
 class MMoE(keras.layers.Layer):
     """(B, D) -> (B, T, H): per task, a softmax-gated mixture of E shared ReLU expert MLPs.
@@ -57,12 +68,7 @@ class MMoE(keras.layers.Layer):
     def gates(self, x, training: bool = False):
         """(B, D) -> (B, T, E) gate weights; each (b, t) row sums to 1."""
         g = ops.softmax(ops.einsum("bd,tde->bte", x, self.gate_kernel) + self.gate_bias, axis=-1)
-        if training and self.gate_dropout > 0:
-            keep = ops.cast(keras.random.uniform(ops.shape(g), seed=self._rng) >= self.gate_dropout, g.dtype)
-            kept = g * keep
-            total = ops.sum(kept, axis=-1, keepdims=True)
-            g = ops.where(total > 0, kept / ops.maximum(total, 1e-12), g)
-        return g
+        return drop_gates(g, self.gate_dropout, self._rng) if training else g
 
     def call(self, x, training: bool = False):
         return ops.einsum("bte,beh->bth", self.gates(x, training=training), self.experts(x))  # (B, T, H)
