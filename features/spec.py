@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +45,7 @@ class FeatureSpec(_Strict):
     column: str | None = None  # source column; defaults to ``name``
     dtype: RawDType | None = None  # raw value type at serving; defaults by kind
     group: FeatureGroup = "item"
-    bias: bool = False  # feeds only the shallow bias tower; not a serving input
+    bias: bool = False  # feeds only the shallow bias tower; the tower's device is also a serving context input
     vocab: VocabPolicy | None = None
     hash_bins: int | None = Field(None, ge=2)
     embedding_dim: int | None = Field(None, ge=1)
@@ -121,14 +122,32 @@ class BiasTowerConfig(_Strict):
     position_dropout: float = Field(0.1, ge=0, lt=1)
 
 
+class PLEConfig(_Strict):
+    """Progressive Layered Extraction in place of the MMoE: per level, ``task_experts`` experts of each task's own
+    and ``shared_experts`` shared ones (widths ``model.expert_units``), gated per task; ``levels`` stacked."""
+
+    task_experts: int = Field(1, ge=0)
+    shared_experts: int = Field(2, ge=0)
+    levels: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _some_expert(self) -> PLEConfig:
+        if self.task_experts + self.shared_experts < 1:
+            raise ValueError(f"task_experts + shared_experts must be >= 1, got {self.task_experts} + "
+                             f"{self.shared_experts}")
+        return self
+
+
 class ModelConfig(_Strict):
-    """Sizes of the shared bottom, the MMoE and the task towers. ``num_experts: 0`` is shared-bottom."""
+    """Sizes of the shared bottom, the MMoE and the task towers. ``num_experts: 0`` is shared-bottom; ``ple`` set
+    replaces the MMoE by PLE (``num_experts`` is then unused)."""
 
     embedding_dim: int = Field(16, ge=1)
     bottom_units: list[int] = [256]
     num_experts: int = Field(4, ge=0)
     expert_units: list[int] = [128]
     gate_dropout: float = Field(0.1, ge=0, lt=1)
+    ple: PLEConfig | None = None
     tower_units: list[int] = [64]
     dropout: float = Field(0.0, ge=0, lt=1)
     bias_tower: BiasTowerConfig = BiasTowerConfig()
@@ -153,6 +172,9 @@ class TrainingConfig(_Strict):
     epochs: int = Field(10, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     early_stopping_patience: int = Field(1, ge=0)
+    # what early stopping and the best epoch follow on the validation rows: "val_loss" (lower is better) or
+    # "<task>/<auc|gauc|ndcg@5>" (higher is better; e.g. "click/gauc", within-user ranking)
+    early_stopping_metric: str = Field("val_loss", pattern=r"^(val_loss|[^/\s]+/(auc|gauc|ndcg@5))$")
     negative_sampling: NegativeSampling = NegativeSampling()
     seed: int = 0
 
@@ -216,8 +238,25 @@ class RankstageConfig(_Strict):
         return self
 
     @property
-    def serving_features(self) -> list[FeatureSpec]:
+    def model_features(self) -> list[FeatureSpec]:
+        """The non-bias features: what the main network (bottom, experts, towers) encodes."""
         return [f for f in self.features if not f.bias]
+
+    @cached_property
+    def serving_bias_features(self) -> list[FeatureSpec]:
+        """The bias tower's device feature as a serving input (group ``context``, raw dtype as declared), when the
+        tower has tasks: the served logit of those tasks adds the tower at (position missing, request's device).
+        Position is never a serving input. Cached, so serving sees the same objects on every call."""
+        bt = self.model.bias_tower
+        if bt.device is None or not bt.tasks:
+            return []
+        device = next(f for f in self.features if f.name == bt.device)
+        return [device.model_copy(update={"group": "context"})]
+
+    @property
+    def serving_features(self) -> list[FeatureSpec]:
+        """Inputs of the serving model, in its signature's order: ``model_features`` then ``serving_bias_features``."""
+        return self.model_features + self.serving_bias_features
 
     @property
     def bias_features(self) -> list[FeatureSpec]:

@@ -1,9 +1,10 @@
 """Model comparison on one time split: default MMoE, shared-bottom, one single-task model per task, LightGBM.
 
 Every neural variant goes through ``ranking.train.train`` (same reader, split, sampling, metrics); only the config
-differs. Writes ``compare.json`` and a markdown table ``compare.md`` with the headline metric per task
-(AUC for binary tasks, Spearman for watch time and completion) and its bootstrap 95% interval, and a second table
-of paired differences: the MMoE against each other model on the same validation rows, resampled jointly.
+differs. Writes ``compare.json`` and ``compare.md``: per model and task the global metric (AUC for binary tasks,
+Spearman for watch time and completion), GAUC (binary tasks) and NDCG@5 over user-day lists, each with its bootstrap
+95% interval; then, for the same three, paired differences of the MMoE against each other model on the same
+validation rows, resampling rows (AUC, Spearman), users (GAUC) or lists (NDCG) jointly.
 """
 
 from __future__ import annotations
@@ -19,11 +20,27 @@ from features.logs import read_log, time_split
 from features.spec import RankstageConfig, load_config
 from ranking import metrics
 from ranking.baselines.gbdt import run_gbdt
-from ranking.train import PREDICTIONS, Judged, judged_predictions, load_judged, load_run, save_judged, train
+from ranking.train import (
+    PREDICTIONS,
+    Judged,
+    judged_predictions,
+    judged_report,
+    load_judged,
+    load_run,
+    save_judged,
+    train,
+)
+
+NDCG = f"ndcg@{metrics.NDCG_K}"
 
 
-def headline(m: dict) -> tuple[float, list[float]]:
-    return (m["auc"], m["auc_ci95"]) if "auc" in m else (m["spearman"], m["spearman_ci95"])
+def metric_names(m: dict) -> list[str]:
+    """The metrics a task's report holds, in table order: global (AUC or Spearman), GAUC, NDCG@5."""
+    return [k for k in ("auc", "spearman", "gauc", NDCG) if k in m]
+
+
+def _label(metric: str) -> str:
+    return {"auc": "AUC", "spearman": "Spearman", "gauc": "GAUC"}.get(metric, metric.upper())
 
 
 def compare(config: RankstageConfig, out: str | Path, log: str | None = None, single_task: bool = True,
@@ -38,7 +55,7 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
 
     def predictions(run_dir: Path) -> Judged:
         path = run_dir / PREDICTIONS
-        if not path.exists():
+        if not path.exists() or not _has_days(path):
             prior = load_run(run_dir)
             save_judged(judged_predictions(prior.config, prior.models, validation_frame(), prior.artifacts["sampling"]),
                         path)
@@ -53,8 +70,12 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
         else:
             print(f"== {name}", flush=True)
             train(cfg, run_dir, log=log, verbose=False)
-        judged.setdefault(group or name, {}).update(predictions(run_dir))
-        return json.loads(done.read_text())["tasks"]
+        preds = predictions(run_dir)
+        judged.setdefault(group or name, {}).update(preds)
+        report = json.loads(done.read_text())["tasks"]
+        if any(NDCG not in m for m in report.values()):  # a run from before within-user metrics: judge it again
+            report = judged_report(cfg, preds)
+        return report
 
     results["mmoe"] = run("mmoe", config)
     results["shared_bottom"] = run("shared_bottom", config.with_model(num_experts=0))
@@ -76,8 +97,14 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
     return results
 
 
+def _has_days(path: Path) -> bool:
+    with np.load(path, allow_pickle=False) as z:
+        return any(k.endswith("/day") for k in z.files)
+
+
 def paired_differences(config: RankstageConfig, judged: dict[str, Judged], base: str) -> dict[str, dict]:
-    """Per other model and task: metric(base) - metric(other) on the same rows, with a paired 95% interval."""
+    """Per other model, task and metric: metric(base) - metric(other) on the same rows, with a paired 95% interval
+    -> {other: {task: {"auc" | "spearman" | "gauc" | "ndcg@5": {"difference", "ci95"}}}}."""
     out: dict[str, dict] = {}
     for other, preds in judged.items():
         if other == base or not preds:
@@ -86,45 +113,44 @@ def paired_differences(config: RankstageConfig, judged: dict[str, Judged], base:
         for t in config.tasks:
             if t.name not in preds or t.name not in judged[base]:
                 continue
-            (y, a, _), (y_other, b, _) = judged[base][t.name], preds[t.name]
+            (y, a, users, days), (y_other, b, _, _) = judged[base][t.name], preds[t.name]
             if not np.array_equal(y, y_other):
                 raise ValueError(f"compare: task {t.name!r}: {base} and {other} were judged on different rows "
                                  f"({len(y)} vs {len(y_other)}); were they trained on the same log and split?")
-            metric = metrics.auc if t.type == "binary" else metrics.spearman
-            out[other][t.name] = metrics.paired_difference(metric, y, a, b)
+            out[other][t.name] = metrics.paired_report(y, a, b, users, days, binary=t.type == "binary")
     return out
 
 
-def paired_table(paired: dict[str, dict], tasks: list[str]) -> str:
+def _interval(v: float, ci: list[float], signed: bool = False) -> str:
+    lo, hi = ci
+    if signed:
+        return f"{v:+.4f} [{lo:+.3f}, {hi:+.3f}]" + ("*" if lo > 0 or hi < 0 else "")
+    return f"{v:.4f} [{lo:.3f}, {hi:.3f}]"
+
+
+def paired_table(paired: dict[str, dict], tasks: list[str], base: str = "mmoe") -> str:
     others = list(paired)
-    lines = ["Paired differences, mmoe minus each model on the same validation rows (95% bootstrap interval; "
-             "* = excludes 0):", "", "| task | " + " | ".join(f"mmoe − {o}" for o in others) + " |",
-             "|---" * (len(others) + 1) + "|"]
+    lines = [f"Paired differences, {base} minus each model on the same validation rows (95% bootstrap interval over "
+             "rows for AUC/Spearman, users for GAUC, lists for NDCG; * = excludes 0):", "",
+             "| task | metric | " + " | ".join(f"{base} − {o}" for o in others) + " |",
+             "|---" * (len(others) + 2) + "|"]
     for t in tasks:
-        cells = []
-        for o in others:
-            d = paired[o].get(t)
-            if d is None:
-                cells.append("-")
-                continue
-            lo, hi = d["ci95"]
-            star = "*" if lo > 0 or hi < 0 else ""
-            cells.append(f"{d['difference']:+.4f} [{lo:+.3f}, {hi:+.3f}]{star}")
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        names = next((list(paired[o][t]) for o in others if t in paired[o]), [])
+        for name in names:
+            cells = [_interval(paired[o][t][name]["difference"], paired[o][t][name]["ci95"], signed=True)
+                     if t in paired[o] and name in paired[o][t] else "-" for o in others]
+            lines.append(f"| {t} | {_label(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def markdown_table(results: dict[str, dict], tasks: list[str]) -> str:
+    """Per task and metric (global, GAUC, NDCG@5) a row, per model a column: value [95% interval]."""
     models = list(results)
-    lines = ["| task (metric) | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    lines = ["| task | metric | " + " | ".join(models) + " |", "|---" * (len(models) + 2) + "|"]
     for t in tasks:
-        cells = []
-        for m in models:
-            if t not in results[m]:
-                cells.append("-")
-                continue
-            v, (lo, hi) = headline(results[m][t])
-            cells.append(f"{v:.4f} [{lo:.3f}, {hi:.3f}]")
-        metric = "AUC" if "auc" in results[models[0]].get(t, {"auc": 0}) else "Spearman"
-        lines.append(f"| {t} ({metric}) | " + " | ".join(cells) + " |")
+        names = next((metric_names(results[m][t]) for m in models if t in results[m]), [])
+        for name in names:
+            cells = [_interval(results[m][t][name], results[m][t].get(f"{name}_ci95", [np.nan, np.nan]))
+                     if name in results[m].get(t, {}) else "-" for m in models]
+            lines.append(f"| {t} | {_label(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

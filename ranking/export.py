@@ -39,7 +39,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from features.encoding import tf_dtype
-from features.logs import raw_inputs, read_log
+from features.logs import raw_inputs, read_log, time_split
 from features.spec import RankstageConfig
 from ranking.servable import METADATA_FILE, WARMUP_FILE, latest_version, load_metadata, next_version
 from ranking.train import LoadedRun, load_run
@@ -76,7 +76,8 @@ def rank_candidates_signature(config: RankstageConfig) -> dict[str, tf.TensorSpe
 
 def rank_candidates_omitted(config: RankstageConfig) -> str | None:
     """Why ``rank_candidates`` cannot be exported for this model, or None if it can."""
-    if not request_features(config):
+    bias = {f.name for f in config.serving_bias_features}  # read by the bias tower only, not by the bottom
+    if not [n for n in request_features(config) if n not in bias]:
         return "the model has no user or context feature: nothing to compute once per request"
     if not candidate_features(config):
         return "the model has no item feature: every input is per request"
@@ -112,7 +113,8 @@ class UserSide:
     first: keras.layers.Dense
     request_rows: np.ndarray  # (D_u,) int
     candidate_rows: np.ndarray  # (D_i,) int
-    rest: keras.Model  # (C, H) first layer's output -> {task: (C,)}
+    rest: keras.Model  # (C, H) first layer's output [, (C,) bias lookup index per bias input] -> {task: (C,)}
+    bias_lookups: tuple[tuple[str, keras.layers.Layer], ...] = ()  # (device, its lookup): request value, over C
 
     @classmethod
     def of(cls, serve: keras.Model, config: RankstageConfig) -> UserSide:
@@ -123,9 +125,12 @@ class UserSide:
         concat, first = serve.get_layer("features"), serve.get_layer("shared_bottom_0")
         if first.input is not concat.output:
             raise ValueError("rank_candidates: shared_bottom_0 does not read the 'features' concatenation")
-        encoded = dict(zip([f.name for f in config.serving_features], concat.input))  # name -> (B, D_f)
+        encoded = dict(zip([f.name for f in config.model_features], concat.input))  # name -> (B, D_f)
         inputs = serve.input  # {name: (B,)}
-        request, candidates = request_features(config), candidate_features(config)
+        bias = tuple(f.name for f in config.serving_bias_features)  # read by the bias tower, not encoded
+        lookups = {n: serve.get_layer("bias_device_lookup") for n in bias}  # device is the only served bias input
+        request = [n for n in request_features(config) if n not in bias]
+        candidates = candidate_features(config)
         rows, start = {}, 0
         for name, t in encoded.items():  # each encoding's width, from the graph
             rows[name] = np.arange(start, start + int(t.shape[-1]))
@@ -141,7 +146,10 @@ class UserSide:
             first,
             np.concatenate([rows[n] for n in request]).astype(np.int32),
             np.concatenate([rows[n] for n in candidates]).astype(np.int32),
-            keras.Model(first.output, serve.output, name="over_first_layer"),
+            # cut at the bias lookups' outputs too: a cut mixing graph inputs with inner tensors breaks saving
+            keras.Model([first.output, *(lookups[n].output for n in bias)] if bias else first.output, serve.output,
+                        name="over_first_layer"),
+            tuple((n, lookups[n]) for n in bias),
         )
 
     def __call__(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -152,7 +160,8 @@ class UserSide:
         user_part = ops.matmul(u, ops.take(kernel, self.request_rows, axis=0))  # (1, H), once per request
         item_part = ops.matmul(i, ops.take(kernel, self.candidate_rows, axis=0)) + self.first.bias  # (C, H)
         hidden = self.first.activation(item_part + user_part)  # (C, H), user part broadcast over C
-        return self.rest(hidden, training=False)
+        bias = [ops.broadcast_to(lookup(inputs[n]), ops.shape(hidden)[:1]) for n, lookup in self.bias_lookups]  # (C,)
+        return self.rest([hidden, *bias] if bias else hidden, training=False)
 
 
 def _concat(parts) -> tf.Tensor:
@@ -195,23 +204,32 @@ def matmul_flops(graph: tf.Graph) -> int:
 
 def predict_request(features: dict[str, np.ndarray], model_name: str, signature: str = "serving_default"
                     ) -> predict_pb2.PredictRequest:
-    """A PredictRequest with one packed tensor per feature (tensor_content for numbers)."""
+    """A PredictRequest with one packed tensor per feature (tensor_content for numbers; strings as UTF-8 bytes)."""
     req = predict_pb2.PredictRequest()
     req.model_spec.name = model_name
     req.model_spec.signature_name = signature
     for name, values in features.items():
         arr = np.asarray(values)
-        if arr.dtype == object:
-            arr = arr.astype(bytes)
+        if arr.dtype == object or arr.dtype.kind == "U":
+            arr = _utf8(arr)
         req.inputs[name].CopyFrom(tf.make_tensor_proto(arr))
     return req
 
 
+def _utf8(arr: np.ndarray) -> np.ndarray:
+    """(C,) str / bytes values -> (C,) object array of UTF-8 bytes, what a DT_STRING tensor holds. Not ``astype(bytes)``
+    (ASCII only) nor a fixed-width "S" array (drops trailing NUL bytes)."""
+    return np.array([v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in arr.ravel()],
+                    dtype=object).reshape(arr.shape)
+
+
 def warmup_rows(run: LoadedRun, log: str | None = None, sizes=WARMUP_SIZES) -> list[dict[str, np.ndarray]]:
-    """Real logged rows of the newest period, as raw serving inputs, one batch per size."""
+    """Real logged rows of the newest period ``data.until`` keeps (never a held-out day), as raw serving inputs, one
+    batch per size."""
     cfg = run.config
-    df = read_log(cfg.data, log)
-    last = df[df[cfg.data.time_column] == df[cfg.data.time_column].max()]
+    col = cfg.data.time_column
+    _, newest = time_split(read_log(cfg.data, log), cfg)  # the validation periods: the newest kept ones
+    last = newest[newest[col] == newest[col].max()]
     batches = []
     for i, n in enumerate(sizes):
         rows = last.sample(n=min(n, len(last)), random_state=i, replace=len(last) < n)
@@ -243,6 +261,11 @@ def models_config_text(name: str, base_path: Path) -> str:
     return text_format.MessageToString(cfg)
 
 
+METRICS_FROM_THIS_MODEL = "this model on its validation periods"
+METRICS_FROM_REFIT = ("validation run before refit (the refit model trained on the validation periods too, so it has "
+                      "no held-out metrics of its own)")
+
+
 def metadata(run: LoadedRun, version: int, run_dir: Path) -> dict:
     cfg = run.config
     signatures: dict[str, dict] = {SERVING_DEFAULT: {"inputs": [f.name for f in cfg.serving_features]}}
@@ -268,6 +291,7 @@ def metadata(run: LoadedRun, version: int, run_dir: Path) -> dict:
                             "validation_periods": run.artifacts["validation_periods"],
                             "refit": run.artifacts["refit"], "epochs": run.artifacts["best_epoch"]},
         "metrics": run.metrics.get("tasks", {}),
+        "metrics_from": METRICS_FROM_REFIT if run.artifacts.get("refit") else METRICS_FROM_THIS_MODEL,
         "feature_spec": cfg.model_dump(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }

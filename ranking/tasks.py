@@ -3,7 +3,8 @@
 Every task trains one logit z with a weighted binary cross-entropy; tasks differ in target and weight:
 - binary: y in {0, 1}; served sigmoid(z).
 - watch_time (t seconds): weighted logistic regression, y = t / (1 + t) with weight (1 + t), i.e.
-  loss = -t log s(z) - log(1 - s(z)); its minimiser has odds exp(z) = E[t], so serving returns exp(z) seconds.
+  loss = -t log s(z) - log(1 - s(z)); its minimiser has odds exp(z) = E[t], so serving returns exp(z) seconds,
+  with z clipped at log(MAX_WATCH_SECONDS) so a runaway logit serves a finite value, not inf.
 - completion (ratio in [0, 1]): soft-label BCE; served sigmoid(z).
 A task with a ``condition`` only counts rows where that binary task's label is 1.
 """
@@ -15,6 +16,9 @@ import numpy as np
 from keras import ops
 
 from features.spec import TaskSpec
+
+MAX_WATCH_SECONDS = 1e6  # served watch time ceiling (~11.6 days): exp(z) of float32 overflows from z > 88.7
+MAX_WATCH_LOGIT = float(np.log(MAX_WATCH_SECONDS))
 
 
 def watch_time_weight_scale(seconds: np.ndarray) -> float:
@@ -45,7 +49,7 @@ def weighted_bce_from_logits(y_true, y_pred):
 
 @keras.saving.register_keras_serializable(package="rankstage")
 class ServedValue(keras.layers.Layer):
-    """(B, 1) logit -> (B,) served value: exp(z) seconds for watch_time, sigmoid(z) otherwise."""
+    """(B, 1) logit -> (B,) served value: exp(min(z, log 1e6)) seconds for watch_time, sigmoid(z) otherwise."""
 
     def __init__(self, task_type: str, **kwargs):
         super().__init__(**kwargs)
@@ -55,7 +59,7 @@ class ServedValue(keras.layers.Layer):
 
     def call(self, logit):
         z = logit[:, 0]
-        return ops.exp(z) if self.task_type == "watch_time" else ops.sigmoid(z)
+        return ops.exp(ops.minimum(z, MAX_WATCH_LOGIT)) if self.task_type == "watch_time" else ops.sigmoid(z)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0],)
@@ -66,4 +70,6 @@ class ServedValue(keras.layers.Layer):
 
 def serve_transform_np(task: TaskSpec, logit: np.ndarray) -> np.ndarray:
     """numpy twin of ``serve_transform`` for offline evaluation: (N,) logit -> (N,)."""
-    return np.exp(logit) if task.type == "watch_time" else 1.0 / (1.0 + np.exp(-logit))
+    if task.type == "watch_time":
+        return np.exp(np.minimum(logit, MAX_WATCH_LOGIT))
+    return 1.0 / (1.0 + np.exp(-logit))

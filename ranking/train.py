@@ -18,9 +18,9 @@ import pandas as pd
 import tensorflow as tf
 import yaml
 
-from calibration.downsampling import correct_downsampling, effective_kept_fraction
+from calibration.outputs import correct_outputs
 from features.logs import evaluation_labels, raw_inputs, read_log, task_labels, time_split
-from features.spec import RankstageConfig, TaskSpec, load_config
+from features.spec import ConfigError, RankstageConfig, TaskSpec, load_config
 from features.vocab import FeatureStats, build_stats, load_stats, save_stats
 from ranking import metrics
 from ranking.model import RankingModels, build_models
@@ -49,8 +49,11 @@ def sample_negatives(labels: dict[str, np.ndarray], config: RankstageConfig, see
                      ) -> tuple[np.ndarray, np.ndarray, dict[str, dict]]:
     """Keep rows whose sampling-task label is 0 with probability a -> (keep (N,) bool, row weight (N,), rates).
 
-    Binary tasks train unweighted and are corrected at serving with their effective kept fraction; watch time and
-    completion instead weight kept negatives by 1/a (importance weighting), so their means need no correction.
+    Only the sampled task (``training.negative_sampling.task``) trains unweighted on the thinned rows and is corrected
+    at serving, p = a q / ((1 - q) + a q) (method "correct_downsampling", kept fraction a). Every other task, binary
+    or not, weights the kept negatives of the sampled task by 1/a (importance weighting), so its served value needs
+    no correction (method "importance_weighted"). A task conditioned on the sampled task only sees its positives,
+    which are never thinned, so the weight is 1 on every row it counts.
     """
     ns = config.training.negative_sampling
     n = len(next(iter(labels.values())))
@@ -61,9 +64,8 @@ def sample_negatives(labels: dict[str, np.ndarray], config: RankstageConfig, see
     inv = np.where(neg, 1.0 / rate, 1.0)
     sampling = {}
     for t in config.tasks:
-        if t.type == "binary":
-            a = effective_kept_fraction(labels[t.name], keep)
-            sampling[t.name] = {"kept_fraction": a, "method": "correct_downsampling"}
+        if t.name == ns.task:
+            sampling[t.name] = {"kept_fraction": rate, "method": "correct_downsampling"}
         else:
             sampling[t.name] = {"kept_fraction": 1.0, "method": "importance_weighted",
                                 "negative_weight": 1.0 / rate}
@@ -72,21 +74,30 @@ def sample_negatives(labels: dict[str, np.ndarray], config: RankstageConfig, see
 
 def targets(config: RankstageConfig, labels: dict[str, np.ndarray], row_weight: np.ndarray,
             weight_scales: dict[str, float]) -> dict[str, np.ndarray]:
-    """Per task (N, 2) [target, weight] arrays; binary tasks ignore ``row_weight`` (they are corrected instead)."""
+    """Per task (N, 2) [target, weight] arrays; the sampled task ignores ``row_weight`` (it is corrected instead)."""
+    sampled = config.training.negative_sampling.task
     ones = np.ones_like(row_weight)
-    return {t.name: prepare_targets(t, labels[t.name], ones if t.type == "binary" else row_weight,
+    return {t.name: prepare_targets(t, labels[t.name], ones if t.name == sampled else row_weight,
                                     labels[t.condition] if t.condition else None,
                                     weight_scales.get(t.name, 1.0)) for t in config.tasks}
 
 
-def initial_logits(config: RankstageConfig, labels: dict[str, np.ndarray]) -> dict[str, float]:
-    """Start each logit at its base rate (log-odds; log mean seconds for watch time) so rare tasks train at once."""
+def initial_logits(config: RankstageConfig, labels: dict[str, np.ndarray], row_weight: np.ndarray | None = None
+                   ) -> dict[str, float]:
+    """Start each logit at its base rate (log-odds; log mean seconds for watch time) so rare tasks train at once.
+
+    ``labels`` (N,) per task, ``row_weight`` (N,) the importance weights ``targets`` gives every task but the
+    sampled one (None: 1). Rows count where the label is finite and, for a conditioned task, its condition is 1.
+    """
+    sampled = config.training.negative_sampling.task
     out = {}
     for t in config.tasks:
-        y = labels[t.name][np.isfinite(labels[t.name])]
+        rows = np.isfinite(labels[t.name])
         if t.condition:
-            y = labels[t.name][labels[t.condition] == 1]
-        m = float(np.mean(y)) if len(y) else 0.5
+            rows &= labels[t.condition] == 1
+        y = labels[t.name][rows]
+        w = np.ones(len(y)) if row_weight is None or t.name == sampled else row_weight[rows]
+        m = float(np.average(y, weights=w)) if len(y) else 0.5
         if t.type == "watch_time":
             out[t.name] = float(np.log(max(m, 1e-3)))
         else:
@@ -124,77 +135,119 @@ def predict(models: RankingModels, x: dict[str, np.ndarray], batch_size: int = 4
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-Judged = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # task -> (label, prediction, user), each (N_t,)
+# task -> (label, prediction, user, day), each (N_t,); day = the row's data.time_column value (user-day lists)
+Judged = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+JUDGED_FIELDS = ("y", "p", "user", "day")
 
 
 def judged_predictions(config: RankstageConfig, models: RankingModels, frame: pd.DataFrame,
                        sampling: dict[str, dict]) -> Judged:
-    """The model's served predictions on ``frame``, binary ones corrected for down-sampling, as ``judge`` keeps them."""
-    pred = predict(models, raw_inputs(frame, config.features))
-    for t in config.tasks:
-        if t.type == "binary":
-            pred[t.name] = correct_downsampling(pred[t.name].astype(np.float64), sampling[t.name]["kept_fraction"])
+    """The model's served predictions on ``frame``, corrected for down-sampling as ``sampling`` (the metadata block)
+    says, as ``judge`` keeps them."""
+    pred = correct_outputs(predict(models, raw_inputs(frame, config.features)), sampling)
     return judge(config, frame, pred)
 
 
 def judge(config: RankstageConfig, frame: pd.DataFrame, pred: dict[str, np.ndarray]) -> Judged:
     """Per task the rows it is judged on (its condition's positives, finite labels; watch time in real seconds)
-    with label, prediction ``pred[task]`` (N,) and user id."""
+    with label, prediction ``pred[task]`` (N,), user id and day."""
     labels = evaluation_labels(frame, config)
     users = frame[config.data.user_column].to_numpy()
+    days = frame[config.data.time_column].to_numpy()
     out: Judged = {}
     for t in config.tasks:
         y, p = labels[t.name], np.asarray(pred[t.name], np.float64)
         keep = np.isfinite(y) & (labels[t.condition] == 1 if t.condition else True)
-        out[t.name] = (y[keep], p[keep], users[keep])
+        out[t.name] = (y[keep], p[keep], users[keep], days[keep])
     return out
 
 
 def judged_report(config: RankstageConfig, judged: Judged) -> dict[str, dict]:
-    """Per-task metrics keyed "task" -> {metric: value}: AUC and user-grouped AUC, or Spearman and the mean error."""
+    """Per-task metrics keyed "task" -> {metric: value}: AUC (Spearman for watch time and completion), GAUC (binary
+    tasks), NDCG@5 over user-day lists, each with a bootstrap 95% interval; the level and the mean error."""
     out = {}
     for t in config.tasks:
         if t.name not in judged:
             continue
-        y, p, u = judged[t.name]
+        y, p, u, d = judged[t.name]
         if t.type == "binary":
-            out[t.name] = metrics.binary_report(y, p, u)
+            out[t.name] = metrics.binary_report(y, p, u, d)
         else:
-            out[t.name] = metrics.regression_report(y, p, "seconds" if t.type == "watch_time" else "ratio")
+            out[t.name] = metrics.regression_report(y, p, u, d, "seconds" if t.type == "watch_time" else "ratio")
     return out
 
 
 def save_judged(judged: Judged, path: Path) -> None:
-    """``validation_predictions.npz``: arrays "<task>/y", "<task>/p", "<task>/user"."""
+    """``validation_predictions.npz``: arrays "<task>/y", "<task>/p", "<task>/user", "<task>/day"."""
     np.savez_compressed(path, **{f"{task}/{k}": a for task, arrays in judged.items()
-                                 for k, a in zip(("y", "p", "user"), arrays, strict=True)})
+                                 for k, a in zip(JUDGED_FIELDS, arrays, strict=True)})
 
 
 def load_judged(path: Path) -> Judged:
+    """Read ``save_judged``'s file; a file from before days were saved is a ValueError (rescore the run)."""
     with np.load(path, allow_pickle=False) as z:
         tasks = sorted({k.split("/")[0] for k in z.files})
-        return {t: (z[f"{t}/y"], z[f"{t}/p"], z[f"{t}/user"]) for t in tasks}
+        missing = [f"{t}/{k}" for t in tasks for k in JUDGED_FIELDS if f"{t}/{k}" not in z.files]
+        if missing:
+            raise ValueError(f"{path}: no arrays {missing}; written by an older version, rescore the run")
+        return {t: tuple(z[f"{t}/{k}"] for k in JUDGED_FIELDS) for t in tasks}
 
 
 class _Progress(keras.callbacks.Callback):
     """One line per epoch with every loss, for logs that are not a terminal."""
 
     def on_epoch_end(self, epoch, logs=None):
-        shown = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if k.endswith("loss"))
+        shown = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if k.endswith("loss") or "/" in k)
         print(f"epoch {epoch + 1}: {shown}", flush=True)
+
+
+class _ValidationMetric(keras.callbacks.Callback):
+    """Puts ``val_<task>/<metric>`` (e.g. ``val_click/gauc``) into each epoch's logs: the metric of the served
+    predictions on the validation rows, for EarlyStopping and the history. Down-sampling is not corrected: the
+    correction is monotone per task, so AUC, GAUC and NDCG do not change."""
+
+    def __init__(self, models: RankingModels, config: RankstageConfig, frame: pd.DataFrame, metric: str):
+        super().__init__()
+        self.ranking_models, self.config, self.frame = models, config, frame
+        self.task, self.metric = metric.split("/")
+        self.key = f"val_{metric}"
+        self.x = raw_inputs(frame, config.features)
+
+    def on_epoch_end(self, epoch, logs=None):
+        y, p, users, days = judge(self.config, self.frame, predict(self.ranking_models, self.x))[self.task]
+        if logs is not None:
+            logs[self.key] = metrics.ranking_metric(self.metric, y, p, users, days)
+
+
+def early_stopping_monitor(config: RankstageConfig) -> tuple[str, str]:
+    """``training.early_stopping_metric`` as a Keras monitor and its mode: ("val_loss", "min") or
+    ("val_<task>/<metric>", "max"); a ConfigError for a task the config lacks or a metric its type has not."""
+    metric = config.training.early_stopping_metric
+    if metric == "val_loss":
+        return metric, "min"
+    task, name = metric.split("/")
+    types = {t.name: t.type for t in config.tasks}
+    if task not in types:
+        raise ConfigError(f"training.early_stopping_metric: {metric!r} names task {task!r}; tasks: {list(types)}")
+    if types[task] != "binary" and name != f"ndcg@{metrics.NDCG_K}":
+        raise ConfigError(f"training.early_stopping_metric: {metric!r}: task {task!r} is {types[task]}, which "
+                          f"has no {name}; use {task}/ndcg@{metrics.NDCG_K}")
+    return f"val_{metric}", "max"
 
 
 def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureStats], epochs: int,
         validation: pd.DataFrame | None, log_dir: Path | None, verbose: bool = True
         ) -> tuple[RankingModels, dict, TrainingArtifacts]:
-    """Build and train on ``frame`` (down-sampled as configured); early-stop on ``validation`` if given."""
+    """Build and train on ``frame`` (down-sampled as configured); early-stop on ``validation`` if given, following
+    ``training.early_stopping_metric``."""
+    monitor, mode = early_stopping_monitor(config)
     seed = config.training.seed
     keras.utils.set_random_seed(seed)
     labels = task_labels(frame, config.tasks)
     keep, row_weight, sampling = sample_negatives(labels, config, seed)
     kept_labels = {k: v[keep] for k, v in labels.items()}
     scales = {t.name: watch_time_weight_scale(kept_labels[t.name]) for t in config.tasks if t.type == "watch_time"}
-    priors = initial_logits(config, kept_labels)
+    priors = initial_logits(config, kept_labels, row_weight)
     x = raw_inputs(frame[keep].reset_index(drop=True), config.features)
     train_ds = make_dataset(x, targets(config, kept_labels, row_weight, scales), config.training.batch_size,
                             shuffle=True, seed=seed)
@@ -206,7 +259,9 @@ def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureSt
         vlab = task_labels(validation, config.tasks)
         vx = raw_inputs(validation, config.features)
         val_ds = make_dataset(vx, targets(config, vlab, np.ones(len(validation)), scales), 4096)
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
+        if monitor != "val_loss":  # before EarlyStopping and TensorBoard, which read the logs it writes
+            callbacks.append(_ValidationMetric(models, config, validation, config.training.early_stopping_metric))
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode,
                                                        patience=config.training.early_stopping_patience,
                                                        restore_best_weights=True))
     if log_dir is not None:
@@ -217,7 +272,11 @@ def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureSt
     hist = models.train.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
                             verbose=1 if interactive else 0)
     history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
-    best = int(np.argmin(history["val_loss"])) + 1 if "val_loss" in history else epochs
+    if monitor in history and np.isfinite(history[monitor]).any():
+        followed = np.asarray(history[monitor])
+        best = int(np.nanargmin(followed) if mode == "min" else np.nanargmax(followed)) + 1
+    else:
+        best = epochs
     periods = sorted(frame[config.data.time_column].unique().tolist())
     art = TrainingArtifacts(sampling=sampling, weight_scales=scales, priors=priors, train_periods=periods,
                             validation_periods=[], best_epoch=best, rows={"train": int(keep.sum()),
@@ -272,16 +331,29 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
     return out
 
 
+def _metric_cell(m: dict, key: str, label: str, unit: str | None = None) -> str:
+    """One cell of a report line, e.g. ``GAUC 0.6612 [0.651, 0.671] 1234 users``; empty without ``key``."""
+    if key not in m:
+        return ""
+    lo, hi = m.get(f"{key}_ci95", (float("nan"), float("nan")))
+    n = m.get(f"{key}_{unit}") if unit else None
+    return f"  {label} {m[key]:.4f} [{lo:.3f}, {hi:.3f}]" + (f" {n} {unit}" if n is not None else "")
+
+
 def format_metrics(report: dict[str, dict]) -> str:
+    """One line per task: global AUC (Spearman), within-user GAUC and NDCG@5 with 95% intervals, the level."""
+    ndcg = f"ndcg@{metrics.NDCG_K}"
     lines = []
     for task, m in report.items():
+        ranking = _metric_cell(m, "gauc", "GAUC", "users") + _metric_cell(m, ndcg, ndcg.upper(), "lists")
+        ranking += f"  {m['num_trees']} trees" if "num_trees" in m else ""  # LightGBM: kept by early stopping
         if "auc" in m:
-            lo, hi = m["auc_ci95"]
-            lines.append(f"{task:>12}  AUC {m['auc']:.4f} [{lo:.3f}, {hi:.3f}]  gAUC {m['gauc']:.4f}  "
-                         f"pos {m['positives']}  pred/obs {m['predicted_mean']:.4f}/{m['observed_rate']:.4f}")
+            lines.append(f"{task:>12}  " + _metric_cell(m, "auc", "AUC").strip() + ranking +
+                         f"  pos {m['positives']}  pred/obs {m['predicted_mean']:.4f}/{m['observed_rate']:.4f}")
         else:
             unit = "seconds" if "mae_seconds" in m else "ratio"
-            lines.append(f"{task:>12}  Spearman {m['spearman']:.4f}  MAE {m[f'mae_{unit}']:.3f} {unit}  "
+            lines.append(f"{task:>12}  " + _metric_cell(m, "spearman", "Spearman").strip() + ranking +
+                         f"  MAE {m[f'mae_{unit}']:.3f} {unit}  "
                          f"pred/obs mean {m[f'predicted_mean_{unit}']:.3f}/{m[f'observed_mean_{unit}']:.3f}")
     return "\n".join(lines)
 

@@ -45,6 +45,9 @@ def test_compare_judges_every_model_on_the_same_rows(small_compare):
     for name, j in judged.items():
         assert np.array_equal(j["click"][0], y_click), name
     assert set(judged["single_click"]) == {"click"}
+    gbdt = json.loads((out / "runs" / "lightgbm" / "metrics.json").read_text())
+    assert set(gbdt["num_trees"]) == {"click", "watch_time"}
+    assert all(1 <= n < gbdt["max_trees"] for n in gbdt["num_trees"].values())  # stopped on the validation day
 
 
 def test_paired_differences_agree_with_the_separate_metrics(small_compare):
@@ -52,15 +55,21 @@ def test_paired_differences_agree_with_the_separate_metrics(small_compare):
     report = json.loads((out / "compare.json").read_text())
     paired = report["paired_vs_mmoe"]
     assert set(paired) == {"shared_bottom", "single_task", "lightgbm"}
+    metrics_of = {"click": ("auc", "gauc", "ndcg@5"), "watch_time": ("spearman", "ndcg@5")}
     for other in paired:
-        click, watch = paired[other]["click"], paired[other]["watch_time"]
-        assert click["difference"] == pytest.approx(results["mmoe"]["click"]["auc"] - results[other]["click"]["auc"])
-        assert watch["difference"] == pytest.approx(
-            results["mmoe"]["watch_time"]["spearman"] - results[other]["watch_time"]["spearman"])
-        for d in (click, watch):
-            lo, hi = d["ci95"]
-            assert lo <= d["difference"] <= hi
-    assert "mmoe − lightgbm" in (out / "compare.md").read_text()
+        for task, names in metrics_of.items():
+            assert set(paired[other][task]) == set(names), (other, task)
+            for name in names:
+                d = paired[other][task][name]
+                assert d["difference"] == pytest.approx(results["mmoe"][task][name] - results[other][task][name],
+                                                        abs=1e-9), (other, task, name)
+                lo, hi = d["ci95"]
+                assert lo <= d["difference"] <= hi
+    table = (out / "compare.md").read_text()
+    assert "mmoe − lightgbm" in table
+    for row in ("| click | AUC |", "| click | GAUC |", "| click | NDCG@5 |", "| watch_time | Spearman |",
+                "| watch_time | NDCG@5 |"):
+        assert table.count(row) == 2, row  # in the metrics table and in the paired differences
 
 
 def test_a_run_without_saved_predictions_is_rescored_from_its_weights(small_compare):
@@ -73,6 +82,7 @@ def test_a_run_without_saved_predictions_is_rescored_from_its_weights(small_comp
     compare(config, out, single_task=False, gbdt=False)
     assert weights.stat().st_mtime_ns == trained_at  # the finished run was reused, not trained again
     after = load_judged(path)
-    for task, (y, p, u) in before.items():
+    for task, (y, p, u, d) in before.items():
         assert np.array_equal(after[task][0], y) and np.array_equal(after[task][2], u)
+        assert np.array_equal(after[task][3], d)
         np.testing.assert_allclose(after[task][1], p, rtol=1e-5, atol=1e-6)

@@ -11,15 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from features.logs import raw_inputs, read_table
-from features.spec import load_config
+from features.spec import load_config, parse_config
 from ranking.export import input_signature
-from ranking.train import predict
+from ranking.train import load_run, predict, train
 from simulation.debias import (
+    POSITION_DEFAULT,
     bias_agreement,
     ndcg_per_list,
     run_simulated,
+    served_click,
     variant_configs,
 )
 from simulation.simulator import SimulationConfig, simulate
@@ -77,19 +80,26 @@ def test_tower_beats_no_debiasing_on_randomized_positions(result):
 
 
 def test_serving_output_does_not_depend_on_position(result):
-    from ranking.train import load_run
-
+    """The served click is the training model's click at position *missing* for the row's device, whatever position
+    the row was logged at; position is no serving input, device is."""
     run = load_run(result["work"] / "runs" / "tower_dropout")
-    assert set(run.models.serve.input) & {"position", "device"} == set()
-    assert set(input_signature(run.config)) & {"position", "device"} == set()  # the exported signature's inputs
+    assert "position" not in run.models.serve.input and "device" in run.models.serve.input
+    assert "position" not in input_signature(run.config)  # the exported signature's inputs
     test = read_table(result["work"] / "log" / "test.csv").head(2000)
-    shuffled = test.assign(position=np.random.default_rng(0).permutation(test["position"].to_numpy()),
-                           device=test["device"].iloc[::-1].to_numpy())
-    a = predict(run.models, raw_inputs(test, run.config.features))
-    b = predict(run.models, raw_inputs(shuffled, run.config.features))
-    for task in a:
-        np.testing.assert_array_equal(a[task], b[task])
-    # whereas the tower did learn a position effect in training
+    served = predict(run.models, raw_inputs(test, run.config.features))["click"].astype(np.float64)
+    served_logit = np.log(served / (1 - served))
+
+    def train_logit(frame):
+        x = raw_inputs(frame, run.config.features)
+        out = run.models.train({k: tf.constant(v) for k, v in x.items()}, training=False)
+        return np.asarray(out["click"], np.float64)[:, 0]
+
+    unseen = int(test["position"].max()) + 100  # not in the vocabulary: lookup index MISSING, as dropout sets it
+    np.testing.assert_allclose(served_logit, train_logit(test.assign(position=unseen)), atol=1e-4)
+    shuffled = test.assign(position=np.random.default_rng(0).permutation(test["position"].to_numpy()))
+    np.testing.assert_array_equal(served, predict(run.models, raw_inputs(shuffled, run.config.features))["click"])
+    # whereas at the logged positions the training model moves by the tower's position effect
+    assert np.ptp(train_logit(test) - served_logit) > 0.3
     table = np.asarray(run.models.bias_tower.bias_table())
     assert np.ptp(table[1:, 1:]) > 0.3
 
@@ -101,4 +111,16 @@ def test_position_feature_variant_serves_at_the_default_position(result):
     assert not configs["no_debias"].bias_features and configs["tower_no_dropout"].model.bias_tower.position_dropout == 0
     truth = json.loads((result["work"] / "log" / "truth.json").read_text())
     assert truth["log_examination_offsets"]["phone"][0] == 0.0
-
+    # the served model of that variant (1 epoch) is asked at POSITION_DEFAULT, whatever position a row was logged at
+    data = pf.model_dump()
+    data["data"]["log"] = str(result["work"] / "log" / "train.csv")
+    data["training"]["epochs"] = 1
+    run = load_run(train(parse_config(data, "position_feature, 1 epoch"), result["work"] / "runs" / "pf_1_epoch",
+                         verbose=False))
+    test = read_table(result["work"] / "log" / "test.csv").head(2000)
+    served = served_click(run, test)
+    at_default = predict(run.models, raw_inputs(test.assign(position=POSITION_DEFAULT), run.config.features))["click"]
+    at_logged = predict(run.models, raw_inputs(test, run.config.features))["click"]
+    np.testing.assert_array_equal(served, at_default.astype(np.float64))
+    assert np.abs(served - at_logged).max() > 0.01  # the position input matters to this model: the check is not idle
+    assert (test["position"] != POSITION_DEFAULT).mean() > 0.5

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -105,8 +106,8 @@ def test_signature_is_predict_over_serving_features_only(signature_def, full_run
     _, signature = signature_def
     assert signature.method_name == "tensorflow/serving/predict"
     assert set(signature.inputs) == set(input_signature(full_run.config))
-    assert set(signature.inputs) == {"segment", "user_id", "item_id", "quality", "tags"}
-    assert not {"position", "device"} & set(signature.inputs)
+    assert set(signature.inputs) == {"segment", "user_id", "item_id", "quality", "tags", "device"}
+    assert "position" not in signature.inputs  # device is: the bias tower is served at position missing
     assert set(signature.outputs) == TASKS
     for name, spec in input_signature(full_run.config).items():
         assert signature.inputs[name].dtype == spec.dtype.as_datatype_enum, name
@@ -177,7 +178,8 @@ def test_bad_values_give_finite_outputs(exported):
              user_id=tf.constant([10**12, -1, 0, 7], tf.int64),
              item_id=tf.constant([10**12, -(10**12), 0, 3], tf.int64),
              quality=tf.constant([np.nan, np.inf, -np.inf, -3.0], tf.float32),
-             tags=tf.constant(["", ",,", "t999,never,seen", "t1"]))
+             tags=tf.constant(["", ",,", "t999,never,seen", "t1"]),
+             device=tf.constant(["", "never-seen", "phone", "tv"]))
     assert set(out) == TASKS
     for task, values in out.items():
         values = values.numpy()
@@ -212,3 +214,54 @@ def test_failed_export_never_replaces_a_good_version(exported, full_run, tmp_pat
     assert sorted(p.name for p in base.iterdir()) == before == ["1", "models.config"]
     assert not list(base.glob(".tmp-*"))
     assert (base / "models.config").read_bytes() == config_text
+
+
+def test_warmup_rows_come_from_kept_days_and_encode_non_ascii_strings(tmp_path):
+    """The newest day is held out by ``data.until``: warmup rows come from the newest kept day instead, and a
+    non-ASCII string value travels as its UTF-8 bytes (``astype(bytes)`` would raise UnicodeEncodeError)."""
+    import synthetic
+
+    from features.spec import parse_config
+    from ranking.export import WARMUP_SIZES, warmup_rows, write_warmup
+
+    frame = synthetic.generate_log(8000, synthetic.PlantedTruth(), seed=5)  # ~1000 rows a day
+    last = frame["day"].max()
+    frame.loc[frame["day"] == last, "segment"] = "held_out"
+    newest_kept = (frame["day"] == last - 1).to_numpy()
+    frame.loc[newest_kept & (np.arange(len(frame)) % 2 == 0), "segment"] = "música"
+    path = synthetic.write_log(frame, tmp_path / "log.csv")
+    data = synthetic.config(path, ["segment", "user_id"], ["click"]).model_dump()
+    data["data"]["until"] = int(last - 1)
+    config = parse_config(data, source="test")
+
+    batches = warmup_rows(SimpleNamespace(config=config))
+    assert [len(b["segment"]) for b in batches] == list(WARMUP_SIZES)
+    served = set(np.concatenate([b["segment"] for b in batches]))
+    assert "held_out" not in served
+    assert served <= set(frame.loc[newest_kept, "segment"]) and "música" in served
+
+    path = tmp_path / "warmup"
+    write_warmup(path, batches, config.name, config)
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+    sent = np.concatenate([tf.make_ndarray(r.predict_log.request.inputs["segment"]) for r in records])
+    assert "música".encode() in set(sent.tolist())
+
+
+def test_refit_metadata_says_whose_metrics_it_carries(full_run):
+    """A refit model trained on its validation days: its metadata's metrics are the run before refit, and say so."""
+    from dataclasses import replace
+
+    from ranking.export import metadata
+
+    run = load_run(full_run.run_dir)
+    assert "before refit" not in metadata(run, 1, full_run.run_dir)["metrics_from"]
+    refit = metadata(replace(run, artifacts={**run.artifacts, "refit": True}), 1, full_run.run_dir)
+    assert refit["metrics"] == run.metrics["tasks"]
+    assert refit["metrics_from"].startswith("validation run before refit")
+
+
+def test_predict_request_sends_non_ascii_strings_as_utf8():
+    request = ranking.export.predict_request({"segment": np.array(["música", "news", ""], dtype=object),
+                                              "quality": np.array([0.5, 1.0, 2.0], np.float32)}, "m")
+    assert tf.make_ndarray(request.inputs["segment"]).tolist() == ["música".encode(), b"news", b""]
+    np.testing.assert_array_equal(tf.make_ndarray(request.inputs["quality"]), [0.5, 1.0, 2.0])

@@ -52,7 +52,9 @@ def config_error(data: dict) -> str:
 
 def test_small_config_parses():
     cfg = parse_config(small_config())
-    assert [f.name for f in cfg.serving_features] == ["user", "item", "duration", "hour", "tags"]
+    assert [f.name for f in cfg.model_features] == ["user", "item", "duration", "hour", "tags"]
+    assert [(f.name, f.group) for f in cfg.serving_bias_features] == [("device", "context")]  # position: never
+    assert cfg.serving_features == cfg.model_features + cfg.serving_bias_features
     assert [f.name for f in cfg.bias_features] == ["position", "device"]
     assert [f.raw_dtype for f in cfg.features] == ["int", "int", "float", "float", "string", "int", "string"]
     assert cfg.tasks[1].condition == "click" and cfg.tasks[1].loss_weight == 0.5

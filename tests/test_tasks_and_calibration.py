@@ -11,6 +11,7 @@ from calibration.downsampling import apply_downsampling, correct_downsampling, e
 from features.spec import TaskSpec
 from ranking.metrics import auc, grouped_auc
 from ranking.tasks import (
+    MAX_WATCH_SECONDS,
     ServedValue,
     prepare_targets,
     serve_transform_np,
@@ -117,6 +118,17 @@ def test_served_value_is_exp_for_watch_time_and_sigmoid_otherwise():
         np.testing.assert_allclose(ServedValue(task.type)(z), serve_transform_np(task, z[:, 0]), rtol=1e-6)
     with pytest.raises(ValueError, match="'ctr'"):
         ServedValue("ctr")
+
+
+def test_huge_watch_time_logit_serves_a_finite_value():
+    """exp(z) of float32 overflows from z ~ 88.7: the served value is clipped at MAX_WATCH_SECONDS (log 1e6 s) in
+    the layer and its numpy twin alike; binary outputs stay sigmoid(z)."""
+    z = np.array([[3.0], [13.0], [100.0], [1e30]], np.float32)
+    served = np.asarray(ServedValue("watch_time")(z))
+    assert np.all(np.isfinite(served))
+    np.testing.assert_allclose(served, [np.exp(3.0), np.exp(13.0), MAX_WATCH_SECONDS, MAX_WATCH_SECONDS], rtol=1e-5)
+    np.testing.assert_allclose(serve_transform_np(WATCH, z[:, 0]), served, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ServedValue("binary")(z))[2:], 1.0, rtol=1e-6)
 
 
 def test_served_value_get_config_round_trip():

@@ -15,9 +15,11 @@ from scipy.stats import kendalltau
 
 from calibration.downsampling import correct_downsampling
 from features.logs import raw_inputs, read_log
+from features.spec import parse_config
 from features.vocab import build_stats, load_stats
 from ranking.export import input_signature
-from ranking.train import fit, load_run, predict, sample_negatives, targets
+from ranking.layers.bias_tower import MISSING
+from ranking.train import fit, initial_logits, load_run, predict, sample_negatives, targets
 
 
 def per_segment(models, truth: synthetic.PlantedTruth) -> dict[str, np.ndarray]:
@@ -93,8 +95,8 @@ def test_watch_time_mean_survives_click_downsampling(downsampled_log):
 
 
 def test_only_non_binary_tasks_are_importance_weighted(downsampled_log):
-    """Down-sampled binary tasks are corrected at serving, so they train unweighted (weighting them by 1/a too
-    would correct twice); watch time weights kept negatives by 1/a instead."""
+    """The sampled task (click) is corrected at serving, so it trains unweighted (weighting it by 1/a too would
+    correct twice); watch time weights kept negatives by 1/a instead, and like (only on clicks) has weight 1."""
     path, frame = downsampled_log
     frame = frame.iloc[:20_000]
     config = synthetic.config(path, ["segment"], ["click", "like", "watch_time"], keep_fraction=KEEP)
@@ -111,6 +113,20 @@ def test_only_non_binary_tasks_are_importance_weighted(downsampled_log):
     t = kept["watch_time"]
     np.testing.assert_allclose(y["watch_time"][negative, 1], (1 + t[negative]) / KEEP, rtol=1e-5)
     np.testing.assert_allclose(y["watch_time"][~negative, 1], 1 + t[~negative], rtol=1e-5)
+
+
+def test_conditioned_prior_ignores_nan_labels():
+    """A completion ratio conditioned on click, NaN where the ratio is undefined: the prior is the log-odds of the
+    mean over finite labels on clicked rows only (a NaN prior would poison every step)."""
+    data = synthetic.config("unused.csv", ["segment"], ["click"]).model_dump()
+    data["tasks"].append({"name": "completion", "type": "completion", "label": "watch_ms / 1000",
+                          "condition": "click"})
+    config = parse_config(data, source="test")
+    labels = {"click": np.array([1.0, 1.0, 1.0, 0.0, 0.0]), "completion": np.array([0.2, np.nan, 0.6, 0.9, np.nan])}
+    priors = initial_logits(config, labels)
+    assert np.isfinite(priors["completion"])
+    assert priors["completion"] == pytest.approx(np.log(0.4 / 0.6))  # mean of 0.2 and 0.6
+    assert priors["click"] == pytest.approx(np.log(3 / 2))
 
 
 # -- position x device bias tower ------------------------------------------------------------------------------------
@@ -141,17 +157,18 @@ def test_bias_tower_learns_planted_position_effect(bias_run, truth):
     assert drop[0] < drop[1] - 0.5, f"phone should lose more click logit down the feed than tv, got {drop}"
 
 
-def test_serving_does_not_see_position_or_device(bias_run, validation_frame):
+def test_serving_sees_device_and_not_position(bias_run, validation_frame):
     models, config = bias_run.models, bias_run.config
     assert {f.name for f in config.bias_features} == {"position", "device"}
-    assert set(models.serve.input) == {"segment"}
-    assert set(input_signature(config)) == {"segment"}
-    # training logit = served logit + bias[position, device]: the tower is the only path for position and device
+    assert set(models.serve.input) == {"segment", "device"}
+    assert set(input_signature(config)) == {"segment", "device"}
+    # training logit - served logit = bias[position, device] - bias[missing, device]: serving sets position missing
     x = raw_inputs(validation_frame.iloc[:512], config.features)
     train_logit = np.asarray(models.train(tensors(x), training=False)["click"])[:, 0]
-    served = np.asarray(models.serve(tensors({"segment": x["segment"]}), training=False)["click"], np.float64)
-    bias = np.asarray(models.bias_tower.bias_table())[bias_index(bias_run, "position", x["position"]),
-                                                      bias_index(bias_run, "device", x["device"])]
+    served = np.asarray(models.serve(tensors({k: x[k] for k in ("segment", "device")}), training=False)["click"],
+                        np.float64)
+    table, dev = np.asarray(models.bias_tower.bias_table()), bias_index(bias_run, "device", x["device"])
+    bias = table[bias_index(bias_run, "position", x["position"]), dev] - table[MISSING, dev]
     np.testing.assert_allclose(train_logit - np.log(served / (1 - served)), bias, atol=1e-4)
     assert np.ptp(bias) > 1.0  # the rows span positions with clearly different biases
 

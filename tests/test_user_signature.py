@@ -126,7 +126,8 @@ def test_synthetic_signature_shapes_and_metadata(exported, full_run):
     assert meta["signature"] == SERVING_DEFAULT
     assert meta["signatures"] == {
         SERVING_DEFAULT: {"inputs": [f.name for f in config.serving_features]},
-        RANK_CANDIDATES: {"request_inputs": ["user_id"], "candidate_inputs": ["segment", "item_id", "quality", "tags"]}}
+        RANK_CANDIDATES: {"request_inputs": ["user_id", "device"],
+                          "candidate_inputs": ["segment", "item_id", "quality", "tags"]}}
     assert "omitted_signatures" not in meta
 
 

@@ -1,6 +1,7 @@
 """Shallow position x device tower (Zhao et al., "Recommending What Video to Watch Next", RecSys 2019).
 
-B batch. Position and device arrive as lookup indices, index 0 meaning missing / unseen.
+B batch. Position and device arrive as lookup indices, index ``MISSING`` (0, the first OOV bucket) meaning missing /
+unseen.
 """
 
 from __future__ import annotations
@@ -8,14 +9,18 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+MISSING = 0  # lookup index of a missing / unseen value: where position dropout puts positions, and what serving uses
+
 
 @keras.saving.register_keras_serializable(package="rankstage")
 class PositionBiasTower(keras.layers.Layer):
     """(B,) position index, (B,) device index -> (B, 1) bias logit: one learned scalar per position x device.
 
-    In training, the position of a ``position_dropout`` fraction of rows is set to missing (index 0), so the
-    main model cannot lean on the tower alone and the tower learns a "position unknown" value. Either input may be
-    ``None`` when the log lacks it. The tower is only wired into the training model; serving never sees it.
+    In training, the position of a ``position_dropout`` fraction of rows is set to missing (index ``MISSING``), so
+    the main model cannot lean on the tower alone and the tower learns a "position unknown" value: the average
+    examination over the logged positions, per device. Either input may be ``None``: no device means device
+    ``MISSING``; no position means position ``MISSING``, which is how serving calls it (the position is unknown
+    there, the device is known), and dropout then has nothing to drop.
     """
 
     def __init__(self, num_positions: int = 1, num_devices: int = 1, position_dropout: float = 0.1,
@@ -38,11 +43,12 @@ class PositionBiasTower(keras.layers.Layer):
         ref = position if position is not None else device
         if ref is None:
             raise ValueError("PositionBiasTower: give at least one of position or device")
-        pos = ops.zeros_like(ref, dtype="int64") if position is None else ops.cast(position, "int64")
-        dev = ops.zeros_like(ref, dtype="int64") if device is None else ops.cast(device, "int64")
+        missing = ops.full_like(ref, MISSING, dtype="int64")  # (B,)
+        pos = missing if position is None else ops.cast(position, "int64")
+        dev = missing if device is None else ops.cast(device, "int64")
         if training and self.position_dropout > 0 and position is not None:
             drop = keras.random.uniform(ops.shape(pos), seed=self._rng) < self.position_dropout
-            pos = ops.where(drop, ops.zeros_like(pos), pos)
+            pos = ops.where(drop, missing, pos)
         return ops.expand_dims(ops.take(self.bias, pos * self.num_devices + dev), -1)  # (B, 1)
 
     def bias_table(self):
