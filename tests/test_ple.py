@@ -125,3 +125,22 @@ def test_ple_constructor_errors_quote_the_bad_value(kwargs, quoted):
     with pytest.raises(ValueError) as err:
         PLE(**args)
     assert quoted in str(err.value)
+
+
+def test_a_ple_ranker_trains_and_exports_both_signatures(tmp_path, synthetic_log):
+    """``model.ple`` in the spec gives a PLE ranker that trains, and whose export passes the check that
+    rank_candidates equals serving_default (export_run raises otherwise)."""
+    import synthetic
+
+    import ranking.train
+    from ranking.export import export_run
+    from ranking.servable import load_servable
+
+    config = synthetic.config(synthetic_log, ["segment", "user_id", "item_id"], ["click", "watch_time"], epochs=1,
+                              batch_size=2048).with_model(ple={"task_experts": 1, "shared_experts": 1, "levels": 2})
+    run_dir = ranking.train.train(config, tmp_path / "run", verbose=False)
+    version = export_run(run_dir, tmp_path / "models", verbose=False)
+    sv = load_servable(version)
+    assert sv.config.model.ple is not None and {"serving_default", "rank_candidates"} <= set(sv.signatures)
+    weights = [w.path for w in ranking.train.load_run(run_dir).models.serve.weights]
+    assert any("ple" in p and "task_kernel" in p for p in weights)
