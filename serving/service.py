@@ -226,8 +226,7 @@ class RankingService:
         size = request.ByteSize()
         if size > limits.max_message_bytes:
             raise RequestError(f"request: {size} bytes exceeds limits.max_message_bytes={limits.max_message_bytes}")
-        separators = {f.name: f.separator for f in snap.features.values() if f.kind == "multi_valued"}
-        req = decode_request(request, separators)
+        req = decode_request(request, snap.separators)
         n = len(req.item_ids)
         if n > limits.max_candidates:
             raise RequestError(f"candidates.item_ids: {n} candidates exceeds limits.max_candidates="

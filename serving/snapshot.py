@@ -39,6 +39,7 @@ class Snapshot:
     tables: FeatureTables = field(repr=False)
     features: dict[str, FeatureSpec] = field(repr=False)  # serving features by name
     sampling: dict = field(repr=False)
+    separators: dict[str, str] = field(repr=False)  # multi-valued feature -> separator (list-valued columns)
 
     @property
     def calibration_version(self) -> str:
@@ -95,8 +96,9 @@ class Reloader:
             self.on_event("calibration", "refused", str(err))
         if tables is None:
             tables = FeatureTables.load(model.config)
-        return Snapshot(model, fusion, fstamp, cal, cstamp, tables, {f.name: f for f in model.config.serving_features},
-                        model.metadata["sampling"])
+        features = {f.name: f for f in model.config.serving_features}
+        return Snapshot(model, fusion, fstamp, cal, cstamp, tables, features, model.metadata["sampling"],
+                        {n: f.separator for n, f in features.items() if f.kind == "multi_valued"})
 
     def initial(self) -> Snapshot | None:
         version = self.backend.newest()
