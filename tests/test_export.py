@@ -7,16 +7,13 @@ C candidates.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from fresh_process import serve_in_fresh_process
 from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
@@ -27,7 +24,6 @@ from features.logs import raw_inputs
 from ranking.export import check_export, export_run, input_signature
 from ranking.train import load_run
 
-PROJECT_PACKAGES = ("features", "ranking", "calibration", "fusion", "serving", "retrieval", "rankstage")
 TASKS = {"click", "like", "watch_time"}
 
 
@@ -123,53 +119,14 @@ def test_graph_has_no_python_ops(signature_def):
     assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}
 
 
-FRESH_PROCESS = textwrap.dedent("""
-    import importlib.abc, sys
-
-    BLOCKED = set(sys.argv[1].split(","))
-
-    class NoProjectCode(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in BLOCKED:
-                raise ImportError(f"project module {name!r} imported while serving")
-            return None
-
-    sys.meta_path.insert(0, NoProjectCode())
-    try:
-        import ranking  # noqa
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("the import blocker does not work")
-
-    import numpy as np
-    import tensorflow as tf
-
-    fn = tf.saved_model.load(sys.argv[2]).signatures["serving_default"]
-    with np.load(sys.argv[3]) as rows:
-        outputs = fn(**{k: tf.constant(rows[k]) for k in rows.files})
-    np.savez(sys.argv[4], **{k: v.numpy() for k, v in outputs.items()})
-    leaked = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
-    if leaked:
-        raise SystemExit(f"project modules loaded: {leaked}")
-""")
-
-
 def test_fresh_process_serves_without_project_code(exported, full_run, validation_frame, tmp_path):
     rows = serving_rows(validation_frame, full_run.config, 64)
-    np.savez(tmp_path / "rows.npz", **{k: v.astype(str) if v.dtype == object else v for k, v in rows.items()})
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(
-        [sys.executable, "-I", "-c", FRESH_PROCESS, ",".join(PROJECT_PACKAGES), str(exported[1]),
-         str(tmp_path / "rows.npz"), str(tmp_path / "out.npz")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    got = serve_in_fresh_process(exported[1], rows, "serving_default", tmp_path)
     want = full_run.models.serve({k: tf.constant(v) for k, v in rows.items()}, training=False)
-    with np.load(tmp_path / "out.npz") as got:
-        assert set(got.files) == TASKS
-        for task in TASKS:
-            assert got[task].shape == (64,)
-            np.testing.assert_allclose(got[task], np.asarray(want[task]), rtol=1e-5, atol=1e-6, err_msg=task)
+    assert set(got) == TASKS
+    for task in TASKS:
+        assert got[task].shape == (64,)
+        np.testing.assert_allclose(got[task], np.asarray(want[task]), rtol=1e-5, atol=1e-6, err_msg=task)
 
 
 def test_bad_values_give_finite_outputs(exported):

@@ -7,11 +7,7 @@ C candidates, D_u / D_i encoded request / candidate widths, H width of the first
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
+from fresh_process import serve_in_fresh_process
 from tensorflow.core.protobuf import saved_model_pb2
 
 from features.logs import raw_inputs, read_log
@@ -40,7 +37,6 @@ from ranking.servable import load_servable, read_warmup_requests, run_warmup
 from ranking.train import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = ("features", "ranking", "calibration", "fusion", "serving", "retrieval", "rankstage")
 
 
 @dataclass
@@ -252,43 +248,12 @@ def test_kuairand_user_part_is_computed_once(kuairand_tiny_export):
         assert (default - ranked) * c == pytest.approx(2 * d_u * h * (c - 1))
 
 
-FRESH_PROCESS = textwrap.dedent("""
-    import importlib.abc, sys
-
-    BLOCKED = set(sys.argv[1].split(","))
-
-    class NoProjectCode(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in BLOCKED:
-                raise ImportError(f"project module {name!r} imported while serving")
-            return None
-
-    sys.meta_path.insert(0, NoProjectCode())
-    import numpy as np
-    import tensorflow as tf
-
-    fn = tf.saved_model.load(sys.argv[2]).signatures["rank_candidates"]
-    with np.load(sys.argv[3]) as rows:
-        outputs = fn(**{k: tf.constant(rows[k]) for k in rows.files})
-    np.savez(sys.argv[4], **{k: v.numpy() for k, v in outputs.items()})
-    leaked = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
-    if leaked:
-        raise SystemExit(f"project modules loaded: {leaked}")
-""")
-
-
 def test_kuairand_fresh_process_serves_rank_candidates(kuairand_tiny_export, tmp_path):
     t = kuairand_tiny_export
     ranked, repeated = split_request(t.rows, t.config)
-    np.savez(tmp_path / "rows.npz", **{k: v.astype(str) if v.dtype == object else v for k, v in ranked.items()})
-    done = subprocess.run(
-        [sys.executable, "-I", "-c", FRESH_PROCESS, ",".join(PROJECT_PACKAGES), str(t.version_dir),
-         str(tmp_path / "rows.npz"), str(tmp_path / "out.npz")],
-        cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    got = serve_in_fresh_process(t.version_dir, ranked, RANK_CANDIDATES, tmp_path)
     want = load_servable(t.version_dir).predict(repeated, SERVING_DEFAULT)
-    with np.load(tmp_path / "out.npz") as got:
-        assert_same({k: got[k] for k in got.files}, want, t.config)
+    assert_same(got, want, t.config)
 
 
 def test_rank_candidates_signature_spec(kuairand_tiny_export):
