@@ -57,6 +57,21 @@ def resolve_version(path: str | Path) -> Path:
     return latest_version(p)
 
 
+def version_stamp(version_dir: str | Path) -> tuple:
+    """(relative path, mtime_ns, size) of every file and directory under a version: changes when any of it is
+    rewritten (a repaired saved_model.pb does not change the directory's own mtime). A refused version is retried
+    only when this changes."""
+    version_dir = Path(version_dir)
+    entries = []
+    for p in sorted([version_dir, *version_dir.rglob("*")]):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((str(p.relative_to(version_dir)), st.st_mtime_ns, st.st_size))
+    return tuple(entries)
+
+
 def load_metadata(version_dir: str | Path) -> dict:
     path = Path(version_dir) / "assets.extra" / METADATA_FILE
     try:

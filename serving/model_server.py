@@ -63,7 +63,7 @@ from tensorflow_serving.apis import (
 )
 
 from features.spec import ConfigError
-from ranking.servable import Servable, list_versions, load_metadata, load_servable, run_warmup
+from ranking.servable import Servable, list_versions, load_metadata, load_servable, run_warmup, version_stamp
 
 log = logging.getLogger("rankstage.model_server")
 
@@ -166,18 +166,6 @@ def read_signature_defs(version_dir: str | Path) -> dict[str, meta_graph_pb2.Sig
     if len(saved.meta_graphs) != 1:
         raise ConfigError(f"{path}: expected one meta graph, found {len(saved.meta_graphs)}")
     return dict(saved.meta_graphs[0].signature_def)
-
-
-def files_stamp(version_dir: Path) -> tuple:
-    """(relative path, mtime_ns, size) of every file and directory under a version: changes when it is rewritten."""
-    entries = []
-    for p in sorted([version_dir, *version_dir.rglob("*")]):
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            continue
-        entries.append((str(p.relative_to(version_dir)), st.st_mtime_ns, st.st_size))
-    return tuple(entries)
 
 
 def error_code_of(err: BaseException) -> int:
@@ -325,7 +313,7 @@ class ModelServer:
             if self._stopping.is_set() or (newest is not None and version <= newest.version):
                 return
             version_dir = self.base_path / str(version)
-            stamp = files_stamp(version_dir)
+            stamp = version_stamp(version_dir)
             with self._lock:
                 previous = self._status.get(version)
             if previous is not None and previous.state == State.END and previous.stamp == stamp:

@@ -17,6 +17,7 @@ import numpy as np
 from calibration.posthoc import load_artifact
 from features.spec import ConfigError, FeatureSpec
 from fusion.config import FusionConfig, calibration_path, load_fusion_config
+from ranking.servable import version_stamp
 from serving.backends import ModelBackend, ModelVersion
 from serving.config import ServingConfig
 from serving.features import FeatureTables, file_stamp
@@ -110,7 +111,7 @@ class Reloader:
 
     def _version_stamp(self, version: int) -> tuple | None:
         base = getattr(self.backend, "base_path", None)
-        return stamp_of(Path(base) / str(version)) if base is not None else None
+        return version_stamp(Path(base) / str(version)) if base is not None else None
 
     def tick(self, snap: Snapshot) -> Snapshot:
         """One reload pass: returns a new snapshot if something valid changed, else ``snap``."""
