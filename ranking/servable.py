@@ -10,8 +10,12 @@ C candidates.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,9 +117,62 @@ class Servable:
 
     def predict(self, inputs: dict[str, np.ndarray], signature: str = "serving_default") -> dict[str, np.ndarray]:
         """Raw numpy inputs -> {task: (C,) numpy} through a signature (no correction, no calibration)."""
+        fast = self._flat_calls.get(signature)
+        if fast is not None:
+            return fast(inputs)
         import tensorflow as tf
 
         out = self.signature(signature)(**{k: tf.constant(v) for k, v in inputs.items()})
+        return {k: v.numpy() for k, v in out.items()}
+
+    _flat_calls: dict[str, FlatCall] = field(default_factory=dict, repr=False)
+
+    def enable_flat_calls(self, sample_inputs: dict[str, dict[str, np.ndarray]]) -> list[str]:
+        """Switch each signature in ``sample_inputs`` to ``FlatCall`` if it gives the same outputs as the public
+        call on those inputs (bit for bit); returns the signatures switched. Used by the serving paths."""
+        switched = []
+        for name, inputs in sample_inputs.items():
+            fast = FlatCall.build(self.signature(name))
+            if fast is None:
+                continue
+            want = self.predict(inputs, name)
+            got = fast(inputs)
+            if want.keys() == got.keys() and all(np.array_equal(want[k], got[k], equal_nan=True) for k in want):
+                self._flat_calls[name] = fast
+                switched.append(name)
+        return switched
+
+
+class FlatCall:
+    """A signature called with its flat tensor list: skips the keyword binding of the public call (~0.3 ms for
+    39 inputs) and builds eager tensors directly (~0.25 ms). Relies on TF's ``ConcreteFunction._call_flat`` (TF
+    2.20); ``build`` returns None where that is absent, and ``Servable.enable_flat_calls`` only switches to it
+    after checking it against the public call."""
+
+    def __init__(self, fn, names: list[str], dtypes: list[int], device: str):
+        self.fn, self.names, self.dtypes, self.device = fn, names, dtypes, device
+        self.captured = fn.captured_inputs
+
+    @classmethod
+    def build(cls, fn) -> FlatCall | None:
+        from tensorflow.python.eager import context
+
+        args, kwargs = fn.structured_input_signature
+        if args or not hasattr(fn, "_call_flat"):
+            return None
+        names = [t.name.split(":")[0] for t in fn.inputs[: len(fn.inputs) - len(fn.captured_inputs)]]
+        if sorted(names) != sorted(kwargs):
+            return None
+        return cls(fn, names, [kwargs[n].dtype.as_datatype_enum for n in names], context.context().device_name)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tensorflow.python.framework.ops import EagerTensor
+
+        missing = [n for n in self.names if n not in inputs]
+        if missing or len(inputs) != len(self.names):
+            raise ConfigError(f"model inputs: missing {missing}, unexpected {sorted(set(inputs) - set(self.names))}")
+        flat = [EagerTensor(inputs[n], self.device, d) for n, d in zip(self.names, self.dtypes)]
+        out = self.fn._call_flat(flat, self.captured)
         return {k: v.numpy() for k, v in out.items()}
 
 
@@ -149,11 +206,12 @@ def read_warmup_requests(version_dir: str | Path) -> list:
     return requests
 
 
-def run_warmup(servable: Servable, pause_s: float = 0.0) -> int:
+def run_warmup(servable: Servable, pause_s: float = 0.0, flat_calls: bool = False) -> int:
     """Run every warmup record through its signature; raise ConfigError on a failure or a non-finite output.
 
     Returns the number of records run. This is what TF Serving does before a version takes traffic. ``pause_s``
-    sleeps between records, leaving the cores to the calls being served while a new version warms beside them."""
+    sleeps between records, leaving the cores to the calls being served while a new version warms beside them.
+    ``flat_calls``: afterwards switch each warmed signature to ``FlatCall`` (checked on its first record)."""
     import time
 
     import tensorflow as tf
@@ -173,4 +231,43 @@ def run_warmup(servable: Servable, pause_s: float = 0.0) -> int:
             if not np.all(np.isfinite(v)):
                 raise ConfigError(f"model {servable.version_dir}: warmup record {i} ({sig}) gave non-finite "
                                   f"{task!r} outputs")
+    if flat_calls:
+        samples: dict[str, dict[str, np.ndarray]] = {}
+        for req in requests:
+            samples.setdefault(req.model_spec.signature_name or "serving_default",
+                               {k: tf.make_ndarray(v) for k, v in req.inputs.items()})
+        servable.enable_flat_calls(samples)
     return len(requests)
+
+
+@contextlib.contextmanager
+def paced_load(duty: float = 1.0, slice_s: float = 0.001) -> Iterator[None]:
+    """Load (and warm) a version beside one that is serving, in this thread, without starving the serving threads.
+
+    Loading a SavedModel is ~2 s of Python holding the GIL on these machines; unpaced, the p99 of the calls served
+    meanwhile rose ~5x (max 300 ms with a full garbage collection of the loader's objects). Here the loading thread
+    runs at most ``duty`` of the time (it sleeps ``slice_s * (1 - duty) / duty`` after each ``slice_s`` of Python,
+    checked from a profile hook on this thread only), Python switches threads every 0.5 ms instead of 5 ms, and
+    the cyclic garbage collector is off until the load ends. ``duty=1`` keeps only the last two."""
+    if not 0 < duty <= 1:
+        raise ConfigError(f"load duty: must be in (0, 1], got {duty}")
+    old_interval, gc_was_enabled = sys.getswitchinterval(), gc.isenabled()
+    rest_s, state = slice_s * (1 - duty) / duty, {"t": time.perf_counter(), "n": 0}
+
+    def pacer(frame, event, arg) -> None:
+        state["n"] += 1
+        if state["n"] % 64 == 0 and time.perf_counter() - state["t"] > slice_s:
+            time.sleep(rest_s)
+            state["t"] = time.perf_counter()
+
+    sys.setswitchinterval(0.0005)
+    gc.disable()
+    if duty < 1:
+        sys.setprofile(pacer)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
+        sys.setswitchinterval(old_interval)
+        if gc_was_enabled:
+            gc.enable()

@@ -8,8 +8,6 @@ the loaded ``ModelVersion`` in its snapshot, so a call always uses the version i
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,15 @@ import grpc
 import numpy as np
 
 from features.spec import ConfigError, RankstageConfig, parse_config
-from ranking.servable import Servable, list_versions, load_metadata, load_servable, read_warmup_requests, run_warmup
+from ranking.servable import (
+    Servable,
+    list_versions,
+    load_metadata,
+    load_servable,
+    paced_load,
+    read_warmup_requests,
+    run_warmup,
+)
 
 USER_SIDE_SIGNATURE = "rank_candidates"
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
@@ -73,17 +79,6 @@ def signature_inputs(mv: ModelVersion, request_inputs: dict[str, np.ndarray],
     return {**{k: np.repeat(v, n) for k, v in request_inputs.items()}, **candidate_inputs}
 
 
-@contextlib.contextmanager
-def short_switch_interval(seconds: float = 0.0005):
-    """Temporarily make Python switch threads every ``seconds`` (default 5 ms) while a background job runs."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
-
-
 class ModelBackend(Protocol):
     kind: str
 
@@ -102,19 +97,22 @@ class InProcessBackend:
 
     kind = "in_process"
 
-    def __init__(self, base_path: str | Path, signature: str = USER_SIDE_SIGNATURE):
-        self.base_path, self.signature = Path(base_path), signature
+    def __init__(self, base_path: str | Path, signature: str = USER_SIDE_SIGNATURE, load_duty: float = 1.0):
+        self.base_path, self.signature, self.load_duty = Path(base_path), signature, load_duty
+        self._loaded_once = False
 
     def newest(self) -> int | None:
         versions = list_versions(self.base_path)
         return versions[-1] if versions else None
 
     def load(self, version: int) -> ModelVersion:
-        """Load and warm ``version`` beside the one serving. Loading is mostly Python holding the GIL: a short
-        switch interval hands the GIL back to serving threads sooner, and paced warmup leaves them the cores."""
-        with short_switch_interval():
+        """Load and warm ``version``. Beside a version already serving, the load is paced (``paced_load``: at
+        most ``load_duty`` of the time) and warmup pauses between records, leaving the serving threads the GIL
+        and the cores; the first load runs at full speed."""
+        with paced_load(self.load_duty if self._loaded_once else 1.0):
             sv = load_servable(self.base_path / str(version))
-            run_warmup(sv, pause_s=0.02)
+            run_warmup(sv, pause_s=0.02 if self._loaded_once else 0.0, flat_calls=True)
+        self._loaded_once = True
         return model_version(sv.metadata, sv.version, self.signature, set(sv.signatures), sv)
 
     def predict(self, mv, request_inputs, candidate_inputs, n, timeout_s):

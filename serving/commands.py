@@ -56,6 +56,8 @@ def model_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-versions", type=int, default=2, help="versions kept loaded (newest serves)")
     parser.add_argument("--max-workers", type=int, default=8, help="gRPC serving threads")
     parser.add_argument("--grace-s", type=float, default=10.0, help="drain time for in-flight calls on shutdown")
+    parser.add_argument("--load-duty", type=float, default=0.25,
+                        help="a new version loads beside the serving one using at most this fraction of the time")
 
 
 def cmd_model_server(args: argparse.Namespace) -> None:

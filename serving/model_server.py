@@ -63,7 +63,15 @@ from tensorflow_serving.apis import (
 )
 
 from features.spec import ConfigError
-from ranking.servable import Servable, list_versions, load_metadata, load_servable, run_warmup, version_stamp
+from ranking.servable import (
+    Servable,
+    list_versions,
+    load_metadata,
+    load_servable,
+    paced_load,
+    run_warmup,
+    version_stamp,
+)
 
 log = logging.getLogger("rankstage.model_server")
 
@@ -181,14 +189,17 @@ def error_code_of(err: BaseException) -> int:
     return error_codes_pb2.UNKNOWN
 
 
-def load_version(version_dir: Path) -> LoadedVersion:
-    """Load a version and replay its warmup records; raises if either fails (then it must not take traffic)."""
+def load_version(version_dir: Path, load_duty: float = 1.0) -> LoadedVersion:
+    """Load a version and replay its warmup records; raises if either fails (then it must not take traffic).
+
+    ``load_duty`` < 1 paces the load beside versions that serve (``ranking.servable.paced_load``)."""
     signature_defs = read_signature_defs(version_dir)
-    servable = load_servable(version_dir)
-    missing = [s for s in servable.signatures if s not in signature_defs]
-    if not servable.signatures or missing:
-        raise ConfigError(f"model version {version_dir}: signatures {missing or '(none)'} have no SignatureDef")
-    run_warmup(servable)
+    with paced_load(load_duty):
+        servable = load_servable(version_dir)
+        missing = [s for s in servable.signatures if s not in signature_defs]
+        if not servable.signatures or missing:
+            raise ConfigError(f"model version {version_dir}: signatures {missing or '(none)'} have no SignatureDef")
+        run_warmup(servable, pause_s=0.02 if load_duty < 1 else 0.0, flat_calls=True)
     packed = any_pb2.Any()
     packed.Pack(get_model_metadata_pb2.SignatureDefMap(signature_def=signature_defs))
     return LoadedVersion(servable.version, servable, MappingProxyType(signature_defs), packed)
@@ -204,8 +215,11 @@ class ModelServer:
     ``model_name`` defaults to the ``model_name`` in the newest version's metadata."""
 
     def __init__(self, base_path: str | Path, model_name: str | None = None, poll_interval_s: float = 1.0,
-                 max_workers: int = 8, num_versions: int = 2):
+                 max_workers: int = 8, num_versions: int = 2, load_duty: float = 0.25):
         self.base_path = Path(base_path)
+        if not 0 < load_duty <= 1:
+            raise ConfigError(f"--load-duty: must be in (0, 1], got {load_duty}")
+        self.load_duty = load_duty
         if poll_interval_s <= 0:
             raise ConfigError(f"--poll-interval-s: must be > 0, got {poll_interval_s}")
         if num_versions < 1:
@@ -326,7 +340,7 @@ class ModelServer:
         self._count("load_attempts")
         log.info("model %r version %d: loading %s", self.name, version, version_dir)
         try:
-            loaded = load_version(version_dir)
+            loaded = load_version(version_dir, self.load_duty if self._snapshot.versions else 1.0)
         except Exception as err:  # any failure to load or warm refuses the version; the running ones keep serving
             message = f"{type(err).__name__}: {str(err)[:500]}"
             self._set_status(VersionStatus(version, State.END, error_code_of(err), message, stamp))
@@ -564,16 +578,17 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 def main(args: argparse.Namespace) -> int:
     return run(args.model_base_path, args.port, host=args.host, model_name=args.model_name,
                poll_interval_s=args.poll_interval_s, num_versions=args.num_versions, max_workers=args.max_workers,
-               grace_s=args.grace_s)
+               grace_s=args.grace_s, load_duty=args.load_duty)
 
 
 def run(base_path: str | Path, port: int, host: str = "127.0.0.1", model_name: str | None = None,
-        poll_interval_s: float = 1.0, num_versions: int = 2, max_workers: int = 8, grace_s: float = 10.0) -> int:
+        poll_interval_s: float = 1.0, num_versions: int = 2, max_workers: int = 8, grace_s: float = 10.0,
+        load_duty: float = 0.25) -> int:
     """Serve until SIGTERM or SIGINT, then drain and stop. Prints the bound address (useful with port 0)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = ModelServer(base_path, model_name, poll_interval_s=poll_interval_s, max_workers=max_workers,
-                         num_versions=num_versions)
+                         num_versions=num_versions, load_duty=load_duty)
     # Signals reach this thread through a wakeup socket: the handlers do nothing, so no lock is taken in one.
     wake_r, wake_w = socket.socketpair()
     wake_w.setblocking(False)

@@ -331,7 +331,7 @@ class RankingService:
 def make_backend(config: ServingConfig) -> ModelBackend:
     m = config.model
     if m.backend == "in_process":
-        return InProcessBackend(m.base_path, m.signature)
+        return InProcessBackend(m.base_path, m.signature, config.reload.load_duty)
     tfs = config.tf_serving
     return TFServingBackend(tfs.address, m.base_path, tfs.model_name, m.signature, tfs.timeout_ms / 1e3,
                             tfs.version_label)

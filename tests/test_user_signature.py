@@ -19,7 +19,7 @@ from fresh_process import serve_in_fresh_process
 from tensorflow.core.protobuf import saved_model_pb2
 
 from features.logs import raw_inputs, read_log
-from features.spec import RankstageConfig, parse_config
+from features.spec import ConfigError, RankstageConfig, parse_config
 from ranking.export import (
     RANK_CANDIDATES,
     SERVING_DEFAULT,
@@ -260,3 +260,23 @@ def test_rank_candidates_signature_spec(kuairand_tiny_export):
     spec = rank_candidates_signature(kuairand_tiny_export.config)
     assert spec["user_id"].shape.as_list() == [1] and spec["tab"].shape.as_list() == [1]
     assert spec["video_id"].shape.as_list() == [None] and spec["tag"].dtype == tf.string
+
+
+def test_flat_calls_equal_the_public_call_on_real_rows(kuairand_tiny_export):
+    """The serving paths call signatures through ``FlatCall`` after warmup: same outputs bit for bit, on rows of
+    another size than the warmup records, with the inputs given in another order."""
+    t = kuairand_tiny_export
+    ranked, repeated = split_request(t.rows, t.config)
+    public = load_servable(t.version_dir)
+    want = {RANK_CANDIDATES: public.predict(ranked, RANK_CANDIDATES),
+            SERVING_DEFAULT: public.predict(repeated, SERVING_DEFAULT)}
+    fast = load_servable(t.version_dir)
+    run_warmup(fast, flat_calls=True)
+    assert set(fast._flat_calls) == {RANK_CANDIDATES, SERVING_DEFAULT}
+    for name, rows in ((RANK_CANDIDATES, ranked), (SERVING_DEFAULT, repeated)):
+        got = fast.predict(dict(reversed(list(rows.items()))), name)
+        assert got.keys() == want[name].keys()
+        for task in got:
+            np.testing.assert_array_equal(got[task], want[name][task])
+    with pytest.raises(ConfigError, match="missing \\['author_id'\\]"):
+        fast.predict({k: v for k, v in ranked.items() if k != "author_id"}, RANK_CANDIDATES)
