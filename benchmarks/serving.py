@@ -54,6 +54,7 @@ import pandas as pd
 from benchmarks._report import cpu_model, write_report
 from rankstage.v1 import ranking_pb2 as pb
 from serving.client import RankingClient, build_request
+from serving.config import ReloadConfig
 
 Batch = dict[str, np.ndarray]
 BASELINE = "bare_serving_default"
@@ -451,7 +452,8 @@ def reload_phase(args, version_dir: Path, fusion: str, request: pb.RankRequest, 
            "error_samples": errors[:5], "versions_answered": sorted({v for _, _, v in records}),
            "ratio_p99": sw["p99_ms"] / s["p99_ms"] if sw.get("calls") else None,
            "settings": {"steady_s": args.steady, "swaps": args.swaps, "settle_s": args.settle,
-                        "reload_interval_s": args.reload_interval}}
+                        "reload_interval_s": args.reload_interval,
+                        "load_duty": ReloadConfig().load_duty}}
     print(f"reload ({backend}): steady p99 {s['p99_ms']:.2f} ms, swap windows p99 "
           f"{sw.get('p99_ms', float('nan')):.2f} ms ({sw.get('calls', 0)} calls), ratio {out['ratio_p99']}, "
           f"errors {len(errors)}", flush=True)
@@ -648,7 +650,8 @@ def format_markdown(r: dict) -> str:
                  "in_process" else "model server backend: the model server process loads and warms the version, "
                  "the service then checks it and answers one warmup Predict")
         lines.append(f"**{backend}**. One client, Rank at C={n} back to back, rank_candidates, {where}; reload "
-                     f"poll every {st['reload_interval_s']} s; {st['swaps']} new versions published (copy to "
+                     f"poll every {st['reload_interval_s']} s; the load paced at duty {st.get('load_duty', 1.0)} "
+                     f"(`reload.load_duty` / `--load-duty`); {st['swaps']} new versions published (copy to "
                      f"`.tmp-N`, rename to `N`) {st['steady_s']} s apart. A swap window runs from the publish to "
                      f"{st['settle_s']} s after the first answer from the new version; steady = every other call.")
         lines += ["", "| window | calls | p50 ms | p99 ms | max ms | publish -> first answer s |",
