@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from features.spec import ConfigError
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-base-path", required=True, help="exported model base path (newest version) or version dir")
@@ -62,6 +64,16 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from calibration.fit import calibrate_command
 
+    if args.from_run:
+        from calibration.fit import calibrate_from_run
+
+        if args.fit_day:
+            raise ConfigError("--fit-day and --from-run: give one (--from-run fits on the run's validation days)")
+        calibrate_from_run(args.from_run, args.model_base_path, args.logs, args.eval_day, args.method, args.tasks,
+                           args.out, args.chunk_mb)
+        return
+    if not args.fit_day:
+        raise ConfigError("--fit-day: required unless --from-run is given")
     calibrate_command(args.model_base_path, args.logs, fit_days=args.fit_day, eval_days=args.eval_day,
                       method=args.method, tasks=args.tasks, out=args.out, chunk_mb=args.chunk_mb)
 
@@ -96,7 +108,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("calibrate", help="fit post-hoc calibration per task on held-out days; diagnostics and plots")
     _common(p)
-    p.add_argument("--fit-day", type=int, action="append", required=True, help="day(s) to fit on (repeatable)")
+    p.add_argument("--fit-day", type=int, action="append", help="day(s) to fit on (repeatable)")
+    p.add_argument("--from-run", help="fit on this training run's validation predictions (the non-refit model's "
+                   "next day), for the version exported from it; --eval-day then judges later days")
     p.add_argument("--eval-day", type=int, action="append", help="day(s) to judge on (default: the fit days)")
     p.add_argument("--method", default="platt", choices=["isotonic", "platt"])
     p.add_argument("--tasks", nargs="+", help="tasks to calibrate (default: the binary tasks); watch_time is always "
