@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -149,21 +150,29 @@ class FlatCall:
     2.20); ``build`` returns None where that is absent, and ``Servable.enable_flat_calls`` only switches to it
     after checking it against the public call."""
 
-    def __init__(self, fn, names: list[str], dtypes: list[int], device: str):
-        self.fn, self.names, self.dtypes, self.device = fn, names, dtypes, device
+    def __init__(self, fn, call_flat: Callable, names: list[str], dtypes: list[int], device: str):
+        self.fn, self.call_flat, self.names, self.dtypes, self.device = fn, call_flat, names, dtypes, device
         self.captured = fn.captured_inputs
 
     @classmethod
     def build(cls, fn) -> FlatCall | None:
+        """None unless ``fn`` is a keyword-only ConcreteFunction whose flat inputs are its keyword names. A loaded
+        signature's ``_call_flat`` checks each captured variable for being distributed on every call (~0.45 ms
+        for 128 variables); with none distributed the plain ConcreteFunction's ``_call_flat`` is the same call."""
+        from tensorflow.python.distribute import distribute_utils
         from tensorflow.python.eager import context
+        from tensorflow.python.eager.polymorphic_function.concrete_function import ConcreteFunction
 
         args, kwargs = fn.structured_input_signature
-        if args or not hasattr(fn, "_call_flat"):
+        if args or not isinstance(fn, ConcreteFunction) or not hasattr(ConcreteFunction, "_call_flat"):
             return None
         names = [t.name.split(":")[0] for t in fn.inputs[: len(fn.inputs) - len(fn.captured_inputs)]]
         if sorted(names) != sorted(kwargs):
             return None
-        return cls(fn, names, [kwargs[n].dtype.as_datatype_enum for n in names], context.context().device_name)
+        distributed = any(distribute_utils.is_distributed_variable(x) for x in fn.captured_inputs)
+        call_flat = fn._call_flat if distributed else partial(ConcreteFunction._call_flat, fn)
+        return cls(fn, call_flat, names, [kwargs[n].dtype.as_datatype_enum for n in names],
+                   context.context().device_name)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from tensorflow.python.framework.ops import EagerTensor
@@ -172,7 +181,7 @@ class FlatCall:
         if missing or len(inputs) != len(self.names):
             raise ConfigError(f"model inputs: missing {missing}, unexpected {sorted(set(inputs) - set(self.names))}")
         flat = [EagerTensor(inputs[n], self.device, d) for n, d in zip(self.names, self.dtypes)]
-        out = self.fn._call_flat(flat, self.captured)
+        out = self.call_flat(flat, self.captured)
         return {k: v.numpy() for k, v in out.items()}
 
 
