@@ -1,4 +1,4 @@
-"""Model comparison on one time split: default MMoE, shared-bottom, one single-task model per task, LightGBM.
+"""Model comparison on one time split: default MMoE, shared-bottom, PLE, one single-task model per task, LightGBM.
 
 Every neural variant goes through ``ranking.train.train`` (same reader, split, sampling, metrics); only the config
 differs. Writes ``compare.json`` and ``compare.md``: per model and task the global metric (AUC for binary tasks,
@@ -44,7 +44,9 @@ def _label(metric: str) -> str:
 
 
 def compare(config: RankstageConfig, out: str | Path, log: str | None = None, single_task: bool = True,
-            gbdt: bool = True) -> dict[str, dict]:
+            gbdt: bool = True, ple: bool = True) -> dict[str, dict]:
+    """Train and judge every variant on ``config``'s split; ``ple``: PLE with its defaults (1 task expert, 2 shared,
+    2 levels) unless the config already sets ``model.ple``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -79,6 +81,8 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
 
     results["mmoe"] = run("mmoe", config)
     results["shared_bottom"] = run("shared_bottom", config.with_model(num_experts=0))
+    if ple:
+        results["ple"] = run("ple", config if config.model.ple else config.with_model(ple={}))
     if single_task:
         single: dict[str, dict] = {}
         for t in config.tasks:

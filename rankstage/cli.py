@@ -56,7 +56,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from ranking.compare import compare
 
     config = load_cli_config(args.config, args.set, None)
-    compare(config, args.out, log=args.data, single_task=not args.no_single_task, gbdt=not args.no_gbdt)
+    compare(config, args.out, log=args.data, single_task=not args.no_single_task, gbdt=not args.no_gbdt,
+            ple=not args.no_ple)
 
 
 def cmd_gbdt(args: argparse.Namespace) -> None:
@@ -95,11 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="log to draw warmup requests from (default: the run's config)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("compare", help="MMoE vs shared-bottom vs single-task models vs LightGBM on one split")
+    p = sub.add_parser("compare", help="MMoE vs shared-bottom vs PLE vs single-task models vs LightGBM on one split")
     _config_args(p)
     p.add_argument("--out", required=True, help="report directory (compare.md, compare.json, runs/)")
     p.add_argument("--no-single-task", action="store_true")
     p.add_argument("--no-gbdt", action="store_true")
+    p.add_argument("--no-ple", action="store_true")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("gbdt-baseline", help="LightGBM baseline, one model per task, same split and metrics")

@@ -10,6 +10,7 @@ import pytest
 import synthetic
 from conftest import TRUTH
 
+from features.spec import load_config
 from ranking import metrics
 from ranking.compare import compare
 from ranking.train import PREDICTIONS, load_judged
@@ -36,8 +37,8 @@ def small_compare(tmp_path_factory):
 
 def test_compare_judges_every_model_on_the_same_rows(small_compare):
     config, out, results = small_compare
-    assert set(results) == {"mmoe", "shared_bottom", "single_task", "lightgbm"}
-    runs = {"mmoe": "mmoe", "shared_bottom": "shared_bottom", "lightgbm": "lightgbm",
+    assert set(results) == {"mmoe", "shared_bottom", "ple", "single_task", "lightgbm"}
+    runs = {"mmoe": "mmoe", "shared_bottom": "shared_bottom", "ple": "ple", "lightgbm": "lightgbm",
             "single_click": "single_click"}
     judged = {name: load_judged(out / "runs" / d / PREDICTIONS) for name, d in runs.items()}
     y_click = judged["mmoe"]["click"][0]
@@ -54,7 +55,8 @@ def test_paired_differences_agree_with_the_separate_metrics(small_compare):
     config, out, results = small_compare
     report = json.loads((out / "compare.json").read_text())
     paired = report["paired_vs_mmoe"]
-    assert set(paired) == {"shared_bottom", "single_task", "lightgbm"}
+    assert set(paired) == {"shared_bottom", "ple", "single_task", "lightgbm"}
+    assert load_config(out / "runs" / "ple" / "config.yaml").model.ple is not None
     metrics_of = {"click": ("auc", "gauc", "ndcg@5"), "watch_time": ("spearman", "ndcg@5")}
     for other in paired:
         for task, names in metrics_of.items():
