@@ -64,6 +64,7 @@ class Catalog:
 
     ids: np.ndarray  # (I,) int64
     inputs: dict[str, np.ndarray]  # candidate feature -> (I,)
+    table: pd.DataFrame | None = None  # the item side table, row i = item i
 
     def positions(self, item_ids: np.ndarray) -> np.ndarray:
         """Raw ids (any shape) -> catalog positions, -1 where the id is not in the catalog."""
@@ -153,7 +154,7 @@ def load_events(config: RetrievalConfig) -> tuple[pd.DataFrame, Catalog]:
     for join in d.joins:
         log = _join(log, _side_table(join), join.key)
     log = _join(log, items, d.item_column).reset_index(drop=True)
-    catalog = Catalog(catalog_ids, raw_inputs(items, config.candidate_features))
+    catalog = Catalog(catalog_ids, raw_inputs(items, config.candidate_features), items.reset_index(drop=True))
     return log, catalog
 
 
