@@ -62,6 +62,14 @@ class RetrievalModelConfig(_Strict):
     factorized_top_k: bool = False  # FactorizedTopK metrics on validation (slow: scores the whole catalog)
 
 
+class IndexConfig(_Strict):
+    """ScaNN settings of the exported approximate index (the BruteForce one is exact)."""
+
+    num_leaves: int | None = Field(None, ge=2)  # None: about sqrt(number of items)
+    leaves_to_search: float = Field(0.25, gt=0, le=1)  # fraction of leaves searched per query
+    reordering_candidates: int = Field(500, ge=1)  # re-scored exactly (at least top_k)
+
+
 class RetrievalTraining(_Strict):
     batch_size: int = Field(256, ge=2)
     epochs: int = Field(10, ge=1)
@@ -79,6 +87,7 @@ class RetrievalConfig(_Strict):
     model: RetrievalModelConfig = RetrievalModelConfig()
     training: RetrievalTraining = RetrievalTraining()
     top_k: int = Field(100, ge=1)  # what the exported index returns
+    index: IndexConfig = IndexConfig()
 
     @model_validator(mode="after")
     def _check_towers(self) -> RetrievalConfig:
