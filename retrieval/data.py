@@ -181,6 +181,8 @@ def build_data(config: RetrievalConfig) -> RetrievalData:
     else:
         col = d.period_column
         try:
+            if d.until is not None:
+                events = events[events[col] <= d.until]
             is_test = events[col] >= d.test_from
         except (KeyError, TypeError) as err:
             raise ConfigError(f"data.period_column/test_from: {col!r} >= {d.test_from!r} fails: {err}") from None

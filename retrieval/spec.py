@@ -31,6 +31,7 @@ class RetrievalData(_Strict):
     split: Literal["leave_last_out", "period"] = "leave_last_out"
     period_column: str | None = None
     test_from: int | float | str | None = None
+    until: int | float | str | None = None  # split 'period': drop later rows (validate on an earlier day)
 
     @model_validator(mode="after")
     def _check_split(self) -> RetrievalData:
