@@ -67,7 +67,7 @@ class IndexConfig(_Strict):
     """ScaNN settings of the exported approximate index (the BruteForce one is exact)."""
 
     num_leaves: int | None = Field(None, ge=2)  # None: about sqrt(number of items)
-    leaves_to_search: float = Field(0.25, gt=0, le=1)  # fraction of leaves searched per query
+    leaves_to_search: float = Field(0.5, gt=0, le=1)  # fraction of leaves searched per query
     reordering_candidates: int = Field(500, ge=1)  # re-scored exactly (at least top_k)
 
 
