@@ -31,14 +31,16 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from features.logs import raw_inputs
 from ranking.servable import next_version
-from retrieval.data import load_events
+from retrieval.data import HISTORY, build_data, history_before
 from retrieval.spec import RetrievalConfig
 from retrieval.towers import Tower, query_signature
 from retrieval.train import Trained, embed, load_run
 
 METADATA_FILE = "retrieval_metadata.json"
 EMBEDDINGS_FILE = "item_embeddings.parquet"
+USERS_FILE = "query_users.parquet"
 SCANN_DIR = "scann"
 POPULAR_ITEMS = 500  # kept in the metadata for the unknown-user fallback
 
@@ -94,7 +96,8 @@ def export_run(run: str | Path, model_base_path: str | Path, version: int | None
     run = Path(run)
     trained = load_run(run)
     config = trained.config
-    _, catalog = load_events(config)
+    data = build_data(config)
+    catalog = data.catalog
     items = embed(trained.candidate_tower, catalog.inputs)  # (I, E)
     brute, scann, settings = build_indexes(trained.query_tower, items, catalog.ids, config)
 
@@ -115,6 +118,7 @@ def export_run(run: str | Path, model_base_path: str | Path, version: int | None
         extra = tmp / "assets.extra"
         extra.mkdir(exist_ok=True)
         write_embeddings(extra / EMBEDDINGS_FILE, catalog.ids, items)
+        write_query_users(extra / USERS_FILE, config, data.train_events)
         run_metrics = json.loads((run / "metrics.json").read_text())
         meta = {
             "model_name": config.name, "version": version, "kind": "retrieval_index", "run": str(run),
@@ -135,6 +139,7 @@ def export_run(run: str | Path, model_base_path: str | Path, version: int | None
                                          "TensorFlow Serving", **settings},
             },
             "item_embeddings": f"assets.extra/{EMBEDDINGS_FILE}",
+            "query_users": f"assets.extra/{USERS_FILE}",
             "popular_items": popular_items(trained, catalog.ids),
         }
         (extra / METADATA_FILE).write_text(json.dumps(meta, indent=2))
@@ -146,6 +151,24 @@ def export_run(run: str | Path, model_base_path: str | Path, version: int | None
     if verbose:
         print(f"exported {final} ({len(catalog.ids)} items, {time.time() - start:.1f} s)")
     return final
+
+
+def write_query_users(path: Path, config: RetrievalConfig, train_events) -> None:
+    """Parquet, one row per user of the training window: the user id, the query tower's user features (latest
+    row) and ``history`` list<int64>, the last H positives of the window, most recent first. What a server needs to
+    query the index with a user id and a context alone."""
+    d = config.data
+    last = train_events.sort_values(d.time_column, kind="stable").drop_duplicates(d.user_column, keep="last")
+    users = last[d.user_column].to_numpy(np.int64)
+    columns = {d.user_column: pa.array(users, pa.int64())}
+    for name, values in raw_inputs(last, [f for f in config.query_features if f.group == "user"]).items():
+        columns[name] = pa.array(values.tolist() if values.dtype == object else values)
+    if config.history.length:
+        end = np.full(len(users), np.iinfo(np.int64).max)
+        hist = history_before(train_events, d.user_column, d.item_column, d.time_column, users, end,
+                              config.history.length)
+        columns[HISTORY] = pa.array([row[row >= 0].tolist() for row in hist], pa.list_(pa.int64()))
+    pq.write_table(pa.table(columns), path)
 
 
 def write_embeddings(path: Path, ids: np.ndarray, embeddings: np.ndarray) -> None:
