@@ -47,7 +47,9 @@ class TwoTowerModel(tfrs.Model):
         self.num_items = len(catalog.ids)
         metrics = None
         if m.factorized_top_k:
-            candidates = tf.data.Dataset.from_tensor_slices(catalog.inputs).batch(4096).map(candidate_tower)
+            ids = tf.data.Dataset.from_tensor_slices(catalog.ids).batch(4096)
+            embeddings = tf.data.Dataset.from_tensor_slices(catalog.inputs).batch(4096).map(candidate_tower)
+            candidates = tf.data.Dataset.zip((ids, embeddings))  # scored by id, like candidate_ids in the loss
             metrics = tfrs.metrics.FactorizedTopK(candidates=candidates, ks=(10, 50, 100))
         self.task = tfrs.tasks.Retrieval(metrics=metrics, temperature=m.temperature,
                                          remove_accidental_hits=self.mixed > 0)

@@ -52,6 +52,19 @@ def training_rows(config: RetrievalConfig, data: RetrievalData, item_probability
     return rows
 
 
+def monitoring_rows(config: RetrievalConfig, data: RetrievalData, item_probability: np.ndarray
+                    ) -> dict[str, np.ndarray]:
+    """Rows for the FactorizedTopK monitor: each test query with its first held-out positive. Never used to choose
+    anything (that would select on the test split)."""
+    items = np.array([t[0] for t in data.test.targets], np.int64)
+    pos = data.catalog.positions(items)
+    rows = query_inputs(config, data.test)
+    rows.update({k: v[pos] for k, v in data.catalog.inputs.items()})
+    rows[PROBABILITY] = item_probability[pos].astype(np.float32)
+    rows[ITEM] = items
+    return rows
+
+
 def fit(config: RetrievalConfig, data: RetrievalData, verbose: int = 0) -> Trained:
     """Build towers from training statistics and fit ``training.epochs`` epochs of in-batch softmax."""
     t = config.training
@@ -65,7 +78,11 @@ def fit(config: RetrievalConfig, data: RetrievalData, verbose: int = 0) -> Train
     rows = training_rows(config, data, probability)
     ds = (tf.data.Dataset.from_tensor_slices(rows).shuffle(len(data.train.items), seed=t.seed)
           .batch(t.batch_size, drop_remainder=True).prefetch(2))
-    model.fit(ds, epochs=t.epochs, verbose=verbose)
+    validation = None
+    if config.model.factorized_top_k:  # monitoring only: FactorizedTopK over the whole catalog per epoch
+        validation = tf.data.Dataset.from_tensor_slices(monitoring_rows(config, data, probability)).batch(
+            t.batch_size)
+    model.fit(ds, epochs=t.epochs, verbose=verbose, validation_data=validation)
     return Trained(config, stats, query, candidate, probability)
 
 
