@@ -74,8 +74,41 @@ def run_ablation(config: RetrievalConfig, out: str | Path, variants: list[str], 
           "Variants (each adds to the one above): ids = user id and item id embeddings; features = + all "
           "query/candidate features; history = + last N positives strictly before the query time, mean-pooled; "
           "logq = + logQ correction of in-batch negatives.", "", table, "",
+          f"![recall by model]({out.with_suffix('.png').name})", "",
           f"Training seconds per variant (2 shared cores): {seconds}", "", "Reproduce:", "", "```bash", command,
           "```", ""]
+    plot(report, out.with_suffix(".png"))
     out.with_suffix(".md").write_text("\n".join(md))
     print(table)
     return report
+
+
+def plot(report: dict, path: str | Path) -> Path:
+    """Grouped bars: recall@10/50/100 per model (baselines, then the ablation steps), with intervals if any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = list(results)
+    metrics = [m for m in next(iter(results.values())) if m.startswith("recall@")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(metrics)
+    for j, m in enumerate(metrics):
+        means = np.array([results[n][m]["mean"] for n in names])
+        err = None
+        if "lo" in results[names[0]][m]:
+            err = np.array([[means[i] - results[n][m]["lo"], results[n][m]["hi"] - means[i]]
+                            for i, n in enumerate(names)]).T
+        ax.bar(np.arange(len(names)) + j * width, means, width, yerr=err, label=m, capsize=2)
+    ax.set_xticks(np.arange(len(names)) + width * (len(metrics) - 1) / 2)
+    ax.set_xticklabels([n.replace("two-tower: ", "+").replace("most popular among the user's authors",
+                                                               "popular (authors)") for n in names], fontsize=8)
+    ax.set_ylabel("recall")
+    ax.set_title(report["config"]["name"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
