@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         from simulation.commands import register as register_simulation
 
         register_simulation(sub)
+    if importlib.util.find_spec("retrieval.commands") is not None:  # retrieval train / evaluate / export
+        from retrieval.commands import register as register_retrieval
+
+        register_retrieval(sub)
     return parser
 
 

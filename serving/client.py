@@ -107,6 +107,18 @@ class RankingClient:
         return self.send(build_request(user, item_ids, context, candidate_features, top_k, fusion_profile,
                                        return_predictions), timeout_s)
 
+    def recommend(self, user: dict, context: dict | None = None, num_candidates: int = 0, top_k: int = 0,
+                  fusion_profile: str = "", return_predictions: bool = False, request_id: str = "",
+                  timeout_s: float | None = None) -> pb.RecommendResponse:
+        """Retrieve → rank: the index's top ``num_candidates`` for the user, ranked, top ``top_k`` back."""
+        req = pb.RecommendRequest(request_id=request_id, num_candidates=num_candidates, top_k=top_k,
+                                  fusion_profile=fusion_profile, return_predictions=return_predictions)
+        for k, v in user.items():
+            req.user_features[k].CopyFrom(json_column([v], f"user[{k}]"))
+        for k, v in (context or {}).items():
+            req.context_features[k].CopyFrom(json_column([v], f"context[{k}]"))
+        return self.stub.Recommend(req, timeout=timeout_s or self.timeout_s)
+
     def health(self, service: str = "", timeout_s: float = 1.0) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -1,4 +1,4 @@
-"""`rankstage serve | rank | requests | model-server`: flags map onto the serving config here and nowhere else."""
+"""`rankstage serve | rank | recommend | requests | model-server`: flags map onto the serving config here only."""
 
 from __future__ import annotations
 
@@ -35,6 +35,30 @@ def cmd_rank(args: argparse.Namespace) -> None:
             print(f"rankstage rank: {err.code().name}: {err.details()}", file=sys.stderr)
             raise SystemExit(1) from None
     print(format_response(resp))
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    import grpc
+    import yaml
+
+    from serving.client import RankingClient, format_response
+
+    context = {}
+    for item in args.context:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"rankstage recommend: --context {item!r}: expected name=value")
+        context[key] = yaml.safe_load(value)
+    with RankingClient(args.address, args.timeout) as client:
+        try:
+            resp = client.recommend({args.user_column: args.user_id}, context, args.num_candidates, args.top_k,
+                                    return_predictions=True)
+        except grpc.RpcError as err:
+            print(f"rankstage recommend: {err.code().name}: {err.details()}", file=sys.stderr)
+            raise SystemExit(1) from None
+    print(f"candidates: {resp.num_candidates} from {resp.candidate_source} ({resp.retrieval_model} version "
+          f"{resp.retrieval_version}, {resp.retrieve_ms:.1f} ms)")
+    print(format_response(resp.ranked))
 
 
 def cmd_requests(args: argparse.Namespace) -> None:
@@ -83,6 +107,16 @@ def register(sub) -> None:
     p.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server")
     p.add_argument("--tls-server-name", help="expected server name in its certificate")
     p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("recommend", help="ask the ranking service for a user's recommendations (retrieve -> rank)")
+    p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--user-id", type=int, required=True)
+    p.add_argument("--user-column", default="user_id", help="name of the user id feature")
+    p.add_argument("--context", nargs="*", default=[], metavar="NAME=VALUE", help="e.g. tab=1 hourmin=1400")
+    p.add_argument("--num-candidates", type=int, default=0, help="retrieved for ranking (0: the server's default)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("requests", help="write JSON rank requests of real logged users (ids and context only)")
     p.add_argument("--config", required=True)

@@ -61,6 +61,13 @@ class ServerConfig(_Strict):
     tls: TLSConfig | None = None
 
 
+class RetrievalSource(_Strict):
+    """The retrieval index ``Recommend`` draws candidates from (``rankstage retrieval export``), hot-reloaded."""
+
+    base_path: str
+    num_candidates: int = Field(100, ge=1)  # when the request says 0
+
+
 class ReloadConfig(_Strict):
     interval_s: float = Field(2.0, gt=0)
     # in-process backend: a new version loads beside the serving one using at most this fraction of the time
@@ -76,6 +83,7 @@ class ServingConfig(_Strict):
     limits: Limits = Limits()
     server: ServerConfig = ServerConfig()
     reload: ReloadConfig = ReloadConfig()
+    retrieval: RetrievalSource | None = None  # enables Recommend (retrieve -> rank)
 
     @model_validator(mode="after")
     def _paths(self) -> ServingConfig:

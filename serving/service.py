@@ -161,13 +161,38 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         log.warning("rank refused", extra={"request_id": request.request_id, "code": code.name, "error": message})
         context.abort(code, message)
 
+    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
+        svc = self.service
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            if svc.recommender is None:
+                raise BackendError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "Recommend needs a retrieval index (serving config section 'retrieval')")
+            return svc.recommender.recommend(svc, request, context.time_remaining())
+        except (RequestError, ConfigError) as err:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
+        except BackendError as err:
+            code, message = err.code, str(err)
+        except Exception as err:  # logged with its stack trace, never sent to the gateway
+            code, message = grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
+            log.exception("recommend failed", extra={"request_id": request.request_id})
+        log.warning("recommend refused", extra={"request_id": request.request_id, "code": code.name,
+                                                "error": message})
+        context.abort(code, message)
+
 
 class RankingService:
     """The service: a snapshot, a reload thread, a gRPC server (Rank, health, reflection) and /metrics."""
 
-    def __init__(self, config: ServingConfig, backend: ModelBackend | None = None):
+    def __init__(self, config: ServingConfig, backend: ModelBackend | None = None, recommender=None):
         self.config = config
         self.backend = backend or make_backend(config)
+        if recommender is None and config.retrieval is not None:
+            from serving.recommend import Recommender
+
+            recommender = Recommender(config.retrieval.base_path, config.retrieval.num_candidates,
+                                      config.reload.interval_s)
+        self.recommender = recommender  # serves Recommend (retrieve -> rank); None: Recommend is refused
         self.metrics = Metrics()
         self.reloader = Reloader(config, self.backend, self._event)
         self.snapshot: Snapshot | None = None
@@ -295,6 +320,8 @@ class RankingService:
         if srv.metrics_port is not None:
             self._metrics_server, _ = start_http_server(srv.metrics_port, addr=srv.host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
+        if self.recommender is not None:
+            self.recommender.start()
         self.server.start()
         self._thread = threading.Thread(target=self._reload_loop, name="rankstage-reload", daemon=True)
         self._thread.start()
@@ -324,6 +351,8 @@ class RankingService:
             self._thread.join(timeout=5)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        if self.recommender is not None:
+            self.recommender.stop()
         self.backend.close()
         log.info("stopped")
 

@@ -6,7 +6,12 @@ run directory, plus the in-memory models ``fit`` returned (to compare reloads ag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+
+# TFRS (retrieval tests) needs tf-keras, chosen before TensorFlow's first import; Keras 3 is unaffected
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path
 
 import pytest

@@ -132,3 +132,51 @@ class RankResponse(_message.Message):
     calibration_version: str
     stage_ms: _containers.ScalarMap[str, float]
     def __init__(self, request_id: _Optional[str] = ..., item_ids: _Optional[_Union[FeatureColumn, _Mapping]] = ..., candidate_indices: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., predictions: _Optional[_Mapping[str, FloatList]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., fusion_profile: _Optional[str] = ..., fusion_version: _Optional[str] = ..., calibration_version: _Optional[str] = ..., stage_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("request_id", "user_features", "context_features", "num_candidates", "top_k", "fusion_profile", "return_predictions")
+    class UserFeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FeatureColumn
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FeatureColumn, _Mapping]] = ...) -> None: ...
+    class ContextFeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FeatureColumn
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FeatureColumn, _Mapping]] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FUSION_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_features: _containers.MessageMap[str, FeatureColumn]
+    context_features: _containers.MessageMap[str, FeatureColumn]
+    num_candidates: int
+    top_k: int
+    fusion_profile: str
+    return_predictions: bool
+    def __init__(self, request_id: _Optional[str] = ..., user_features: _Optional[_Mapping[str, FeatureColumn]] = ..., context_features: _Optional[_Mapping[str, FeatureColumn]] = ..., num_candidates: _Optional[int] = ..., top_k: _Optional[int] = ..., fusion_profile: _Optional[str] = ..., return_predictions: _Optional[bool] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("ranked", "candidate_source", "retrieval_model", "retrieval_version", "num_candidates", "retrieve_ms")
+    RANKED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_MS_FIELD_NUMBER: _ClassVar[int]
+    ranked: RankResponse
+    candidate_source: str
+    retrieval_model: str
+    retrieval_version: int
+    num_candidates: int
+    retrieve_ms: float
+    def __init__(self, ranked: _Optional[_Union[RankResponse, _Mapping]] = ..., candidate_source: _Optional[str] = ..., retrieval_model: _Optional[str] = ..., retrieval_version: _Optional[int] = ..., num_candidates: _Optional[int] = ..., retrieve_ms: _Optional[float] = ...) -> None: ...

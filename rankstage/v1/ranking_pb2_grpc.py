@@ -39,6 +39,11 @@ class RankingServiceStub:
                 request_serializer=rankstage_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
                 response_deserializer=rankstage_dot_v1_dot_ranking__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.Recommend = channel.unary_unary(
+                '/rankstage.v1.RankingService/Recommend',
+                request_serializer=rankstage_dot_v1_dot_ranking__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=rankstage_dot_v1_dot_ranking__pb2.RecommendResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
@@ -53,6 +58,15 @@ class RankingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Recommend(self, request, context):
+        """Retrieve, then rank: the retrieval index's top N for the user and context become the candidates of the Rank
+        path, and its top K come back. A user the index does not know is served the index's popular items as
+        candidates (candidate_source "popular_fallback"), not an error. FAILED_PRECONDITION when no index is loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +74,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=rankstage_dot_v1_dot_ranking__pb2.RankRequest.FromString,
                     response_serializer=rankstage_dot_v1_dot_ranking__pb2.RankResponse.SerializeToString,
+            ),
+            'Recommend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recommend,
+                    request_deserializer=rankstage_dot_v1_dot_ranking__pb2.RecommendRequest.FromString,
+                    response_serializer=rankstage_dot_v1_dot_ranking__pb2.RecommendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +108,33 @@ class RankingService:
             '/rankstage.v1.RankingService/Rank',
             rankstage_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
             rankstage_dot_v1_dot_ranking__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recommend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankstage.v1.RankingService/Recommend',
+            rankstage_dot_v1_dot_ranking__pb2.RecommendRequest.SerializeToString,
+            rankstage_dot_v1_dot_ranking__pb2.RecommendResponse.FromString,
             options,
             channel_credentials,
             insecure,
