@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from features.logs import raw_inputs, read_log
 from features.spec import ConfigError, RankstageConfig, parse_config
@@ -186,3 +187,34 @@ def test_training_features_equal_the_serving_join(tmp_path, config):
         np.testing.assert_array_equal(values, expected[name], err_msg=name)
     assert np.isfinite(served["stat_user_author_click_rate_3d"]).sum() > 10  # the composite join matched rows
     assert np.isnan(served["stat_user_author_click_rate_3d"]).any()  # and left unknown pairs missing
+
+
+def test_kuairand_training_features_equal_the_serving_join(tmp_path):
+    """configs/kuairand_stats.yaml on the real log: Apr 30 rows of 150 users, served from the Apr 30 snapshot (Apr
+    25-29), equal training's statistics columns; the author comes from the video side table (a chained key)."""
+    root = Path(__file__).resolve().parent.parent
+    dump = parse_config(yaml.safe_load((root / "configs" / "kuairand_stats.yaml").read_text())
+                        ).model_dump()
+    dump["data"]["log"] = str(root / dump["data"]["log"])
+    for j in dump["data"]["joins"]:
+        j["path"] = str(root / j["path"])
+    dump["data"]["statistics"]["path"] = str(tmp_path / "stats")
+    config = parse_config(dump, "kuairand stats")
+    day = 20220430
+    log = read_log(config.data)
+    rows = log[(log["date"] == day) & log["user_id"].isin(log.loc[log["date"] == day, "user_id"].unique()[:150])]
+    rows = rows.reset_index(drop=True)
+    history = read_log(config.data, statistics=False)
+    write_snapshot(history[history["date"] < day], config.data)
+    tables = FeatureTables.load(config)
+    stat_features = [f for f in config.serving_features if f.name.startswith("stat_")]
+    expected = raw_inputs(rows, stat_features)
+    served = {f.name: np.empty(len(rows), np.float32) for f in stat_features}
+    for user, group in rows.groupby("user_id"):
+        req, cand = tables.assemble(config.serving_features, {"user_id": np.array([user])},
+                                    {"video_id": group["video_id"].to_numpy()}, len(group))
+        for name in served:
+            served[name][group.index] = cand[name] if name in cand else np.repeat(req[name], len(group))
+    for name, values in served.items():
+        np.testing.assert_array_equal(values, expected[name], err_msg=name)
+    assert np.isfinite(served["stat_item_click_rate_3d"]).mean() > 0.5
