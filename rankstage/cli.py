@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -59,6 +60,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
     compare(config, args.out, log=args.data, single_task=not args.no_single_task, gbdt=not args.no_gbdt)
 
 
+def cmd_compare_runs(args: argparse.Namespace) -> None:
+    from ranking.compare import compare_runs
+
+    runs = dict(r.split("=", 1) if "=" in r else (Path(r).name, r) for r in args.runs)
+    print(compare_runs({name: Path(path) for name, path in runs.items()}, args.out))
+
+
 def cmd_gbdt(args: argparse.Namespace) -> None:
     from ranking.baselines.gbdt import run_gbdt
     from ranking.train import format_metrics
@@ -101,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-single-task", action="store_true")
     p.add_argument("--no-gbdt", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("compare-runs", help="finished runs on the same validation rows, paired against the first")
+    p.add_argument("runs", nargs="+", metavar="[NAME=]RUN_DIR", help="run directories; the first is the base")
+    p.add_argument("--out", help="directory for compare.md and compare.json")
+    p.set_defaults(func=cmd_compare_runs)
 
     p = sub.add_parser("gbdt-baseline", help="LightGBM baseline, one model per task, same split and metrics")
     _config_args(p)
