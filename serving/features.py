@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -92,13 +93,30 @@ class SideTable:
                 return self.positions.get(key, self.n_rows)
             except TypeError:  # an unhashable value is no known key
                 return self.n_rows
-        if len(keys) == 1:
+        if not isinstance(self.index, pd.MultiIndex):
             rows = self.index.get_indexer(keys[0])
-        else:
-            c = max(len(k) for k in keys)
-            rows = self.index.get_indexer(pd.MultiIndex.from_arrays([np.broadcast_to(k, (c,)) for k in keys]))
+        else:  # each part to its level's code, the codes to one int64, looked up in the table's flat codes
+            flat = np.zeros(max(len(k) for k in keys), dtype=np.int64)
+            known = np.ones(len(flat), dtype=bool)
+            for level, stride, part in zip(self.index.levels, self._strides, keys):
+                codes = level.get_indexer(part)
+                known &= codes >= 0
+                flat += codes * stride
+            rows = self._flat_codes.get_indexer(flat)
+            rows[~known] = -1
         rows[rows < 0] = self.n_rows
         return rows
+
+    @cached_property
+    def _strides(self) -> np.ndarray:
+        """A composite key's code of level i is multiplied by the product of the later levels' sizes."""
+        sizes = np.array([len(level) for level in self.index.levels], dtype=np.int64)
+        return np.append(np.cumprod(sizes[::-1])[::-1][1:], 1)
+
+    @cached_property
+    def _flat_codes(self) -> pd.Index:
+        """(R,) each row's composite key as one int64 (``_strides``): one hash lookup per candidate."""
+        return pd.Index(sum(np.asarray(c, np.int64) * s for c, s in zip(self.index.codes, self._strides)))
 
     def column(self, feature: FeatureSpec) -> np.ndarray:
         """(R + 1,) the feature's raw values from this table."""
