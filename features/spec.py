@@ -223,8 +223,9 @@ class StatisticsConfig(_Strict):
     For an impression on day d only days d - w .. d - 1 count. Rates are additively smoothed toward the window's
     global rate with ``prior_strength`` pseudo-impressions. Each (key, window, measure) becomes a numeric feature
     named ``stat_<key>_<measure>_<w>d``; the newest snapshot (as of the day after the last log day) is written as
-    one Parquet table per key under ``path``, which serving joins like a side table. Rows of the first
-    ``warmup_days`` log days have no history and are dropped from the log (they still feed later days' statistics).
+    one Parquet table per key under ``path``, which serving joins like a side table. Rows of the first log day have
+    no history (their statistics are missing, as a new id's are at serving); ``warmup_days`` > 0 drops the rows of
+    the first days from the log instead (they still feed later days' statistics).
     """
 
     path: str
@@ -233,7 +234,7 @@ class StatisticsConfig(_Strict):
     events: dict[str, str] = Field(min_length=1)  # measure name -> binary 0/1 column of the log
     watch_time: WatchTimeStatistic | None = None
     prior_strength: float = Field(20.0, ge=0)
-    warmup_days: int = Field(1, ge=0)
+    warmup_days: int = Field(0, ge=0)
     keys: list[StatisticsKey] = Field(min_length=1)
 
     @field_validator("windows")

@@ -64,7 +64,7 @@ def with_stats(log: pd.DataFrame, config: RankstageConfig) -> pd.DataFrame:
 
 @pytest.fixture()
 def config(tmp_path) -> RankstageConfig:
-    return config_for(tmp_path / "log.csv", tmp_path / "videos.csv", tmp_path / "stats")
+    return config_for(tmp_path / "log.csv", tmp_path / "videos.csv", tmp_path / "stats", warmup_days=1)
 
 
 def stat_columns(config: RankstageConfig) -> list[str]:
@@ -123,10 +123,10 @@ def test_rates_are_smoothed_toward_the_windows_global_rate(config):
     np.testing.assert_allclose(table.loc[2, "stat_user_watch_s_1d"], 1.0, rtol=1e-6)
 
 
-def test_first_day_is_dropped_and_kept_with_warmup_zero(tmp_path):
-    config = config_for(tmp_path / "l.csv", tmp_path / "v.csv", tmp_path / "s")
+def test_first_day_is_kept_by_default_and_dropped_with_warmup(tmp_path):
+    config = config_for(tmp_path / "l.csv", tmp_path / "v.csv", tmp_path / "s", warmup_days=1)
     assert with_stats(make_log(), config)["date"].min() == DAYS[1]
-    keep = config_for(tmp_path / "l.csv", tmp_path / "v.csv", tmp_path / "s", warmup_days=0)
+    keep = config_for(tmp_path / "l.csv", tmp_path / "v.csv", tmp_path / "s")
     first = with_stats(make_log(), keep)
     assert first["date"].min() == DAYS[0]
     day0 = first[first["date"] == DAYS[0]]
