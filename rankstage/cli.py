@@ -47,6 +47,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(config, args.out, log=args.data, refit=args.refit)
 
 
+def cmd_statistics(args: argparse.Namespace) -> None:
+    from ranking.train import write_statistics_snapshot
+
+    config = load_cli_config(args.config, args.set, None)
+    if config.data.statistics is None:
+        raise SystemExit(f"--config {args.config}: no data.statistics section")
+    for path in write_statistics_snapshot(config, args.data):
+        print(f"wrote {path}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from ranking.export import export_run
 
@@ -95,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "number of epochs and keep that model (metrics stay those of the non-refit run)")
     p.add_argument("--tasks", nargs="+", help="train only these tasks (e.g. single-task baselines)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("statistics", help="write the newest statistics snapshot (data.statistics.path) for serving")
+    _config_args(p)
+    p.set_defaults(func=cmd_statistics)
 
     p = sub.add_parser("export", help="export a run as a versioned SavedModel for TF Serving")
     p.add_argument("--run", required=True)
