@@ -12,8 +12,9 @@ key absent from the table has every column missing: the same rule in training an
 feature's default.
 
 One function (``table_as_of``) computes a table as of a day; training applies it to every day of the log (a loop
-over days, vectorised within a day) and merges by (key, day); the newest snapshot (as of the day after the last log
-day) is written as ``<path>/<key>.parquet`` for serving, which joins it like a side table (``serving_joins``).
+over days, vectorised within a day) and merges by (key, day) (``join_statistics``, per chunk in replay); the
+newest snapshot (as of the day after the last log day) is written as ``<path>/<key>.parquet`` for serving, which
+joins it like a side table (``serving_joins``).
 
 Notation: N log rows, K keys of a table, W windows.
 """
@@ -105,19 +106,34 @@ def statistics_by_day(log: pd.DataFrame, stats: StatisticsConfig, days: np.ndarr
     return out
 
 
+def statistics_tables(log: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFrame]:
+    """Per key name, the statistics of every day of ``log`` (the joined log without statistics), keyed by (key
+    columns, ``DAY``), for ``join_statistics``."""
+    assert data.statistics is not None
+    log = log.assign(**{DAY: day_numbers(log[data.time_column], data.statistics.date_format)})
+    return statistics_by_day(log, data.statistics, np.unique(log[DAY].to_numpy()))
+
+
+def join_statistics(rows: pd.DataFrame, tables: dict[str, pd.DataFrame], data: DataConfig) -> pd.DataFrame:
+    """``rows`` (the whole log or a chunk of it, row order kept) with the statistics columns of ``tables``."""
+    assert data.statistics is not None
+    rows = rows.assign(**{DAY: day_numbers(rows[data.time_column], data.statistics.date_format)})
+    for key in data.statistics.keys:
+        rows = rows.merge(tables[key.name], on=[*key.columns, DAY], how="left")
+    return rows.drop(columns=DAY)
+
+
 def attach_statistics(log: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
     """The log with every statistics feature column (point-in-time: each row's day sees only earlier days), rows of
     the first ``warmup_days`` days dropped (they have no history). A no-op without ``data.statistics``."""
     stats = data.statistics
     if stats is None:
         return log
-    log = log.assign(**{DAY: day_numbers(log[data.time_column], stats.date_format)})
-    days = np.unique(log[DAY].to_numpy())
-    tables = statistics_by_day(log, stats, days)
-    for key in stats.keys:
-        log = log.merge(tables[key.name], on=[*key.columns, DAY], how="left")
-    log = log[log[DAY] >= days[0] + stats.warmup_days]
-    return log.drop(columns=DAY).reset_index(drop=True)
+    out = join_statistics(log, statistics_tables(log, data), data)
+    if stats.warmup_days:
+        days = day_numbers(log[data.time_column], stats.date_format)
+        out = out[days >= days.min() + stats.warmup_days]
+    return out.reset_index(drop=True)
 
 
 def snapshot_tables(log: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFrame]:

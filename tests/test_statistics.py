@@ -14,7 +14,16 @@ import yaml
 
 from features.logs import raw_inputs, read_log
 from features.spec import ConfigError, RankstageConfig, parse_config
-from features.statistics import DAY, attach_statistics, daily_sums, day_numbers, table_as_of, write_snapshot
+from features.statistics import (
+    DAY,
+    attach_statistics,
+    daily_sums,
+    day_numbers,
+    join_statistics,
+    statistics_tables,
+    table_as_of,
+    write_snapshot,
+)
 from serving.features import FeatureTables
 
 DAYS = [20220425, 20220426, 20220427, 20220428, 20220429, 20220430]
@@ -218,3 +227,14 @@ def test_kuairand_training_features_equal_the_serving_join(tmp_path):
     for name, values in served.items():
         np.testing.assert_array_equal(values, expected[name], err_msg=name)
     assert np.isfinite(served["stat_item_click_rate_3d"]).mean() > 0.5
+
+
+def test_chunks_joined_with_the_tables_equal_the_whole_log(config):
+    """Replay joins the statistics per chunk of the log with tables of the whole log: the same values."""
+    log = make_log(seed=5).merge(videos(), on="video_id", how="left")
+    whole = attach_statistics(log, config.data.model_copy(update={
+        "statistics": config.data.statistics.model_copy(update={"warmup_days": 0})}))
+    tables = statistics_tables(log, config.data)
+    chunks = pd.concat([join_statistics(log.iloc[i:i + 257], tables, config.data) for i in range(0, len(log), 257)],
+                       ignore_index=True)
+    pd.testing.assert_frame_equal(chunks[whole.columns], whole)
