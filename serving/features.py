@@ -12,6 +12,9 @@ Precedence, as in training where log columns win over table columns and an earli
 sent inline (request or candidates, by feature name or source column) > the first side table providing the column >
 missing. A join key comes from the request (1 row), else the candidates (C rows), else an earlier table's column
 (chained joins). An unknown id, or a key nobody sent, makes that table's features missing; it is never an error.
+The statistics snapshots of ``data.statistics`` (``features.statistics.serving_joins``) are tables like these; the
+user x author one has a composite key, each part found as above (the user from the request, the author from the
+video table per candidate), looked up as one int64 of the parts' level codes.
 
 Notation: R rows of a side table, C candidates.
 """
