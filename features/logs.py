@@ -13,7 +13,8 @@ import pandas as pd
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from features.spec import ConfigError, DataConfig, FeatureSpec, RankstageConfig, TaskSpec
+from features.spec import ConfigError, DataConfig, FeatureSpec, JoinSpec, RankstageConfig, TaskSpec
+from features.statistics import attach_statistics
 
 MISSING_INT = -1
 MISSING_STRING = ""
@@ -35,40 +36,47 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
     return table.to_pandas()
 
 
-def read_log(data: DataConfig, log: str | Path | None = None) -> pd.DataFrame:
-    """Read the impression log and left-join every side table the spec names."""
+def read_log(data: DataConfig, log: str | Path | None = None, statistics: bool = True) -> pd.DataFrame:
+    """Read the impression log, left-join every side table the spec names and add the point-in-time statistics
+    features of ``data.statistics`` (dropping its warmup days)."""
     df = read_table(log or data.log)
     for col in (data.time_column, data.user_column, data.item_column):
         if col not in df.columns:
             raise ConfigError(f"data: column {col!r} not in log {log or data.log} (has {list(df.columns)})")
-    return join_side_tables(df, load_side_tables(data))
+    df = join_side_tables(df, load_side_tables(data))
+    return attach_statistics(df, data) if statistics else df  # after the joins: keys may be side columns (author)
 
 
-def load_side_tables(data: DataConfig) -> list[tuple[str, pd.DataFrame]]:
-    """The spec's side tables as (key, table): selected columns, one row per key, missing markers as NaN."""
+def load_side_tables(data: DataConfig, joins: list[JoinSpec] | None = None
+                     ) -> list[tuple[str | list[str], pd.DataFrame]]:
+    """The spec's side tables (``joins``, default ``data.joins``) as (key, table): selected columns, one row per key,
+    missing markers as NaN. A composite key is a list of columns."""
     sides = []
-    for join in data.joins:
+    for join in data.joins if joins is None else joins:
         side = read_table(join.path)
-        if join.key not in side.columns:
-            raise ConfigError(f"data.joins: key {join.key!r} missing in {join.path}")
+        absent_keys = [k for k in join.keys if k not in side.columns]
+        if absent_keys:
+            raise ConfigError(f"data.joins: key {absent_keys[0]!r} missing in {join.path}")
         if join.columns:
             absent = [c for c in join.columns if c not in side.columns]
             if absent:
                 raise ConfigError(f"data.joins: columns {absent} not in {join.path}")
-            side = side[[join.key, *join.columns]]
-        side = side.drop_duplicates(join.key)
+            side = side[[*join.keys, *join.columns]]
+        side = side.drop_duplicates(join.keys)
         if join.missing_values:
             side = side.replace({v: np.nan for v in join.missing_values})
         sides.append((join.key, side))
     return sides
 
 
-def join_side_tables(df: pd.DataFrame, sides: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+def join_side_tables(df: pd.DataFrame, sides: list[tuple[str | list[str], pd.DataFrame]]) -> pd.DataFrame:
     """Left-join each side table onto the log (or a chunk of it); log columns win where names overlap."""
     for key, side in sides:
-        if key not in df.columns:
-            raise ConfigError(f"data.joins: key {key!r} not in the log")
-        overlap = [c for c in side.columns if c in df.columns and c != key]
+        keys = [key] if isinstance(key, str) else key
+        absent = [k for k in keys if k not in df.columns]
+        if absent:
+            raise ConfigError(f"data.joins: key {absent[0]!r} not in the log")
+        overlap = [c for c in side.columns if c in df.columns and c not in keys]
         df = df.merge(side.drop(columns=overlap), on=key, how="left")
     return df
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -180,17 +181,112 @@ class TrainingConfig(_Strict):
 
 
 class JoinSpec(_Strict):
-    """A side table left-joined onto the log on column ``key``; ``missing_values`` become NaN."""
+    """A side table left-joined onto the log on column ``key`` (or a composite key, a list of columns, as the
+    user x author statistics table has); ``missing_values`` become NaN."""
 
     path: str
-    key: str
+    key: str | list[str]
     columns: list[str] | None = None
     missing_values: list[float | str] = []
+
+    @property
+    def keys(self) -> list[str]:
+        """The key's columns: one, or several for a composite key."""
+        return [self.key] if isinstance(self.key, str) else list(self.key)
+
+
+class StatisticsKey(_Strict):
+    """One statistics table: the log's events aggregated per value of ``columns`` (one id, or a composite key such
+    as user x author). ``group`` is the group of the features it yields: ``user`` when every key column is known from
+    the request, else ``item`` (per candidate)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    columns: list[str] = Field(min_length=1)
+    group: Literal["user", "item"] = "item"
+
+    @field_validator("columns")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"key columns must be distinct, got {v!r}")
+        return v
+
+
+class WatchTimeStatistic(_Strict):
+    column: str
+    scale: float = Field(1.0, gt=0)  # into seconds (ms -> s: 0.001)
+
+
+class StatisticsConfig(_Strict):
+    """Point-in-time statistics of the log (``features/statistics.py``): per key and past window of ``windows`` days,
+    the impressions, the count and smoothed rate of each binary ``events`` column, and the smoothed mean watch time.
+    For an impression on day d only days d - w .. d - 1 count. Rates are additively smoothed toward the window's
+    global rate with ``prior_strength`` pseudo-impressions. Each (key, window, measure) becomes a numeric feature
+    named ``stat_<key>_<measure>_<w>d``; the newest snapshot (as of the day after the last log day) is written as
+    one Parquet table per key under ``path``, which serving joins like a side table. Rows of the first log day have
+    no history (their statistics are missing, as a new id's are at serving); ``warmup_days`` > 0 drops the rows of
+    the first days from the log instead (they still feed later days' statistics).
+    """
+
+    path: str
+    date_format: str = "%Y%m%d"  # how data.time_column encodes a day
+    windows: list[int] = [1, 3]
+    events: dict[str, str] = Field(min_length=1)  # measure name -> binary 0/1 column of the log
+    watch_time: WatchTimeStatistic | None = None
+    prior_strength: float = Field(20.0, ge=0)
+    warmup_days: int = Field(0, ge=0)
+    keys: list[StatisticsKey] = Field(min_length=1)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, v: list[int]) -> list[int]:
+        if not v or any(w < 1 for w in v) or len(set(v)) != len(v):
+            raise ValueError(f"windows must be distinct whole days >= 1, got {v!r}")
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _event_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+        if bad:
+            raise ValueError(f"event names must be identifiers, got {bad[0]!r}")
+        return v
+
+    @field_validator("prior_strength")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be finite, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> StatisticsConfig:
+        names = [k.name for k in self.keys]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"keys: duplicate names {dupes}")
+        return self
+
+    def measures(self) -> list[tuple[str, str]]:
+        """(measure, transform) per table column and window: impressions, then per event its count and rate, then
+        the mean watch time; counts and seconds are log1p-transformed."""
+        out = [("impressions", "log1p")]
+        for e in self.events:
+            out += [(e, "log1p"), (f"{e}_rate", "none")]
+        if self.watch_time is not None:
+            out.append(("watch_s", "log1p"))
+        return out
+
+    def feature_specs(self) -> list[dict]:
+        """The numeric features the statistics yield, as FeatureSpec fields: ``stat_<key>_<measure>_<w>d``."""
+        return [{"name": f"stat_{k.name}_{m}_{w}d", "kind": "numeric", "group": k.group, "transform": t}
+                for k in self.keys for w in self.windows for m, t in self.measures()]
 
 
 class DataConfig(_Strict):
     log: str
     joins: list[JoinSpec] = []
+    statistics: StatisticsConfig | None = None
     time_column: str  # the split is by distinct values of this column, in order
     user_column: str  # for user-grouped AUC and request grouping
     item_column: str
@@ -205,6 +301,31 @@ class RankstageConfig(_Strict):
     tasks: list[TaskSpec]
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _statistics_features(cls, data: object) -> object:
+        """Append the features ``data.statistics`` yields. A feature of the same name already listed must be that
+        same feature (a dumped config lists them; reloading it must not add them twice)."""
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            return data
+        stats = data["data"].get("statistics")
+        if stats is None or not isinstance(data.get("features"), list):
+            return data
+        try:
+            stats = StatisticsConfig.model_validate(stats)
+        except ValidationError:
+            return data  # reported with its location by the field's own validation
+        listed = {f.get("name"): (i, f) for i, f in enumerate(data["features"]) if isinstance(f, dict)}
+        features = list(data["features"])
+        for spec in stats.feature_specs():
+            if spec["name"] not in listed:
+                features.append(spec)
+                continue
+            i, f = listed[spec["name"]]
+            if FeatureSpec.model_validate(f) != FeatureSpec.model_validate(spec):
+                raise ValueError(f"features[{i}]: name {spec['name']!r} is a feature of data.statistics; rename it")
+        return {**data, "features": features}
 
     @model_validator(mode="after")
     def _check_refs(self) -> RankstageConfig:

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 
 from calibration.outputs import correct_outputs
 from calibration.posthoc import calibrate
-from features.logs import evaluation_labels, join_side_tables, load_side_tables, raw_inputs
+from features.logs import evaluation_labels, join_side_tables, load_side_tables, raw_inputs, read_table
 from features.spec import ConfigError, RankstageConfig
+from features.statistics import join_statistics, statistics_tables
 from fusion.config import FusionProfile
 from fusion.lists import Lists, group_lists, list_metrics, paired_difference, summarise
 
@@ -103,6 +104,8 @@ def score_log(model_base_path: str | Path, log: str | Path | None = None, days: 
     log = log or config.data.log
     sides = load_side_tables(config.data)
     d = config.data
+    # statistics need the whole log's history, so they are computed once before streaming (small columns only)
+    stat_tables = statistics_tables(join_side_tables(read_table(log), sides), d) if d.statistics else None
     keep = {"user": [], "day": [], "order": [], "request": []}
     truth: dict[str, list] = {c: [] for c in truth_columns}
     preds: dict[str, list] = {t.name: [] for t in config.tasks}
@@ -116,6 +119,8 @@ def score_log(model_base_path: str | Path, log: str | Path | None = None, days: 
         seen += n_chunk
         if len(chunk):
             chunk = join_side_tables(chunk, sides)
+            if stat_tables is not None:
+                chunk = join_statistics(chunk, stat_tables, d)
             _score_chunk(fn, config, chunk, meta["sampling"], preds, labels)
             keep["user"].append(chunk[d.user_column].to_numpy())
             keep["day"].append(chunk[d.time_column].to_numpy())

@@ -101,6 +101,25 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
     return results
 
 
+def compare_runs(runs: dict[str, Path], out: str | Path | None = None) -> str:
+    """Finished training runs judged side by side: ``runs`` maps a name to a run directory, the first is the base.
+    Their saved validation predictions must cover the same rows (same log and validation days). Returns the markdown
+    table and paired differences (base minus each other run), written to ``<out>/compare.md`` / ``compare.json``."""
+    names = list(runs)
+    config = load_config(Path(runs[names[0]]) / "config.yaml")
+    results = {n: json.loads((Path(d) / "metrics.json").read_text())["tasks"] for n, d in runs.items()}
+    judged = {n: load_judged(Path(d) / PREDICTIONS) for n, d in runs.items()}
+    paired = paired_differences(config, judged, names[0])
+    tasks = [t.name for t in config.tasks]
+    report = markdown_table(results, tasks) + "\n" + paired_table(paired, tasks, base=names[0])
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps({**results, f"paired_vs_{names[0]}": paired}, indent=2))
+        (out / "compare.md").write_text(report)
+    return report
+
+
 def _has_days(path: Path) -> bool:
     with np.load(path, allow_pickle=False) as z:
         return any(k.endswith("/day") for k in z.files)

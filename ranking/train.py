@@ -21,6 +21,7 @@ import yaml
 from calibration.outputs import correct_outputs
 from features.logs import evaluation_labels, raw_inputs, read_log, task_labels, time_split
 from features.spec import ConfigError, RankstageConfig, TaskSpec, load_config
+from features.statistics import write_snapshot
 from features.vocab import FeatureStats, build_stats, load_stats, save_stats
 from ranking import metrics
 from ranking.model import RankingModels, build_models
@@ -284,6 +285,17 @@ def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureSt
     return models, history, art
 
 
+def write_statistics_snapshot(config: RankstageConfig, log: str | Path | None = None) -> list[Path]:
+    """Write ``data.statistics``' newest snapshot (as of the day after the last log day up to ``data.until``) to
+    ``data.statistics.path``; the written files (none without statistics)."""
+    if config.data.statistics is None:
+        return []
+    window = read_log(config.data, log, statistics=False)
+    if config.data.until is not None:
+        window = window[window[config.data.time_column] <= config.data.until]
+    return write_snapshot(window, config.data)
+
+
 PREDICTIONS = "validation_predictions.npz"  # the non-refit model's judged validation predictions
 
 
@@ -318,6 +330,9 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         history["refit_loss"] = refit_history["loss"]
     models.train.save_weights(out / "model.weights.h5")
     save_stats(stats, out / "stats.json")
+    written = write_statistics_snapshot(config, log)  # the newest statistics snapshot, which serving joins
+    if verbose and written:
+        print(f"statistics snapshot written: {', '.join(map(str, written))}", flush=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     (out / "artifacts.json").write_text(json.dumps(art.__dict__, indent=2, default=_jsonable))
     (out / "history.json").write_text(json.dumps(history, indent=2))

@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -46,6 +47,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(config, args.out, log=args.data, refit=args.refit)
 
 
+def cmd_statistics(args: argparse.Namespace) -> None:
+    from ranking.train import write_statistics_snapshot
+
+    config = load_cli_config(args.config, args.set, None)
+    if config.data.statistics is None:
+        raise SystemExit(f"--config {args.config}: no data.statistics section")
+    for path in write_statistics_snapshot(config, args.data):
+        print(f"wrote {path}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from ranking.export import export_run
 
@@ -58,6 +69,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
     config = load_cli_config(args.config, args.set, None)
     compare(config, args.out, log=args.data, single_task=not args.no_single_task, gbdt=not args.no_gbdt,
             ple=not args.no_ple)
+
+
+def cmd_compare_runs(args: argparse.Namespace) -> None:
+    from ranking.compare import compare_runs
+
+    runs = dict(r.split("=", 1) if "=" in r else (Path(r).name, r) for r in args.runs)
+    print(compare_runs({name: Path(path) for name, path in runs.items()}, args.out))
 
 
 def cmd_gbdt(args: argparse.Namespace) -> None:
@@ -89,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="train only these tasks (e.g. single-task baselines)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("statistics", help="write the newest statistics snapshot (data.statistics.path) for serving")
+    _config_args(p)
+    p.set_defaults(func=cmd_statistics)
+
     p = sub.add_parser("export", help="export a run as a versioned SavedModel for TF Serving")
     p.add_argument("--run", required=True)
     p.add_argument("--model-base-path", required=True)
@@ -103,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gbdt", action="store_true")
     p.add_argument("--no-ple", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("compare-runs", help="finished runs on the same validation rows, paired against the first")
+    p.add_argument("runs", nargs="+", metavar="[NAME=]RUN_DIR", help="run directories; the first is the base")
+    p.add_argument("--out", help="directory for compare.md and compare.json")
+    p.set_defaults(func=cmd_compare_runs)
 
     p = sub.add_parser("gbdt-baseline", help="LightGBM baseline, one model per task, same split and metrics")
     _config_args(p)

@@ -12,6 +12,9 @@ Precedence, as in training where log columns win over table columns and an earli
 sent inline (request or candidates, by feature name or source column) > the first side table providing the column >
 missing. A join key comes from the request (1 row), else the candidates (C rows), else an earlier table's column
 (chained joins). An unknown id, or a key nobody sent, makes that table's features missing; it is never an error.
+The statistics snapshots of ``data.statistics`` (``features.statistics.serving_joins``) are tables like these; the
+user x author one has a composite key, each part found as above (the user from the request, the author from the
+video table per candidate), looked up as one int64 of the parts' level codes.
 
 Notation: R rows of a side table, C candidates.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,6 +32,7 @@ import pandas as pd
 
 from features.logs import MISSING_INT, MISSING_STRING, load_side_tables, raw_column
 from features.spec import ConfigError, FeatureSpec, JoinSpec, RankstageConfig
+from features.statistics import serving_joins
 
 REQUEST_GROUPS = ("user", "context")  # (1,) inputs; every other group is per candidate, (C,)
 
@@ -71,7 +76,7 @@ class SideTable:
 
     join: JoinSpec
     stamp: tuple
-    index: pd.Index  # (R,) unique keys, in table order
+    index: pd.Index  # (R,) unique keys, in table order (a MultiIndex for a composite key)
     positions: Mapping[object, int]  # key -> row, for the 1-row request side
     provides: tuple[str, ...]  # columns training takes from this table (not its key, not earlier tables' columns)
     values: dict[tuple[str, str], np.ndarray] = field(repr=False)
@@ -82,16 +87,39 @@ class SideTable:
     def n_rows(self) -> int:
         return len(self.index)
 
-    def lookup(self, keys: np.ndarray, per_candidate: bool) -> Rows:
-        """Row of each key, R for unknown ones: an int for the 1-row request side, else (C,) intp."""
+    def lookup(self, keys: list[np.ndarray], per_candidate: bool) -> Rows:
+        """Row of each key, R for unknown ones: an int for the 1-row request side, else (C,) intp. ``keys`` holds
+        one array per key column ((1,) or (C,) each; a composite key's (1,) parts are broadcast to C)."""
         if not per_candidate:
             try:
-                return self.positions.get(keys[0], self.n_rows)
+                key = keys[0][0] if len(keys) == 1 else tuple(k[0] for k in keys)
+                return self.positions.get(key, self.n_rows)
             except TypeError:  # an unhashable value is no known key
                 return self.n_rows
-        rows = self.index.get_indexer(keys)
+        if not isinstance(self.index, pd.MultiIndex):
+            rows = self.index.get_indexer(keys[0])
+        else:  # each part to its level's code, the codes to one int64, looked up in the table's flat codes
+            flat = np.zeros(max(len(k) for k in keys), dtype=np.int64)
+            known = np.ones(len(flat), dtype=bool)
+            for level, stride, part in zip(self.index.levels, self._strides, keys):
+                codes = level.get_indexer(part)
+                known &= codes >= 0
+                flat += codes * stride
+            rows = self._flat_codes.get_indexer(flat)
+            rows[~known] = -1
         rows[rows < 0] = self.n_rows
         return rows
+
+    @cached_property
+    def _strides(self) -> np.ndarray:
+        """A composite key's code of level i is multiplied by the product of the later levels' sizes."""
+        sizes = np.array([len(level) for level in self.index.levels], dtype=np.int64)
+        return np.append(np.cumprod(sizes[::-1])[::-1][1:], 1)
+
+    @cached_property
+    def _flat_codes(self) -> pd.Index:
+        """(R,) each row's composite key as one int64 (``_strides``): one hash lookup per candidate."""
+        return pd.Index(sum(np.asarray(c, np.int64) * s for c, s in zip(self.index.codes, self._strides)))
 
     def column(self, feature: FeatureSpec) -> np.ndarray:
         """(R + 1,) the feature's raw values from this table."""
@@ -124,7 +152,8 @@ class _Input(NamedTuple):
 
 @dataclass(frozen=True)
 class FeatureTables:
-    """Immutable snapshot of every side table of a config; a reload builds a new one (``load``)."""
+    """Immutable snapshot of every side table of a config (``data.joins``, then the newest statistics snapshots of
+    ``data.statistics``, one keyed by a composite key such as (user, author)); a reload builds a new one."""
 
     tables: tuple[SideTable, ...]
     provider: Mapping[str, int]  # column -> index of the table it is taken from
@@ -134,23 +163,26 @@ class FeatureTables:
 
     @classmethod
     def load(cls, config: RankstageConfig) -> FeatureTables:
-        """Read ``config.data.joins`` as training does; raises ConfigError (naming the table) if one is unusable."""
+        """Read ``config.data.joins`` as training does, and the statistics snapshots; raises ConfigError (naming the
+        table) if one is unusable."""
         data = config.data
-        stamps = [file_stamp(j.path) for j in data.joins]  # before reading: a write during the read shows later
-        sides = load_side_tables(data)
+        joins = serving_joins(data)  # the side tables, then the statistics snapshots
+        stamps = [file_stamp(j.path) for j in joins]  # before reading: a write during the read shows later
+        sides = load_side_tables(data, joins)
         log_columns = {data.user_column, data.item_column}  # always in a log, so never taken from a table
         taken: set[str] = set()
         provides: list[tuple[str, ...]] = []
-        for key, side in sides:
-            taken |= log_columns | {key}
+        for join, (_, side) in zip(joins, sides):
+            taken |= log_columns | set(join.keys)
             own = tuple(c for c in side.columns if c not in taken)
             taken |= set(own)
             provides.append(own)
         provider = {c: i for i, own in enumerate(provides) for c in own}
-        later_keys = [{j.key for j in data.joins[i + 1:]} for i in range(len(data.joins))]
+        later_keys = [{k for j in joins[i + 1:] for k in j.keys} for i in range(len(joins))]
         tables = []
-        for i, (join, stamp, (key, side), own) in enumerate(zip(data.joins, stamps, sides, provides)):
-            index = pd.Index(side[key])
+        for i, (join, stamp, (_, side), own) in enumerate(zip(joins, stamps, sides, provides)):
+            keys = join.keys
+            index = pd.Index(side[keys[0]]) if len(keys) == 1 else pd.MultiIndex.from_frame(side[keys])
             values = {(f.source, f.raw_dtype): _convert(side, f, join.path)
                       for f in config.features if provider.get(f.source) == i}
             keys = {c: _key_column(side[c]) for c in own if c in later_keys[i]}
@@ -184,20 +216,27 @@ class FeatureTables:
         """Each table's matched rows (None: its key was not sent and no earlier table gives it)."""
         rows: list[Rows | None] = []
         for table in self.tables:
-            key = table.join.key
+            parts = [self._key(key, request, candidates, rows) for key in table.join.keys]
             matched: Rows | None = None
-            if (keys := self._sent(request, key)) is not None:
-                matched = table.lookup(keys, per_candidate=False)
-            elif (keys := self._sent(candidates, key)) is not None:
-                matched = table.lookup(keys, per_candidate=True)
-            elif (src := self.provider.get(key)) is not None and rows[src] is not None:
-                values, at = self.tables[src].keys[key], rows[src]
-                if isinstance(at, np.ndarray):
-                    matched = table.lookup(values.take(at), per_candidate=True)
-                else:
-                    matched = table.lookup(values[at:at + 1], per_candidate=False)
+            if all(p is not None for p in parts):
+                matched = table.lookup([v for v, _ in parts], per_candidate=any(c for _, c in parts))
             rows.append(matched)
         return rows
+
+    def _key(self, key: str, request: dict[str, np.ndarray], candidates: dict[str, np.ndarray],
+             rows: list[Rows | None]) -> tuple[np.ndarray, bool] | None:
+        """One key column's values and whether they are per candidate: sent with the request ((1,)), else with the
+        candidates ((C,)), else an earlier table's column at its matched rows; None if nobody gives it."""
+        if (values := self._sent(request, key)) is not None:
+            return values, False
+        if (values := self._sent(candidates, key)) is not None:
+            return values, True
+        if (src := self.provider.get(key)) is not None and rows[src] is not None:
+            values, at = self.tables[src].keys[key], rows[src]
+            if isinstance(at, np.ndarray):
+                return values.take(at), True
+            return values[at:at + 1], False
+        return None
 
     def _plan(self, features: list[FeatureSpec]) -> tuple[_Input, ...]:
         """Per feature: where its values come from. Cached by the features' identity (the entry holds them, so an

@@ -12,7 +12,7 @@ from conftest import TRUTH
 
 from features.spec import load_config
 from ranking import metrics
-from ranking.compare import compare
+from ranking.compare import compare, compare_runs
 from ranking.train import PREDICTIONS, load_judged
 
 
@@ -88,3 +88,12 @@ def test_a_run_without_saved_predictions_is_rescored_from_its_weights(small_comp
         assert np.array_equal(after[task][0], y) and np.array_equal(after[task][2], u)
         assert np.array_equal(after[task][3], d)
         np.testing.assert_allclose(after[task][1], p, rtol=1e-5, atol=1e-6)
+
+
+def test_compare_runs_pairs_finished_runs_against_the_first(small_compare, tmp_path):
+    config, out, results = small_compare
+    report = compare_runs({"a": out / "runs" / "mmoe", "b": out / "runs" / "shared_bottom"}, tmp_path)
+    paired = json.loads((tmp_path / "compare.json").read_text())["paired_vs_a"]
+    d = paired["b"]["click"]["gauc"]["difference"]
+    assert d == pytest.approx(results["mmoe"]["click"]["gauc"] - results["shared_bottom"]["click"]["gauc"], abs=1e-9)
+    assert "a − b" in report and report == (tmp_path / "compare.md").read_text()

@@ -1,0 +1,174 @@
+"""Point-in-time statistics features: per key (user, item, user x author) and past window, counts and smoothed rates.
+
+For an impression on day d, a window of w days covers days d - w .. d - 1: nothing of day d or later counts, so a
+statistic never sees the label it helps predict. Per key and window the table holds
+
+    impressions n, per event e its count k_e and rate (k_e + m p_e) / (n + m), the mean watch (s + m t) / (n + m)
+
+where p_e and t are the global rate and mean watch seconds of the same window (all keys) and m =
+``prior_strength``: additive (Beta-prior) smoothing, so an id with few impressions sits near the global rate and one
+with many near its own. A key with no impression in a window has n = 0, counts 0 and rate / mean missing (NaN), as a
+key absent from the table has every column missing: the same rule in training and serving, where NaN takes the
+feature's default.
+
+One function (``table_as_of``) computes a table as of a day; training applies it to every day of the log (a loop
+over days, vectorised within a day) and merges by (key, day) (``join_statistics``, per chunk in replay); the
+newest snapshot (as of the day after the last log day) is written as ``<path>/<key>.parquet`` for serving, which
+joins it like a side table (``serving_joins``).
+
+Notation: N log rows, K keys of a table, W windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from features.spec import ConfigError, DataConfig, JoinSpec, StatisticsConfig, StatisticsKey
+
+DAY = "_stat_day"  # days since 1970-01-01 of a row (int64), added to the log while statistics are computed
+AS_OF = "as_of"  # the snapshot's day in the format of data.time_column, a column of the written tables
+
+
+def day_numbers(times: pd.Series, fmt: str) -> np.ndarray:
+    """(N,) int64 days since the epoch of the time column's values, read with ``statistics.date_format``."""
+    parsed = pd.to_datetime(times.astype(str), format=fmt, errors="coerce")
+    if parsed.isna().any():
+        bad = times[parsed.isna()].iloc[0]
+        raise ConfigError(f"data.statistics.date_format: {fmt!r} does not read time value {bad!r}")
+    return parsed.to_numpy().astype("datetime64[D]").astype(np.int64)
+
+
+def _sums(stats: StatisticsConfig) -> list[str]:
+    return ["impressions", *stats.events, *(["watch_s"] if stats.watch_time else [])]
+
+
+def daily_sums(log: pd.DataFrame, stats: StatisticsConfig, key: StatisticsKey) -> pd.DataFrame:
+    """Per (key, day): impressions, the count of each event and the watch seconds summed; rows with a missing key
+    part are not counted. Needs the ``DAY`` column."""
+    missing = [c for c in [*key.columns, *stats.events.values()] if c not in log.columns]
+    if stats.watch_time is not None and stats.watch_time.column not in log.columns:
+        missing.append(stats.watch_time.column)
+    if missing:
+        raise ConfigError(f"data.statistics (key {key.name!r}): columns {missing} not in the log")
+    frame = pd.DataFrame({c: log[c] for c in [*key.columns, DAY]})
+    frame["impressions"] = 1.0
+    for name, column in stats.events.items():
+        frame[name] = pd.to_numeric(log[column], errors="coerce").fillna(0.0).to_numpy(np.float64)
+    if stats.watch_time is not None:
+        secs = pd.to_numeric(log[stats.watch_time.column], errors="coerce").fillna(0.0)
+        frame["watch_s"] = secs.to_numpy(np.float64) * stats.watch_time.scale
+    return frame.groupby([*key.columns, DAY], sort=False).sum().reset_index()
+
+
+def smoothed(total: np.ndarray, n: np.ndarray, prior: float, strength: float) -> np.ndarray:
+    """(K,) additive smoothing (total + m prior) / (n + m); NaN where n = 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (total + strength * prior) / (n + strength), np.nan)
+
+
+def table_as_of(daily: pd.DataFrame, stats: StatisticsConfig, key: StatisticsKey, day: int) -> pd.DataFrame:
+    """The statistics of every key with an impression in some window before ``day``: key columns then
+    ``stat_<key>_<measure>_<w>d`` per window (K rows). ``daily`` is ``daily_sums``' table."""
+    parts = []
+    for w in stats.windows:
+        past = daily[(daily[DAY] >= day - w) & (daily[DAY] < day)]
+        agg = past.drop(columns=DAY).groupby(key.columns, sort=True).sum()
+        totals = past[_sums(stats)].sum()
+        n_all = float(totals["impressions"])
+        n = agg["impressions"].to_numpy()
+        out = {"impressions": n}
+        for e in stats.events:
+            prior = float(totals[e]) / n_all if n_all > 0 else 0.0
+            out[e] = agg[e].to_numpy()
+            out[f"{e}_rate"] = smoothed(agg[e].to_numpy(), n, prior, stats.prior_strength)
+        if stats.watch_time is not None:
+            prior = float(totals["watch_s"]) / n_all if n_all > 0 else 0.0
+            out["watch_s"] = smoothed(agg["watch_s"].to_numpy(), n, prior, stats.prior_strength)
+        parts.append(pd.DataFrame({f"stat_{key.name}_{m}_{w}d": out[m] for m, _ in stats.measures()},
+                                  index=agg.index))
+    table = pd.concat(parts, axis=1, join="outer")  # a key absent from a window: counts 0, rates missing
+    counts = [f"stat_{key.name}_{m}_{w}d" for w in stats.windows for m in ("impressions", *stats.events)]
+    table[counts] = table[counts].fillna(0.0)
+    return table.astype(np.float32).reset_index()
+
+
+def statistics_by_day(log: pd.DataFrame, stats: StatisticsConfig, days: np.ndarray
+                      ) -> dict[str, pd.DataFrame]:
+    """Per key name: ``table_as_of`` for each of ``days`` stacked, with a ``DAY`` column. ``log`` needs ``DAY``."""
+    out = {}
+    for key in stats.keys:
+        daily = daily_sums(log, stats, key)
+        tables = [table_as_of(daily, stats, key, int(d)).assign(**{DAY: int(d)}) for d in days]
+        out[key.name] = pd.concat(tables, ignore_index=True)
+    return out
+
+
+def statistics_tables(log: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFrame]:
+    """Per key name, the statistics of every day of ``log`` (the joined log without statistics), keyed by (key
+    columns, ``DAY``), for ``join_statistics``."""
+    assert data.statistics is not None
+    log = log.assign(**{DAY: day_numbers(log[data.time_column], data.statistics.date_format)})
+    return statistics_by_day(log, data.statistics, np.unique(log[DAY].to_numpy()))
+
+
+def join_statistics(rows: pd.DataFrame, tables: dict[str, pd.DataFrame], data: DataConfig) -> pd.DataFrame:
+    """``rows`` (the whole log or a chunk of it, row order kept) with the statistics columns of ``tables``."""
+    assert data.statistics is not None
+    rows = rows.assign(**{DAY: day_numbers(rows[data.time_column], data.statistics.date_format)})
+    for key in data.statistics.keys:
+        rows = rows.merge(tables[key.name], on=[*key.columns, DAY], how="left")
+    return rows.drop(columns=DAY)
+
+
+def attach_statistics(log: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
+    """The log with every statistics feature column (point-in-time: each row's day sees only earlier days), rows of
+    the first ``warmup_days`` days dropped (they have no history). A no-op without ``data.statistics``."""
+    stats = data.statistics
+    if stats is None:
+        return log
+    out = join_statistics(log, statistics_tables(log, data), data)
+    if stats.warmup_days:
+        days = day_numbers(log[data.time_column], stats.date_format)
+        out = out[days >= days.min() + stats.warmup_days]
+    return out.reset_index(drop=True)
+
+
+def snapshot_tables(log: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFrame]:
+    """Per key name, the newest snapshot: statistics as of the day after the last day of ``log`` (the joined log
+    without statistics: ``read_log(data, statistics=False)``), with an ``AS_OF`` column."""
+    stats = data.statistics
+    if stats is None:
+        return {}
+    log = log.assign(**{DAY: day_numbers(log[data.time_column], stats.date_format)})
+    day = int(log[DAY].max()) + 1
+    as_of = pd.Timestamp(np.datetime64(day, "D")).strftime(stats.date_format)
+    return {name: t.drop(columns=DAY).assign(**{AS_OF: as_of})
+            for name, t in statistics_by_day(log, stats, np.array([day])).items()}
+
+
+def write_snapshot(log: pd.DataFrame, data: DataConfig, path: str | Path | None = None) -> list[Path]:
+    """Write ``snapshot_tables`` as ``<path>/<key>.parquet`` (default ``data.statistics.path``); the written files."""
+    if data.statistics is None:
+        return []
+    out = Path(path or data.statistics.path)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, table in snapshot_tables(log, data).items():
+        tmp = out / f".{name}.parquet.tmp"
+        table.to_parquet(tmp, index=False)
+        tmp.replace(out / f"{name}.parquet")  # atomic: a reloading server never reads half a table
+        written.append(out / f"{name}.parquet")
+    return written
+
+
+def serving_joins(data: DataConfig) -> list[JoinSpec]:
+    """The side-table joins serving performs: ``data.joins``, then each statistics snapshot on its key columns."""
+    stats = data.statistics
+    if stats is None:
+        return list(data.joins)
+    return [*data.joins, *(JoinSpec(path=str(Path(stats.path) / f"{k.name}.parquet"),
+                                    key=k.columns[0] if len(k.columns) == 1 else list(k.columns),
+                                    columns=None) for k in stats.keys)]
