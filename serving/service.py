@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -80,8 +81,19 @@ class Metrics:
                                     ["fusion_version", "calibration_version"], registry=r)
         self.reloads = Counter("rankstage_reloads", "Reloads by kind and outcome (applied / refused)",
                                ["kind", "outcome"], registry=r)
+        self.recommend_requests = Counter("rankstage_recommend_requests", "Recommend calls by gRPC status code",
+                                          ["code"], registry=r)
+        self.recommend_sources = Counter("rankstage_recommend_candidates", "Recommend answers by candidate source "
+                                         "(retrieval / popular_fallback)", ["source"], registry=r)
+        self.retrieve = Histogram("rankstage_retrieve_seconds", "Retrieval time per Recommend call",
+                                  buckets=[b / 1e3 for b in ms], registry=r)
+        self.retrieval_version = Gauge("rankstage_retrieval_index_version", "Retrieval index version in use",
+                                       ["model"], registry=r)
         for code in ("OK", "INVALID_ARGUMENT", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"):
             self.requests.labels(code)
+            self.recommend_requests.labels(code)
+        for source in ("retrieval", "popular_fallback"):
+            self.recommend_sources.labels(source)
         for kind in ("model", "fusion", "calibration", "feature_tables"):
             for outcome in ("applied", "refused"):
                 self.reloads.labels(kind, outcome)
@@ -146,38 +158,41 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
 
     def Rank(self, request: pb.RankRequest, context: grpc.ServicerContext) -> pb.RankResponse:
         svc = self.service
+        return self._answer("rank", svc.metrics.requests, lambda: svc.rank(request, context.time_remaining()),
+                            request.request_id, context)
+
+    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
+        svc = self.service
+
+        def recommend() -> pb.RecommendResponse:
+            if svc.recommender is None:
+                raise BackendError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "Recommend needs a retrieval index (serving config section 'retrieval')")
+            resp = svc.recommender.recommend(svc, request, context.time_remaining())
+            svc.metrics.recommend_sources.labels(resp.candidate_source).inc()
+            svc.metrics.retrieve.observe(resp.retrieve_ms / 1e3)
+            svc.metrics.retrieval_version.clear()
+            svc.metrics.retrieval_version.labels(resp.retrieval_model).set(resp.retrieval_version)
+            return resp
+
+        return self._answer("recommend", svc.metrics.recommend_requests, recommend, request.request_id, context)
+
+    @staticmethod
+    def _answer(call: str, counter: Counter, answer: Callable, request_id: str, context: grpc.ServicerContext):
+        """``answer()``, or abort with the status its error maps to; count the call by status code."""
         code, message = grpc.StatusCode.OK, ""
         try:
-            return svc.rank(request, context.time_remaining())
+            return answer()
         except (RequestError, ConfigError) as err:  # ConfigError: a request the feature join cannot use
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
         except BackendError as err:
             code, message = err.code, str(err)
         except Exception as err:  # a bug must not leak a stack trace to the gateway; it is logged with it
             code, message = grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
-            log.exception("rank failed", extra={"request_id": request.request_id})
+            log.exception(f"{call} failed", extra={"request_id": request_id})
         finally:
-            svc.metrics.requests.labels(code.name).inc()
-        log.warning("rank refused", extra={"request_id": request.request_id, "code": code.name, "error": message})
-        context.abort(code, message)
-
-    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
-        svc = self.service
-        code, message = grpc.StatusCode.OK, ""
-        try:
-            if svc.recommender is None:
-                raise BackendError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   "Recommend needs a retrieval index (serving config section 'retrieval')")
-            return svc.recommender.recommend(svc, request, context.time_remaining())
-        except (RequestError, ConfigError) as err:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
-        except BackendError as err:
-            code, message = err.code, str(err)
-        except Exception as err:  # logged with its stack trace, never sent to the gateway
-            code, message = grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
-            log.exception("recommend failed", extra={"request_id": request.request_id})
-        log.warning("recommend refused", extra={"request_id": request.request_id, "code": code.name,
-                                                "error": message})
+            counter.labels(code.name).inc()
+        log.warning(f"{call} refused", extra={"request_id": request_id, "code": code.name, "error": message})
         context.abort(code, message)
 
 

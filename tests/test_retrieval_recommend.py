@@ -116,3 +116,32 @@ def test_new_index_version_is_hot_reloaded(recommending, retrieval_run):
         time.sleep(0.2)
     resp = client.recommend({"user_id": _known_user(svc.recommender.index)}, {"tab": 1}, top_k=3)
     assert resp.retrieval_version == 2 and resp.candidate_source == "retrieval"
+
+
+def test_recommend_calls_are_counted_by_code_and_candidate_source(recommending):
+    import grpc
+
+    svc, client, _ = recommending
+    registry = svc.metrics.registry
+
+    def value(name: str, **labels) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    before = {"ok": value("rankstage_recommend_requests_total", code="OK"),
+              "bad": value("rankstage_recommend_requests_total", code="INVALID_ARGUMENT"),
+              "fallback": value("rankstage_recommend_candidates_total", source="popular_fallback"),
+              "retrieval": value("rankstage_recommend_candidates_total", source="retrieval"),
+              "rank_ok": value("rankstage_rank_requests_total", code="OK"),
+              "timed": value("rankstage_retrieve_seconds_count")}
+    client.recommend({"user_id": 10**12}, {"tab": 1}, num_candidates=10, top_k=3)
+    client.recommend({"user_id": _known_user(svc.recommender.index)}, {"tab": 1}, num_candidates=10, top_k=3)
+    with pytest.raises(grpc.RpcError):
+        client.stub.Recommend(pb.RecommendRequest(top_k=3), timeout=5)
+    assert value("rankstage_recommend_requests_total", code="OK") == before["ok"] + 2
+    assert value("rankstage_recommend_requests_total", code="INVALID_ARGUMENT") == before["bad"] + 1
+    assert value("rankstage_recommend_candidates_total", source="popular_fallback") == before["fallback"] + 1
+    assert value("rankstage_recommend_candidates_total", source="retrieval") == before["retrieval"] + 1
+    assert value("rankstage_retrieve_seconds_count") == before["timed"] + 2
+    assert value("rankstage_rank_requests_total", code="OK") == before["rank_ok"]  # Rank counts its own calls
+    version = svc.recommender.index.version
+    assert value("rankstage_retrieval_index_version", model=svc.recommender.index.name) == version
