@@ -150,8 +150,10 @@ class FlatCall:
     2.20); ``build`` returns None where that is absent, and ``Servable.enable_flat_calls`` only switches to it
     after checking it against the public call."""
 
-    def __init__(self, fn, call_flat: Callable, names: list[str], dtypes: list[int], device: str):
+    def __init__(self, fn, call_flat: Callable, names: list[str], dtypes: list[int],
+                 shapes: list[tuple[int | None, ...]], device: str):
         self.fn, self.call_flat, self.names, self.dtypes, self.device = fn, call_flat, names, dtypes, device
+        self.shapes = shapes  # the signature's input shapes (None: any size), checked as the public call does
         self.captured = fn.captured_inputs
 
     @classmethod
@@ -172,7 +174,7 @@ class FlatCall:
         distributed = any(distribute_utils.is_distributed_variable(x) for x in fn.captured_inputs)
         call_flat = fn._call_flat if distributed else partial(ConcreteFunction._call_flat, fn)
         return cls(fn, call_flat, names, [kwargs[n].dtype.as_datatype_enum for n in names],
-                   context.context().device_name)
+                   [tuple(kwargs[n].shape.as_list()) for n in names], context.context().device_name)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from tensorflow.python.framework.ops import EagerTensor
@@ -180,6 +182,11 @@ class FlatCall:
         missing = [n for n in self.names if n not in inputs]
         if missing or len(inputs) != len(self.names):
             raise ConfigError(f"model inputs: missing {missing}, unexpected {sorted(set(inputs) - set(self.names))}")
+        for n, want in zip(self.names, self.shapes):
+            got = np.shape(inputs[n])
+            if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+                raise ValueError(f"input {n!r}: shape {got} is not compatible with the signature's "
+                                 f"{tuple('?' if w is None else w for w in want)}")
         flat = [EagerTensor(inputs[n], self.device, d) for n, d in zip(self.names, self.dtypes)]
         out = self.call_flat(flat, self.captured)
         return {k: v.numpy() for k, v in out.items()}
@@ -260,7 +267,7 @@ def paced_load(duty: float = 1.0, slice_s: float = 0.001) -> Iterator[None]:
     the cyclic garbage collector is off until the load ends. ``duty=1`` keeps only the last two."""
     if not 0 < duty <= 1:
         raise ConfigError(f"load duty: must be in (0, 1], got {duty}")
-    old_interval, gc_was_enabled = sys.getswitchinterval(), gc.isenabled()
+    old_interval, gc_was_enabled, old_profile = sys.getswitchinterval(), gc.isenabled(), sys.getprofile()
     rest_s, state = slice_s * (1 - duty) / duty, {"t": time.perf_counter(), "n": 0}
 
     def pacer(frame, event, arg) -> None:
@@ -276,7 +283,7 @@ def paced_load(duty: float = 1.0, slice_s: float = 0.001) -> Iterator[None]:
     try:
         yield
     finally:
-        sys.setprofile(None)
+        sys.setprofile(old_profile)
         sys.setswitchinterval(old_interval)
         if gc_was_enabled:
             gc.enable()

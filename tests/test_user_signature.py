@@ -7,6 +7,7 @@ C candidates, D_u / D_i encoded request / candidate widths, H width of the first
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,3 +281,17 @@ def test_flat_calls_equal_the_public_call_on_real_rows(kuairand_tiny_export):
             np.testing.assert_array_equal(got[task], want[name][task])
     with pytest.raises(ConfigError, match="missing \\['author_id'\\]"):
         fast.predict({k: v for k, v in ranked.items() if k != "author_id"}, RANK_CANDIDATES)
+
+
+def test_flat_calls_refuse_shapes_the_signature_does_not_accept(kuairand_tiny_export):
+    """The public call checks input shapes against the signature; the flat call must too (a (C,) user input to
+    rank_candidates would otherwise be computed as if it were one user)."""
+    t = kuairand_tiny_export
+    ranked, _ = split_request(t.rows, t.config)
+    fast = load_servable(t.version_dir)
+    run_warmup(fast, flat_calls=True)
+    assert RANK_CANDIDATES in fast._flat_calls
+    c = len(ranked["video_id"])
+    for name, bad in (("user_id", np.repeat(ranked["user_id"], c)), ("video_id", ranked["video_id"][:, None])):
+        with pytest.raises(ValueError, match=re.escape(f"input '{name}': shape {bad.shape} is not compatible")):
+            fast.predict({**ranked, name: bad}, RANK_CANDIDATES)
