@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from features.encoding import tf_dtype
 from features.logs import raw_inputs, read_log, time_split
 from features.spec import RankstageConfig
-from ranking.servable import METADATA_FILE, WARMUP_FILE, latest_version, load_metadata, next_version
+from ranking.servable import METADATA_FILE, WARMUP_FILE, latest_version, load_metadata, staged_version
 from ranking.train import LoadedRun, load_run
 
 __all__ = ["export_run", "check_export", "input_signature", "rank_candidates_signature", "split_request",
@@ -302,13 +301,6 @@ def export_run(run_dir: str | Path, model_base_path: str | Path, version: int | 
     """Export ``run_dir`` to ``model_base_path/<version>``; returns the version directory."""
     run_dir, base = Path(run_dir), Path(model_base_path)
     run = load_run(run_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    version = version or next_version(base)
-    final = base / str(version)
-    if final.exists():
-        raise FileExistsError(f"--version {version}: {final} already exists; versions are immutable")
-    tmp = base / f".tmp-{version}"
-    shutil.rmtree(tmp, ignore_errors=True)
     serve = run.models.serve
 
     archive = keras.export.ExportArchive()
@@ -316,16 +308,13 @@ def export_run(run_dir: str | Path, model_base_path: str | Path, version: int | 
     signatures = endpoints(serve, run.config)
     for name, (fn, spec) in signatures.items():
         archive.add_endpoint(name, fn, input_signature=[spec])
-    try:
+    with staged_version(base, version) as (version, tmp):
         archive.write_out(str(tmp), verbose=False)
         batches = warmup_rows(run, log)
         write_warmup(tmp / "assets.extra" / WARMUP_FILE, batches, run.config.name, run.config)
         (tmp / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata(run, version, run_dir), indent=2))
         check_export(tmp, serve, batches[-1], run.config)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.rename(final)
+    final = base / str(version)
     config_path = base / "models.config"
     staged = base / ".models.config.tmp"
     staged.write_text(models_config_text(run.config.name, base))

@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +45,27 @@ def next_version(base: str | Path) -> int:
     base = Path(base)
     taken = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.exists() else []
     return max(taken, default=0) + 1
+
+
+@contextlib.contextmanager
+def staged_version(base: str | Path, version: int | None = None) -> Iterator[tuple[int, Path]]:
+    """Write a new version atomically: yields ``(version, tmp)``, a private directory under ``base`` to fill; on
+    a clean exit it is renamed to ``base/<version>`` (TF Serving never sees a half-written version), on an error it
+    is removed. ``version`` None takes ``next_version``; an existing version is refused (versions are immutable)."""
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(base)
+    final = base / str(version)
+    if final.exists():
+        raise FileExistsError(f"--version {version}: {final} already exists; versions are immutable")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base))
+    try:
+        yield version, tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; the model server may run as another user
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def latest_version(base: str | Path) -> Path:

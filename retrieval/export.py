@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from features.logs import raw_inputs
-from ranking.servable import next_version
+from ranking.servable import staged_version
 from retrieval.data import HISTORY, build_data, history_before
 from retrieval.spec import RetrievalConfig
 from retrieval.towers import Tower, query_signature
@@ -101,14 +98,7 @@ def export_run(run: str | Path, model_base_path: str | Path, version: int | None
     items = embed(trained.candidate_tower, catalog.inputs)  # (I, E)
     brute, scann, settings = build_indexes(trained.query_tower, items, catalog.ids, config)
 
-    base = Path(model_base_path)
-    base.mkdir(parents=True, exist_ok=True)
-    version = version or next_version(base)
-    final = base / str(version)
-    if final.exists():
-        raise FileExistsError(f"--version {version}: {final} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base))
-    try:
+    with staged_version(model_base_path, version) as (version, tmp):
         module = IndexModule(brute, config)
         tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve.get_concrete_function()})
         scann_module = IndexModule(scann, config)
@@ -143,11 +133,7 @@ def export_run(run: str | Path, model_base_path: str | Path, version: int | None
             "popular_items": popular_items(trained, catalog.ids),
         }
         (extra / METADATA_FILE).write_text(json.dumps(meta, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the model server may run as another user
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = Path(model_base_path) / str(version)
     if verbose:
         print(f"exported {final} ({len(catalog.ids)} items, {time.time() - start:.1f} s)")
     return final

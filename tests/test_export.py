@@ -222,3 +222,22 @@ def test_predict_request_sends_non_ascii_strings_as_utf8():
                                               "quality": np.array([0.5, 1.0, 2.0], np.float32)}, "m")
     assert tf.make_ndarray(request.inputs["segment"]).tolist() == ["música".encode(), b"news", b""]
     np.testing.assert_array_equal(tf.make_ndarray(request.inputs["quality"]), [0.5, 1.0, 2.0])
+
+
+def test_staged_version_is_atomic_and_refuses_existing_versions(tmp_path):
+    """The ranker's and the retrieval index's exports publish through ``staged_version``."""
+    from ranking.servable import staged_version
+
+    base = tmp_path / "models"
+    (base / "3").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="3"), staged_version(base, 3):
+        pass
+    with pytest.raises(RuntimeError, match="half-written"), staged_version(base) as (version, tmp):
+        assert version == 4 and tmp.parent == base and not (base / "4").exists()
+        (tmp / "saved_model.pb").write_bytes(b"x")
+        raise RuntimeError("half-written")
+    assert sorted(p.name for p in base.iterdir()) == ["3"]
+    with staged_version(base) as (version, tmp):
+        (tmp / "saved_model.pb").write_bytes(b"x")
+    assert (base / "4" / "saved_model.pb").read_bytes() == b"x" and (base / "4").stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in base.iterdir()) == ["3", "4"]
