@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fresh_process import serve_in_fresh_process
-
-from retrieval.spec import load_retrieval_config, parse_retrieval_config
+from tiny_retrieval import tiny_retrieval_config
 
 ROOT = Path(__file__).resolve().parent.parent
 N_QUERIES = 64
@@ -23,17 +22,7 @@ def retrieval_export(tmp_path_factory):
     from retrieval.export import export_run
     from retrieval.train import train
 
-    data = load_retrieval_config(ROOT / "configs" / "retrieval_ml100k.yaml").model_dump(mode="json")
-    d = data["data"]
-    d["log"] = str(ROOT / d["log"])
-    d["items"]["path"] = str(ROOT / d["items"]["path"])
-    d["joins"] = [{**j, "path": str(ROOT / j["path"])} for j in d["joins"]]
-    for f in data["query_features"] + data["candidate_features"]:
-        f["embedding_dim"] = min(f["embedding_dim"] or 8, 16)
-    data["model"]["embedding_dim"] = 16
-    data["history"]["embedding_dim"] = 16
-    data["training"].update(epochs=1, batch_size=1024)
-    config = parse_retrieval_config(data, "ml100k tiny")
+    config = tiny_retrieval_config("retrieval_ml100k.yaml", "ml100k tiny", max_feature_dim=16)
     run, _ = train(config, tmp_path_factory.mktemp("runs") / "retrieval", verbose=0)
     base = tmp_path_factory.mktemp("models") / "retrieval"
     version_dir = export_run(run, base, verbose=False)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tiny_retrieval import tiny_retrieval_config
 
 from rankstage.v1 import ranking_pb2 as pb
-from retrieval.spec import load_retrieval_config, parse_retrieval_config
 from serving.client import RankingClient
 from serving.codec import response_arrays
 from serving.config import parse_serving_config
@@ -28,14 +28,7 @@ def retrieval_run(tmp_path_factory):
     """A KuaiRand retrieval run (narrow, 1 epoch) -> (run dir, config)."""
     from retrieval.train import train
 
-    data = load_retrieval_config(ROOT / "configs" / "retrieval_kuairand.yaml").model_dump(mode="json")
-    d = data["data"]
-    d["log"] = str(ROOT / d["log"])
-    d["items"]["path"] = str(ROOT / d["items"]["path"])
-    d["joins"] = [{**j, "path": str(ROOT / j["path"])} for j in d["joins"]]
-    data["model"]["embedding_dim"] = 16
-    data["training"].update(epochs=1, batch_size=1024)
-    config = parse_retrieval_config(data, "kuairand tiny")
+    config = tiny_retrieval_config("retrieval_kuairand.yaml", "kuairand tiny")
     run, _ = train(config, tmp_path_factory.mktemp("runs") / "retrieval_kuairand", verbose=0)
     return run, config
 
