@@ -4,14 +4,12 @@ dot-product reference, loads and answers in a fresh process that cannot import t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fresh_process import serve_in_fresh_process
 from tiny_retrieval import tiny_retrieval_config
 
-ROOT = Path(__file__).resolve().parent.parent
 N_QUERIES = 64
 
 

@@ -5,7 +5,6 @@ an unknown user gets the popular-items fallback; a new index version is picked u
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from serving.codec import response_arrays
 from serving.config import parse_serving_config
 from serving.service import RankingService
 
-ROOT = Path(__file__).resolve().parent.parent
 FUSION = {"version": "f1", "default_profile": "click", "profiles": {
     "click": {"formula": "weighted_sum", "weights": {"click": 1.0}}}}
 
