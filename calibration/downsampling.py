@@ -29,14 +29,3 @@ def apply_downsampling(p: np.ndarray, a: float) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     return p / (p + a * (1.0 - p))
 
-
-def effective_kept_fraction(labels: np.ndarray, keep: np.ndarray) -> float:
-    """Kept fraction of a task's negatives relative to its positives, (N,) labels, (N,) bool keep mask.
-
-    Sampling on another task's negatives (e.g. click) also thins this task's rows; the ratio of the kept fractions
-    of negatives and positives is the ``a`` that makes ``correct_downsampling`` exact for this task's base rate.
-    """
-    pos, neg = labels == 1, labels == 0
-    if not pos.any() or not neg.any():
-        return 1.0
-    return float(keep[neg].mean() / keep[pos].mean())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from calibration.downsampling import apply_downsampling, correct_downsampling, effective_kept_fraction
+from calibration.downsampling import apply_downsampling, correct_downsampling
 from features.spec import TaskSpec
 from ranking.metrics import auc, grouped_auc
 from ranking.tasks import (
@@ -175,26 +175,6 @@ def test_invalid_kept_fraction_is_rejected_naming_the_value(a):
         with pytest.raises(ValueError) as err:
             fn(np.array([0.5]), a)
         assert f"got {a!r}" in str(err.value)
-
-
-def test_effective_kept_fraction_by_hand():
-    labels = np.array([1, 1, 0, 0, 0, 0])
-    keep = np.array([True, False, True, False, False, False])
-    assert effective_kept_fraction(labels, keep) == pytest.approx(0.25 / 0.5)
-    assert effective_kept_fraction(np.array([0, 0, 0]), np.array([True, False, True])) == 1.0
-    assert effective_kept_fraction(np.array([1, 1]), np.array([True, True])) == 1.0
-
-
-def test_effective_kept_fraction_corrects_a_task_thinned_by_another_tasks_sampling():
-    rng = np.random.default_rng(0)
-    n = 20_000
-    click = rng.random(n) < 0.3
-    like = click & (rng.random(n) < 0.2)  # like only on clicks, base rate ~0.06
-    keep = click | (rng.random(n) < 0.1)  # negative sampling on click
-    a = effective_kept_fraction(like.astype(int), keep)
-    q = like[keep].mean()  # what a model trained on the kept rows learns as the like rate
-    assert correct_downsampling(q, a) == pytest.approx(like.mean(), rel=1e-9)
-    assert abs(correct_downsampling(q, 0.1) - like.mean()) > 0.01  # the click rate would be the wrong a
 
 
 # ------------------------------------------------------------------------------------------------- metrics
