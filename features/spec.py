@@ -384,7 +384,9 @@ class RankstageConfig(_Strict):
         return [f for f in self.features if f.bias]
 
     def with_tasks(self, names: list[str]) -> RankstageConfig:
-        """The same config restricted to ``names`` (single-task baselines); bias tower tasks are filtered."""
+        """The same config restricted to ``names`` (single-task baselines); bias tower tasks are filtered. An
+        early-stopping metric on a dropped task moves to the same metric on the first kept task (NDCG@5 where that
+        task is not binary), so a single-task model is selected by its own ranking quality."""
         unknown = [n for n in names if n not in {t.name for t in self.tasks}]
         if unknown:
             raise ConfigError(f"--tasks: unknown task(s) {unknown}; known: {[t.name for t in self.tasks]}")
@@ -397,6 +399,11 @@ class RankstageConfig(_Strict):
                 t["condition"] = None
         data["model"]["bias_tower"]["tasks"] = [t for t in self.model.bias_tower.tasks if t in names]
         data["training"]["negative_sampling"] = keep_ns.model_dump()
+        stop = self.training.early_stopping_metric
+        if stop != "val_loss" and stop.split("/")[0] not in names:
+            first = data["tasks"][0]
+            metric = stop.split("/")[1] if first["type"] == "binary" else "ndcg@5"
+            data["training"]["early_stopping_metric"] = f"{first['name']}/{metric}"
         return parse_config(data, "--tasks")
 
     def with_model(self, **changes: object) -> RankstageConfig:

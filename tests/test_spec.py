@@ -217,6 +217,16 @@ def test_with_tasks_drops_conditions_on_removed_tasks():
         parse_config(small_config()).with_tasks(["share"])
 
 
+def test_with_tasks_moves_early_stopping_off_a_dropped_task():
+    data = small_config()
+    data["training"]["early_stopping_metric"] = "click/gauc"
+    cfg = parse_config(data)
+    assert cfg.with_tasks(["click", "like"]).training.early_stopping_metric == "click/gauc"
+    assert cfg.with_tasks(["like"]).training.early_stopping_metric == "like/gauc"
+    assert cfg.with_tasks(["watch_time"]).training.early_stopping_metric == "watch_time/ndcg@5"
+    assert parse_config(small_config()).with_tasks(["like"]).training.early_stopping_metric == "val_loss"
+
+
 # -------------------------------------------------------------------------------------------- features/logs
 
 
