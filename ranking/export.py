@@ -16,6 +16,11 @@ first shared-bottom layer once, ``W·[u; i] + b = W_u·u + (W_i·i + b)``, broad
 out (and metadata ``omitted_signatures`` says why) when the model has no user/context or no item feature, or no
 shared bottom layer to split.
 
+Signature ``rank_candidates_packed``: ``rank_candidates`` with its inputs packed by side and dtype, e.g.
+``request_int64`` (1, k) and ``candidates_float32`` (C, k), unstacked in the graph (metadata ``packed_inputs`` lists
+each group's columns; ``ranking.servable.pack_inputs`` builds them). The in-process backend calls it: six eager
+tensors per call instead of one per feature.
+
 A version is written to a temporary directory, reloaded and checked (against the in-memory model, and
 ``rank_candidates`` against ``serving_default``), and only then renamed into place, so a bad export never becomes a
 servable version.
@@ -40,11 +45,20 @@ from tensorflow_serving.config import model_server_config_pb2
 from features.encoding import tf_dtype
 from features.logs import raw_inputs, read_log, time_split
 from features.spec import RankstageConfig
-from ranking.servable import METADATA_FILE, WARMUP_FILE, latest_version, load_metadata, staged_version
+from ranking.servable import (
+    METADATA_FILE,
+    RANK_CANDIDATES_PACKED,
+    WARMUP_FILE,
+    latest_version,
+    load_metadata,
+    pack_inputs,
+    staged_version,
+)
 from ranking.train import LoadedRun, load_run
 
 __all__ = ["export_run", "check_export", "input_signature", "rank_candidates_signature", "split_request",
-           "UserSide", "latest_version", "load_metadata", "predict_request", "matmul_flops"]
+           "UserSide", "latest_version", "load_metadata", "predict_request", "matmul_flops", "packed_layout",
+           "RANK_CANDIDATES_PACKED"]
 
 WARMUP_SIZES = (1, 10, 100, 500)
 SERVING_DEFAULT = "serving_default"
@@ -71,6 +85,37 @@ def rank_candidates_signature(config: RankstageConfig) -> dict[str, tf.TensorSpe
     request = set(request_features(config))
     return {f.name: tf.TensorSpec([1] if f.name in request else [None], tf_dtype(f), name=f.name)
             for f in config.serving_features}
+
+
+def packed_layout(config: RankstageConfig) -> dict[str, list[str]]:
+    """``rank_candidates`` inputs grouped by side and dtype, in serving order: {"request_int64": [names], ...,
+    "candidates_string": [names]} (only non-empty groups)."""
+    request = set(request_features(config))
+    layout: dict[str, list[str]] = {}
+    for name, spec in rank_candidates_signature(config).items():
+        layout.setdefault(f"{'request' if name in request else 'candidates'}_{spec.dtype.name}", []).append(name)
+    return layout
+
+
+def packed_signature(config: RankstageConfig) -> dict[str, tf.TensorSpec]:
+    """Inputs of ``rank_candidates_packed``: (1, k) per request group, (C, k) per candidate group."""
+    specs = rank_candidates_signature(config)
+    return {g: tf.TensorSpec([1 if g.startswith("request_") else None, len(names)], specs[names[0]].dtype, name=g)
+            for g, names in packed_layout(config).items()}
+
+
+@dataclass(frozen=True)
+class Packed:
+    """``rank_candidates`` behind packed inputs: each (B, k) group unstacked into its k named (B,) columns."""
+
+    inner: Callable[[dict], dict]
+    layout: dict[str, list[str]]
+
+    def __call__(self, packed: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        inputs: dict[str, tf.Tensor] = {}
+        for group, names in self.layout.items():
+            inputs.update(zip(names, tf.unstack(packed[group], num=len(names), axis=1)))
+        return self.inner(inputs)
 
 
 def rank_candidates_omitted(config: RankstageConfig) -> str | None:
@@ -173,7 +218,9 @@ def endpoints(serve: keras.Model, config: RankstageConfig
     """Signature name -> (function of one input dict, its input signature): what ``export_run`` writes."""
     out = {SERVING_DEFAULT: (lambda inputs: serve(inputs, training=False), input_signature(config))}
     if rank_candidates_omitted(config) is None:
-        out[RANK_CANDIDATES] = (UserSide.of(serve, config), rank_candidates_signature(config))
+        side = UserSide.of(serve, config)
+        out[RANK_CANDIDATES] = (side, rank_candidates_signature(config))
+        out[RANK_CANDIDATES_PACKED] = (Packed(side, packed_layout(config)), packed_signature(config))
     return out
 
 
@@ -239,12 +286,15 @@ def warmup_rows(run: LoadedRun, log: str | None = None, sizes=WARMUP_SIZES) -> l
 def write_warmup(path: Path, batches: list[dict[str, np.ndarray]], model_name: str,
                  config: RankstageConfig | None = None) -> None:
     """One serving_default record per batch; with ``config`` and a ``rank_candidates`` signature, then one
-    rank_candidates record per batch too: its first row's user/context values (one logged user) and its C items."""
+    rank_candidates and one rank_candidates_packed record per batch too: its first row's user/context values (one
+    logged user) and its C items."""
     path.parent.mkdir(parents=True, exist_ok=True)
     requests = [predict_request(batch, model_name) for batch in batches]
     if config is not None and rank_candidates_omitted(config) is None:
-        requests += [predict_request(split_request(batch, config)[0], model_name, RANK_CANDIDATES)
-                     for batch in batches]
+        ranked = [split_request(batch, config)[0] for batch in batches]
+        requests += [predict_request(r, model_name, RANK_CANDIDATES) for r in ranked]
+        layout = packed_layout(config)
+        requests += [predict_request(pack_inputs(layout, r), model_name, RANK_CANDIDATES_PACKED) for r in ranked]
     with tf.io.TFRecordWriter(str(path)) as writer:
         for request in requests:
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
@@ -272,6 +322,7 @@ def metadata(run: LoadedRun, version: int, run_dir: Path) -> dict:
     if omitted is None:
         signatures[RANK_CANDIDATES] = {"request_inputs": request_features(cfg),
                                        "candidate_inputs": candidate_features(cfg)}
+        signatures[RANK_CANDIDATES_PACKED] = {"packed_inputs": packed_layout(cfg)}
     return {
         "model_name": cfg.name,
         "version": version,
@@ -342,6 +393,11 @@ def check_export(path: Path, serve: keras.Model, batch: dict[str, np.ndarray],
     got = signatures[RANK_CANDIDATES](**{k: tf.constant(v) for k, v in ranked.items()})
     want = signatures[SERVING_DEFAULT](**{k: tf.constant(v) for k, v in repeated.items()})
     _compare(got, want, f"{RANK_CANDIDATES} disagrees with {SERVING_DEFAULT}", rtol=1e-5, atol=1e-5)
+    if RANK_CANDIDATES_PACKED not in signatures:
+        raise RuntimeError(f"export check failed: signature {RANK_CANDIDATES_PACKED!r} missing")
+    packed = pack_inputs(packed_layout(config), ranked)
+    packed_out = signatures[RANK_CANDIDATES_PACKED](**{k: tf.constant(v) for k, v in packed.items()})
+    _compare(packed_out, got, f"{RANK_CANDIDATES_PACKED} disagrees with {RANK_CANDIDATES}", rtol=1e-6, atol=1e-6)
 
 
 def _compare(got: dict, want: dict, what: str, rtol: float, atol: float) -> None:

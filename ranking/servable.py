@@ -29,6 +29,19 @@ from features.spec import ConfigError, RankstageConfig, parse_config
 
 METADATA_FILE = "rankstage_metadata.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
+RANK_CANDIDATES_PACKED = "rank_candidates_packed"
+
+
+def pack_inputs(layout: dict[str, list[str]], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Named ``rank_candidates`` inputs ((1,) per request feature, (C,) per candidate feature) -> the inputs of
+    ``rank_candidates_packed``: per group of ``layout`` (``request_<dtype>`` / ``candidates_<dtype>`` -> names) one
+    (1, k) or (C, k) array, columns in layout order. Six tensors instead of ~40: building an eager tensor costs
+    ~10 µs whatever its size, which made tensor creation ~0.4 ms of a Rank call."""
+    out = {}
+    for group, names in layout.items():
+        dtype = object if group.endswith("_string") else np.dtype(group.rsplit("_", 1)[1])
+        out[group] = np.stack([np.asarray(inputs[n]) for n in names], axis=1).astype(dtype, copy=False)
+    return out
 
 
 def list_versions(base: str | Path) -> list[int]:

@@ -18,11 +18,13 @@ import numpy as np
 
 from features.spec import ConfigError, RankstageConfig, parse_config
 from ranking.servable import (
+    RANK_CANDIDATES_PACKED,
     Servable,
     list_versions,
     load_metadata,
     load_servable,
     paced_load,
+    pack_inputs,
     read_warmup_requests,
     run_warmup,
 )
@@ -52,6 +54,7 @@ class ModelVersion:
     request_features: tuple[str, ...]  # user + context features: (1,) inputs of rank_candidates
     candidate_features: tuple[str, ...]  # item features: (C,)
     servable: Servable | None = field(default=None, repr=False)  # in-process only
+    packed: dict[str, list[str]] | None = field(default=None, repr=False)  # rank_candidates_packed's column groups
 
     @property
     def tasks(self) -> list[str]:
@@ -59,21 +62,29 @@ class ModelVersion:
 
 
 def model_version(metadata: dict, version: int, wanted_signature: str, available: set[str],
-                  servable: Servable | None = None) -> ModelVersion:
+                  servable: Servable | None = None, prefer_packed: bool = False) -> ModelVersion:
     """The ``ModelVersion`` of exported ``metadata``: ``wanted_signature`` if the version has it, else
-    serving_default (older exports have no user-side signature)."""
+    serving_default (older exports have no user-side signature). ``prefer_packed``: rank_candidates is called
+    as rank_candidates_packed where the version has it (the same function; export checked them equal)."""
     config = parse_config(metadata["feature_spec"], f"model version {version} metadata")
     sig = wanted_signature if wanted_signature in available else "serving_default"
     if sig not in available:
         raise ConfigError(f"model version {version}: no signature {sig!r} (has {sorted(available)})")
+    layout = metadata.get("signatures", {}).get(RANK_CANDIDATES_PACKED, {}).get("packed_inputs")
+    packed = None
+    if prefer_packed and sig == USER_SIDE_SIGNATURE and RANK_CANDIDATES_PACKED in available and layout:
+        sig, packed = RANK_CANDIDATES_PACKED, layout
     req = tuple(f.name for f in config.serving_features if f.group in ("user", "context"))
     cand = tuple(f.name for f in config.serving_features if f.group not in ("user", "context"))
-    return ModelVersion(metadata["model_name"], version, metadata, config, sig, req, cand, servable)
+    return ModelVersion(metadata["model_name"], version, metadata, config, sig, req, cand, servable, packed)
 
 
 def signature_inputs(mv: ModelVersion, request_inputs: dict[str, np.ndarray],
                      candidate_inputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """Inputs of the version's signature: as given for rank_candidates; user side repeated C times otherwise."""
+    """Inputs of the version's signature: as given for rank_candidates, packed by side and dtype for
+    rank_candidates_packed; user side repeated C times for serving_default."""
+    if mv.packed is not None:
+        return pack_inputs(mv.packed, {**request_inputs, **candidate_inputs})
     if mv.signature == USER_SIDE_SIGNATURE:
         return {**request_inputs, **candidate_inputs}
     return {**{k: np.repeat(v, n) for k, v in request_inputs.items()}, **candidate_inputs}
@@ -113,7 +124,7 @@ class InProcessBackend:
             sv = load_servable(self.base_path / str(version))
             run_warmup(sv, pause_s=0.02 if self._loaded_once else 0.0, flat_calls=True)
         self._loaded_once = True
-        return model_version(sv.metadata, sv.version, self.signature, set(sv.signatures), sv)
+        return model_version(sv.metadata, sv.version, self.signature, set(sv.signatures), sv, prefer_packed=True)
 
     def predict(self, mv, request_inputs, candidate_inputs, n, timeout_s):
         return mv.servable.predict(signature_inputs(mv, request_inputs, candidate_inputs, n), mv.signature)

@@ -27,7 +27,8 @@ class _Strict(BaseModel):
 class ModelSource(_Strict):
     base_path: str  # <base_path>/<version>/ as exported; also where metadata is read for the TF Serving backend
     backend: Literal["in_process", "tf_serving"] = "in_process"
-    # rank_candidates: user side once per request (falls back to serving_default when a version lacks it)
+    # rank_candidates: user side once per request (falls back to serving_default when a version lacks it); the
+    # in-process backend calls it as rank_candidates_packed where the version has that
     signature: Literal["rank_candidates", "serving_default"] = "rank_candidates"
 
 

@@ -27,6 +27,7 @@ from features.logs import raw_inputs
 from features.spec import load_config, parse_config
 from ranking.export import input_signature, rank_candidates_signature
 from ranking.layers.bias_tower import MISSING
+from ranking.servable import load_servable
 from ranking.train import LoadedRun, load_run, predict, train
 from simulation.simulator import SimulationConfig, make_world, simulate_lists
 
@@ -83,11 +84,14 @@ def test_serving_inputs_have_device_and_no_position(biased_run):
 def test_exported_signatures_have_device_and_no_position(exported):
     _, version_dir = exported
     signatures = tf.saved_model.load(str(version_dir)).signatures
-    assert set(signatures) == {"serving_default", "rank_candidates"}
-    for name, fn in signatures.items():
-        inputs = fn.structured_input_signature[1]
+    assert set(signatures) == {"serving_default", "rank_candidates", "rank_candidates_packed"}
+    for name in ("serving_default", "rank_candidates"):
+        inputs = signatures[name].structured_input_signature[1]
         assert "device" in inputs and inputs["device"].dtype == tf.string, (name, inputs)
         assert "position" not in inputs, (name, inputs)
+    layout = load_servable(version_dir).metadata["signatures"]["rank_candidates_packed"]["packed_inputs"]
+    assert "device" in layout["request_string"]  # once per request, a string column of the packed input
+    assert "position" not in {n for names in layout.values() for n in names}
 
 
 def test_served_click_adds_the_tower_at_position_missing_for_the_device(biased_run):

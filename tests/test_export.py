@@ -77,7 +77,8 @@ def test_warmup_requests_match_the_signature(exported, full_run, signature_def):
     _, signature = signature_def
     records = list(tf.data.TFRecordDataset(str(exported[1] / "assets.extra" / "tf_serving_warmup_requests")))
     requests = [prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request for r in records]
-    assert {r.model_spec.signature_name for r in requests} == {"serving_default", "rank_candidates"}  # both warmed
+    assert {r.model_spec.signature_name for r in requests} == {"serving_default", "rank_candidates",
+                                                               "rank_candidates_packed"}  # every signature warmed
     default = [r for r in requests if r.model_spec.signature_name == "serving_default"]
     assert len(default) == len(ranking.export.WARMUP_SIZES)
     for request, size in zip(default, ranking.export.WARMUP_SIZES):  # rank_candidates: tests/test_user_signature.py
@@ -200,8 +201,13 @@ def test_warmup_rows_come_from_kept_days_and_encode_non_ascii_strings(tmp_path):
     path = tmp_path / "warmup"
     write_warmup(path, batches, config.name, config)
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
-    sent = np.concatenate([tf.make_ndarray(r.predict_log.request.inputs["segment"]) for r in records])
+    named = [r.predict_log.request.inputs for r in records if "segment" in r.predict_log.request.inputs]
+    sent = np.concatenate([tf.make_ndarray(inputs["segment"]) for inputs in named])
     assert "música".encode() in set(sent.tolist())
+    packed = [r.predict_log.request.inputs for r in records if "candidates_string" in r.predict_log.request.inputs]
+    assert len(named) == 2 * len(packed) == 2 * len(WARMUP_SIZES)  # serving_default, rank_candidates, packed
+    assert "música".encode() in set(np.concatenate([tf.make_ndarray(p["candidates_string"]).ravel()
+                                                    for p in packed]).tolist())
 
 
 def test_refit_metadata_says_whose_metrics_it_carries(full_run):

@@ -107,7 +107,7 @@ def test_rank_equals_the_offline_path_on_logged_rows(running, logged):
             for task in ("click", "watch_time", "like"):
                 np.testing.assert_allclose(got[task], want[task][want_order], rtol=2e-4, atol=1e-6)
             assert np.all(np.diff(got["scores"]) <= 0)
-    assert resp.model.version == 1 and resp.model.signature == "rank_candidates"
+    assert resp.model.version == 1 and resp.model.signature == "rank_candidates_packed"  # in-process: packed
     assert resp.fusion_version == "f1" and resp.fusion_profile == "watch" and resp.calibration_version == ""
     assert set(resp.stage_ms) == {"decode", "join", "model", "calibrate", "fuse", "encode", "total"}
     top = client.send(ids_request(logged[0], top_k=3))

@@ -23,18 +23,20 @@ from features.logs import raw_inputs, read_log
 from features.spec import ConfigError, RankstageConfig, parse_config
 from ranking.export import (
     RANK_CANDIDATES,
+    RANK_CANDIDATES_PACKED,
     SERVING_DEFAULT,
     UserSide,
     check_export,
     endpoints,
     export_run,
     matmul_flops,
+    packed_layout,
     rank_candidates_signature,
     request_features,
     split_request,
 )
 from ranking.model import build_models
-from ranking.servable import load_servable, read_warmup_requests, run_warmup
+from ranking.servable import load_servable, pack_inputs, read_warmup_requests, run_warmup
 from ranking.train import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,16 +126,27 @@ def test_synthetic_signature_shapes_and_metadata(exported, full_run):
     assert meta["signatures"] == {
         SERVING_DEFAULT: {"inputs": [f.name for f in config.serving_features]},
         RANK_CANDIDATES: {"request_inputs": ["user_id", "device"],
-                          "candidate_inputs": ["segment", "item_id", "quality", "tags"]}}
+                          "candidate_inputs": ["segment", "item_id", "quality", "tags"]},
+        RANK_CANDIDATES_PACKED: {"packed_inputs": {"candidates_string": ["segment", "tags"],
+                                                   "request_int64": ["user_id"], "request_string": ["device"],
+                                                   "candidates_int64": ["item_id"],
+                                                   "candidates_float32": ["quality"]}}}
     assert "omitted_signatures" not in meta
+    packed = signature_def(exported[1], RANK_CANDIDATES_PACKED)
+    assert {k: [d.size for d in v.tensor_shape.dim] for k, v in packed.inputs.items()} == {
+        "request_int64": [1, 1], "request_string": [1, 1], "candidates_int64": [-1, 1],
+        "candidates_float32": [-1, 1], "candidates_string": [-1, 2]}
 
 
-def test_warmup_covers_both_signatures(exported, full_run):
+def test_warmup_covers_every_signature(exported, full_run):
     requests = read_warmup_requests(exported[1])
     by_sig: dict[str, list] = {}
     for r in requests:
         by_sig.setdefault(r.model_spec.signature_name, []).append(r)
-    assert set(by_sig) == {SERVING_DEFAULT, RANK_CANDIDATES}
+    assert set(by_sig) == {SERVING_DEFAULT, RANK_CANDIDATES, RANK_CANDIDATES_PACKED}
+    for r in by_sig[RANK_CANDIDATES_PACKED]:
+        shapes = {k: tf.make_ndarray(v).shape for k, v in r.inputs.items()}
+        assert shapes["request_int64"] == (1, 1) and shapes["candidates_string"][1] == 2
     sizes = []
     for r in by_sig[RANK_CANDIDATES]:
         shapes = {k: tf.make_ndarray(v).shape for k, v in r.inputs.items()}
@@ -227,6 +240,29 @@ def test_kuairand_rank_candidates_equals_serving_default(kuairand_tiny_export):
     assert_same(got, want, t.config)
 
 
+def test_kuairand_packed_signature_equals_rank_candidates(kuairand_tiny_export):
+    """rank_candidates_packed is rank_candidates behind six packed inputs: the same outputs bit for bit on real rows;
+    its column groups cover every rank_candidates input once, each in the group of its side and dtype."""
+    t = kuairand_tiny_export
+    sv = load_servable(t.version_dir)
+    layout = sv.metadata["signatures"][RANK_CANDIDATES_PACKED]["packed_inputs"]
+    assert layout == packed_layout(t.config)
+    spec = rank_candidates_signature(t.config)
+    assert sorted(n for names in layout.values() for n in names) == sorted(spec)
+    for group, names in layout.items():
+        side, dtype = group.split("_")
+        assert all(spec[n].dtype.name == dtype and (spec[n].shape.as_list() == [1]) == (side == "request")
+                   for n in names), group
+    assert len(layout) == 6  # int64, float32 and string on both sides
+    ranked, _ = split_request(t.rows, t.config)
+    packed = pack_inputs(layout, ranked)
+    assert packed["candidates_int64"].shape == (len(t.rows["video_id"]), len(layout["candidates_int64"]))
+    got, want = sv.predict(packed, RANK_CANDIDATES_PACKED), sv.predict(ranked, RANK_CANDIDATES)
+    assert got.keys() == want.keys()
+    for task in got:
+        np.testing.assert_array_equal(got[task], want[task])
+
+
 def test_kuairand_signature_shapes_and_metadata(kuairand_tiny_export):
     t = kuairand_tiny_export
     assert_input_shapes(t.version_dir, t.config)
@@ -269,12 +305,14 @@ def test_flat_calls_equal_the_public_call_on_real_rows(kuairand_tiny_export):
     t = kuairand_tiny_export
     ranked, repeated = split_request(t.rows, t.config)
     public = load_servable(t.version_dir)
+    packed = pack_inputs(public.metadata["signatures"][RANK_CANDIDATES_PACKED]["packed_inputs"], ranked)
     want = {RANK_CANDIDATES: public.predict(ranked, RANK_CANDIDATES),
-            SERVING_DEFAULT: public.predict(repeated, SERVING_DEFAULT)}
+            SERVING_DEFAULT: public.predict(repeated, SERVING_DEFAULT),
+            RANK_CANDIDATES_PACKED: public.predict(packed, RANK_CANDIDATES_PACKED)}
     fast = load_servable(t.version_dir)
     run_warmup(fast, flat_calls=True)
-    assert set(fast._flat_calls) == {RANK_CANDIDATES, SERVING_DEFAULT}
-    for name, rows in ((RANK_CANDIDATES, ranked), (SERVING_DEFAULT, repeated)):
+    assert set(fast._flat_calls) == {RANK_CANDIDATES, SERVING_DEFAULT, RANK_CANDIDATES_PACKED}
+    for name, rows in ((RANK_CANDIDATES, ranked), (SERVING_DEFAULT, repeated), (RANK_CANDIDATES_PACKED, packed)):
         got = fast.predict(dict(reversed(list(rows.items()))), name)
         assert got.keys() == want[name].keys()
         for task in got:
