@@ -5,8 +5,8 @@ loss weight, dropout, early stopping on click GAUC, a second seed for the noise 
 twice: Apr 25-29 judged on Apr 30, and Apr 25-28 judged on Apr 29 (``data.until``). Then ``rankstage
 compare-runs`` pairs every variant against the base on the same rows, per day.
 
-    .venv/bin/python scripts/sweep_training.py --out reports/training_sweep            # ~2-3 min per training
-    .venv/bin/python scripts/sweep_training.py --only base es_gauc --out /tmp/sweep    # a subset
+    .venv/bin/python scripts/sweep_training.py --out reports/training_sweep            # ~1 min per training
+    .venv/bin/python scripts/sweep_training.py --only es_click_gauc --out /tmp/sweep   # a subset
 
 A variant may combine changes with "+" (``es_click_gauc+batch512``); ``--seeds 0 1 2`` trains each variant per seed
 (runs ``<name>@s<seed>``). Writes ``<out>/<day>/compare.md`` (every run paired against the base's first seed, with
@@ -60,6 +60,7 @@ VARIANTS: dict[str, tuple[Callable[[dict], dict], list[str]]] = {
     "es_click_gauc": (lambda d: d, ["training.early_stopping_metric=click/gauc"]),
     "batch512": (lambda d: d, ["training.batch_size=512"]),
     "batch8192": (lambda d: d, ["training.batch_size=8192"]),
+    "batch256": (lambda d: d, ["training.batch_size=256"]),
     "lr3e-3": (lambda d: d, ["training.learning_rate=0.003"]),
     "lr3e-4": (lambda d: d, ["training.learning_rate=0.0003"]),
     "id_emb8": (lambda d: _features(d, ID_FEATURES, embedding_dim=8), []),

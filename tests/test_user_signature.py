@@ -333,3 +333,17 @@ def test_flat_calls_refuse_shapes_the_signature_does_not_accept(kuairand_tiny_ex
     for name, bad in (("user_id", np.repeat(ranked["user_id"], c)), ("video_id", ranked["video_id"][:, None])):
         with pytest.raises(ValueError, match=re.escape(f"input '{name}': shape {bad.shape} is not compatible")):
             fast.predict({**ranked, name: bad}, RANK_CANDIDATES)
+
+
+def test_pack_inputs_stacks_columns_and_refuses_lossy_ones():
+    layout = {"request_int64": ["user_id"], "candidates_float32": ["q", "r"], "candidates_string": ["tag"]}
+    good = {"user_id": np.array([7]), "q": np.array([1.5, 2.0], np.float32), "r": np.array([1, 2]),
+            "tag": np.array(["a", "b"], dtype=object)}
+    packed = pack_inputs(layout, good)
+    assert packed["request_int64"].tolist() == [[7]] and packed["request_int64"].dtype == np.int64
+    assert packed["candidates_float32"].tolist() == [[1.5, 1.0], [2.0, 2.0]]
+    assert packed["candidates_float32"].dtype == np.float32 and packed["candidates_string"].dtype == object
+    with pytest.raises(ValueError, match="'user_id': dtype float64 cannot be packed into 'request_int64'"):
+        pack_inputs(layout, {**good, "user_id": np.array([7.5])})
+    with pytest.raises(ValueError, match="'tag': dtype int64 cannot be packed into 'candidates_string'"):
+        pack_inputs(layout, {**good, "tag": np.array([1, 2])})
