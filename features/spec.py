@@ -177,6 +177,11 @@ class TrainingConfig(_Strict):
     # "<task>/<auc|gauc|ndcg@5>" (higher is better; e.g. "click/gauc", within-user ranking)
     early_stopping_metric: str = Field("val_loss", pattern=r"^(val_loss|[^/\s]+/(auc|gauc|ndcg@5))$")
     negative_sampling: NegativeSampling = NegativeSampling()
+    # a within-list pairwise loss on one binary task (e.g. "click"): batches hold whole user-day lists (their order
+    # shuffled each epoch) and the task's loss adds pairwise_weight x the mean logistic loss over the pairs of one
+    # list with different labels (RankNet), the within-user ordering GAUC measures. None: rows shuffled, no pairs
+    pairwise_task: str | None = None
+    pairwise_weight: float = Field(1.0, ge=0)
     seed: int = 0
 
 
@@ -356,6 +361,9 @@ class RankstageConfig(_Strict):
         ns = self.training.negative_sampling
         if ns.task is not None and (ns.task not in tasks or tasks[ns.task].type != "binary"):
             raise ValueError(f"training.negative_sampling.task: {ns.task!r} is not a binary task of this config")
+        pt = self.training.pairwise_task
+        if pt is not None and (pt not in tasks or tasks[pt].type != "binary"):
+            raise ValueError(f"training.pairwise_task: {pt!r} is not a binary task of this config")
         return self
 
     @property
@@ -399,6 +407,8 @@ class RankstageConfig(_Strict):
                 t["condition"] = None
         data["model"]["bias_tower"]["tasks"] = [t for t in self.model.bias_tower.tasks if t in names]
         data["training"]["negative_sampling"] = keep_ns.model_dump()
+        if self.training.pairwise_task not in names:
+            data["training"]["pairwise_task"] = None
         stop = self.training.early_stopping_metric
         if stop != "val_loss" and stop.split("/")[0] not in names:
             first = data["tasks"][0]

@@ -47,6 +47,26 @@ def weighted_bce_from_logits(y_true, y_pred):
     return w * (ops.maximum(z, 0.0) - z * y + ops.log1p(ops.exp(-ops.abs(z))))
 
 
+def pairwise_bce_from_logits(pairwise_weight: float):
+    """The weighted BCE plus ``pairwise_weight`` x the mean RankNet loss log(1 + exp(-(z_i - z_j))) over the
+    batch's pairs (i, j) of one list (same list id) with y_i > y_j, both of weight > 0.
+
+    (B, 3) [target, weight, list id], (B, 1) logit -> (B,): each row's BCE plus the batch's pairwise mean (so the
+    mean over rows adds it once). A batch without such pairs adds 0."""
+
+    def loss(y_true, y_pred):
+        y, w, g = y_true[:, 0], y_true[:, 1], y_true[:, 2]
+        z = ops.cast(y_pred[:, 0], y.dtype)
+        bce = w * (ops.maximum(z, 0.0) - z * y + ops.log1p(ops.exp(-ops.abs(z))))
+        valid = ops.greater(w, 0.0)
+        pairs = ops.logical_and(ops.equal(g[:, None], g[None, :]), ops.greater(y[:, None], y[None, :]))
+        pairs = ops.cast(ops.logical_and(pairs, ops.logical_and(valid[:, None], valid[None, :])), y.dtype)
+        ranknet = ops.sum(pairs * ops.softplus(z[None, :] - z[:, None])) / ops.maximum(ops.sum(pairs), 1.0)
+        return bce + pairwise_weight * ranknet
+
+    return loss
+
+
 @keras.saving.register_keras_serializable(package="rankstage")
 class ServedValue(keras.layers.Layer):
     """(B, 1) logit -> (B,) served value: exp(min(z, log 1e6)) seconds for watch_time, sigmoid(z) otherwise."""

@@ -25,7 +25,12 @@ from features.statistics import write_snapshot
 from features.vocab import FeatureStats, build_stats, load_stats, save_stats
 from ranking import metrics
 from ranking.model import RankingModels, build_models
-from ranking.tasks import prepare_targets, watch_time_weight_scale, weighted_bce_from_logits
+from ranking.tasks import (
+    pairwise_bce_from_logits,
+    prepare_targets,
+    watch_time_weight_scale,
+    weighted_bce_from_logits,
+)
 
 
 @dataclass
@@ -107,6 +112,38 @@ def initial_logits(config: RankstageConfig, labels: dict[str, np.ndarray], row_w
     return out
 
 
+def list_ids(frame: pd.DataFrame, config: RankstageConfig) -> np.ndarray:
+    """(N,) int id of each row's user-day list (user column x time column), as a float32-exact number."""
+    keys = frame[[config.data.user_column, config.data.time_column]]
+    return keys.groupby(list(keys.columns), sort=False).ngroup().to_numpy().astype(np.int64)
+
+
+def with_list_ids(config: RankstageConfig, y: dict[str, np.ndarray], lists: np.ndarray) -> dict[str, np.ndarray]:
+    """``training.pairwise_task``'s (N, 2) targets -> (N, 3) [target, weight, list id]; others unchanged."""
+    task = config.training.pairwise_task
+    if task is None:
+        return y
+    if len(lists) and lists.max() >= 2**24:
+        raise ValueError(f"training.pairwise_task: {lists.max() + 1} user-day lists exceed float32's exact ints")
+    return {**y, task: np.concatenate([y[task], lists[:, None].astype(np.float32)], axis=1)}
+
+
+def make_list_dataset(x: dict[str, np.ndarray], y: dict[str, np.ndarray], lists: np.ndarray, batch_size: int,
+                      seed: int = 0) -> tf.data.Dataset:
+    """Batches of whole lists: rows grouped by ``lists`` (N,), the lists' order reshuffled each epoch, cut into
+    batches of ``batch_size`` rows (a list may straddle two batches)."""
+    order = np.argsort(lists, kind="stable")
+    _, starts, lengths = np.unique(lists[order], return_index=True, return_counts=True)
+    xs = {k: tf.constant(v[order]) for k, v in x.items()}
+    ys = {k: tf.constant(v[order]) for k, v in y.items()}
+    spans = tf.data.Dataset.from_tensor_slices((starts.astype(np.int64), lengths.astype(np.int64)))
+    rows = spans.shuffle(len(starts), seed=seed, reshuffle_each_iteration=True).flat_map(
+        lambda s, n: tf.data.Dataset.range(s, s + n))
+    return rows.batch(batch_size).map(lambda i: ({k: tf.gather(v, i) for k, v in xs.items()},
+                                                 {k: tf.gather(v, i) for k, v in ys.items()})
+                                      ).prefetch(tf.data.AUTOTUNE)
+
+
 def make_dataset(x: dict[str, np.ndarray], y: dict[str, np.ndarray] | None, batch_size: int,
                  shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
     tensors = {k: tf.constant(v) for k, v in x.items()}
@@ -119,9 +156,11 @@ def make_dataset(x: dict[str, np.ndarray], y: dict[str, np.ndarray] | None, batc
 def compile_model(models: RankingModels, config: RankstageConfig, priors: dict[str, float]) -> None:
     for t in config.tasks:
         models.train.get_layer(f"{t.name}_logit").bias.assign([priors[t.name]])
+    pairwise = config.training.pairwise_task
     models.train.compile(
         optimizer=keras.optimizers.Adam(config.training.learning_rate),
-        loss={t.name: weighted_bce_from_logits for t in config.tasks},
+        loss={t.name: pairwise_bce_from_logits(config.training.pairwise_weight) if t.name == pairwise
+              else weighted_bce_from_logits for t in config.tasks},
         loss_weights={t.name: t.loss_weight for t in config.tasks},
     )
 
@@ -249,9 +288,14 @@ def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureSt
     kept_labels = {k: v[keep] for k, v in labels.items()}
     scales = {t.name: watch_time_weight_scale(kept_labels[t.name]) for t in config.tasks if t.type == "watch_time"}
     priors = initial_logits(config, kept_labels, row_weight)
-    x = raw_inputs(frame[keep].reset_index(drop=True), config.features)
-    train_ds = make_dataset(x, targets(config, kept_labels, row_weight, scales), config.training.batch_size,
-                            shuffle=True, seed=seed)
+    kept = frame[keep].reset_index(drop=True)
+    x = raw_inputs(kept, config.features)
+    y = targets(config, kept_labels, row_weight, scales)
+    if config.training.pairwise_task is None:
+        train_ds = make_dataset(x, y, config.training.batch_size, shuffle=True, seed=seed)
+    else:
+        lists = list_ids(kept, config)
+        train_ds = make_list_dataset(x, with_list_ids(config, y, lists), lists, config.training.batch_size, seed)
     models = build_models(config, stats)
     compile_model(models, config, priors)
     callbacks: list = []
@@ -259,7 +303,9 @@ def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureSt
     if validation is not None:
         vlab = task_labels(validation, config.tasks)
         vx = raw_inputs(validation, config.features)
-        val_ds = make_dataset(vx, targets(config, vlab, np.ones(len(validation)), scales), 4096)
+        vy = with_list_ids(config, targets(config, vlab, np.ones(len(validation)), scales),
+                           list_ids(validation, config))
+        val_ds = make_dataset(vx, vy, 4096)
         if monitor != "val_loss":  # before EarlyStopping and TensorBoard, which read the logs it writes
             callbacks.append(_ValidationMetric(models, config, validation, config.training.early_stopping_metric))
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode,

@@ -69,6 +69,9 @@ VARIANTS: dict[str, tuple[Callable[[dict], dict], list[str]]] = {
     "id_min_count1": (lambda d: _features(d, ID_FEATURES, min_count=1), []),
     "click_weight3": (lambda d: _task(d, "click", loss_weight=3), []),
     "dropout0.2": (lambda d: d, ["model.dropout=0.2"]),
+    "pairwise1": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=1.0"]),
+    "pairwise0.3": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0.3"]),
+    "list_batches": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0"]),  # grouping only
     # the way back to the defaults before this sweep (batch 2048, val_loss stopping, click weight 1):
     # --only batch2048+es_val_loss+click_weight1 measures today's default against them
     "batch2048": (lambda d: d, ["training.batch_size=2048"]),

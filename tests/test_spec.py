@@ -344,3 +344,13 @@ def test_cli_config_errors_are_one_line_naming_the_file(tmp_path, capsys):
         assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err
         assert expected in err and str(path) in err and "Traceback" not in err
+
+
+def test_pairwise_task_must_be_a_binary_task_and_follows_with_tasks():
+    data = small_config()
+    data["training"]["pairwise_task"] = "watch_time"
+    assert "training.pairwise_task: 'watch_time' is not a binary task" in config_error(data)
+    data["training"]["pairwise_task"] = "click"
+    cfg = parse_config(data)
+    assert cfg.with_tasks(["click"]).training.pairwise_task == "click"
+    assert cfg.with_tasks(["like"]).training.pairwise_task is None

@@ -13,6 +13,7 @@ from ranking.metrics import auc, grouped_auc
 from ranking.tasks import (
     MAX_WATCH_SECONDS,
     ServedValue,
+    pairwise_bce_from_logits,
     prepare_targets,
     serve_transform_np,
     watch_time_weight_scale,
@@ -89,6 +90,23 @@ def test_weighted_bce_matches_numpy_reference():
                                                z[:, None].astype(np.float32)))
     assert loss.shape == (n,)
     np.testing.assert_allclose(loss, bce_reference(y, w, z), rtol=1e-5, atol=1e-6)
+
+
+def test_pairwise_loss_by_hand():
+    """Lists A = rows 0-2 (labels 1, 0, 0), B = rows 3-4 (labels 1, 0; row 4 weight 0): the pairs are (0, 1) and
+    (0, 2) only (B's one pair has a zero-weight row; no pair crosses lists)."""
+    y = np.array([1, 0, 0, 1, 0], np.float64)
+    w = np.array([1, 1, 1, 1, 0], np.float64)
+    g = np.array([7, 7, 7, 9, 9], np.float64)
+    z = np.array([0.5, 1.0, -2.0, 3.0, 5.0])
+    y_true, y_pred = np.stack([y, w, g], 1).astype(np.float32), z[:, None].astype(np.float32)
+    ranknet = (np.log1p(np.exp(-(0.5 - 1.0))) + np.log1p(np.exp(-(0.5 + 2.0)))) / 2
+    for lam in (0.0, 0.3, 1.0):
+        loss = np.asarray(pairwise_bce_from_logits(lam)(y_true, y_pred))
+        np.testing.assert_allclose(loss, bce_reference(y, w, z) + lam * ranknet, rtol=1e-5, atol=1e-6)
+    no_pairs = np.stack([np.zeros(5), w, g], 1).astype(np.float32)  # one label everywhere: nothing to order
+    np.testing.assert_allclose(np.asarray(pairwise_bce_from_logits(1.0)(no_pairs, y_pred)),
+                               bce_reference(np.zeros(5), w, z), rtol=1e-5, atol=1e-6)
 
 
 def test_weighted_bce_is_stable_for_large_logits():
