@@ -459,6 +459,16 @@ def reload_phase(args, version_dir: Path, fusion: str, request: pb.RankRequest, 
                          else w["t_first_answer"] - w["t_publish"],
                          "window_s": w["t_end"] - w["t_publish"]})
     s, sw = summarize(steady), summarize(swapping)
+    ends = sorted(w["t_end"] for w in windows)
+
+    def since_window(t0: float) -> float | None:
+        before = [e for e in ends if e <= t0]
+        return round(t0 - before[-1], 2) if before else None
+
+    slowest = sorted(((dt, t0) for t0, dt, _ in timed if not any(overlaps(t0, dt, w) for w in windows)),
+                     reverse=True)[:3]
+    s["slowest"] = [{"ms": round(dt * 1e3, 1), "s_after_a_swap_window": since_window(t0),
+                     "s_after_start": round(t0 - t_steady, 2)} for dt, t0 in slowest]
     out = {"steady": s, "swap_windows": sw, "per_swap": per_swap, "errors": len(errors),
            "error_samples": errors[:5], "versions_answered": sorted({v for _, _, v in records}),
            "ratio_p99": sw["p99_ms"] / s["p99_ms"] if sw.get("calls") else None,
