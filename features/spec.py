@@ -180,8 +180,10 @@ class TrainingConfig(_Strict):
     # a within-list pairwise loss on one binary task (e.g. "click"): batches hold whole user-day lists (their order
     # shuffled each epoch) and the task's loss adds pairwise_weight x the mean logistic loss over the pairs of one
     # list with different labels (RankNet), the within-user ordering GAUC measures. None: rows shuffled, no pairs
+    # (list_loss "softmax": instead of pairs, the softmax cross-entropy of each list's positives among its rows)
     pairwise_task: str | None = None
     pairwise_weight: float = Field(1.0, ge=0)
+    list_loss: Literal["ranknet", "softmax"] = "ranknet"
     seed: int = 0
 
 

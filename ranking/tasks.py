@@ -47,22 +47,35 @@ def weighted_bce_from_logits(y_true, y_pred):
     return w * (ops.maximum(z, 0.0) - z * y + ops.log1p(ops.exp(-ops.abs(z))))
 
 
-def pairwise_bce_from_logits(pairwise_weight: float):
-    """The weighted BCE plus ``pairwise_weight`` x the mean RankNet loss log(1 + exp(-(z_i - z_j))) over the
-    batch's pairs (i, j) of one list (same list id) with y_i > y_j, both of weight > 0.
+def pairwise_bce_from_logits(pairwise_weight: float, list_loss: str = "ranknet"):
+    """The weighted BCE plus ``pairwise_weight`` x a within-list ranking loss over the batch's rows of weight > 0
+    grouped by list id:
 
-    (B, 3) [target, weight, list id], (B, 1) logit -> (B,): each row's BCE plus the batch's pairwise mean (so the
-    mean over rows adds it once). A batch without such pairs adds 0."""
+    - "ranknet": the mean of log(1 + exp(-(z_i - z_j))) over pairs (i, j) of one list with y_i > y_j;
+    - "softmax": per list with positives, -sum_i y_i / P * log softmax(z over the list)_i (P its positives), averaged
+      over those lists.
+
+    (B, 3) [target, weight, list id], (B, 1) logit -> (B,): each row's BCE plus the batch's ranking term (so the
+    mean over rows adds it once). A batch without pairs (lists with positives) adds 0."""
+    if list_loss not in ("ranknet", "softmax"):
+        raise ValueError(f"list_loss: {list_loss!r} is not 'ranknet' or 'softmax'")
 
     def loss(y_true, y_pred):
         y, w, g = y_true[:, 0], y_true[:, 1], y_true[:, 2]
         z = ops.cast(y_pred[:, 0], y.dtype)
         bce = w * (ops.maximum(z, 0.0) - z * y + ops.log1p(ops.exp(-ops.abs(z))))
-        valid = ops.greater(w, 0.0)
-        pairs = ops.logical_and(ops.equal(g[:, None], g[None, :]), ops.greater(y[:, None], y[None, :]))
-        pairs = ops.cast(ops.logical_and(pairs, ops.logical_and(valid[:, None], valid[None, :])), y.dtype)
-        ranknet = ops.sum(pairs * ops.softplus(z[None, :] - z[:, None])) / ops.maximum(ops.sum(pairs), 1.0)
-        return bce + pairwise_weight * ranknet
+        valid = ops.cast(ops.greater(w, 0.0), y.dtype)
+        same = ops.cast(ops.equal(g[:, None], g[None, :]), y.dtype) * valid[:, None] * valid[None, :]  # (B, B)
+        if list_loss == "ranknet":
+            pairs = same * ops.cast(ops.greater(y[:, None], y[None, :]), y.dtype)
+            term = ops.sum(pairs * ops.softplus(z[None, :] - z[:, None])) / ops.maximum(ops.sum(pairs), 1.0)
+        else:
+            top = ops.max(ops.where(same > 0, z[None, :], ops.min(z)), axis=1)  # (B,) each row's list max
+            gap = ops.where(same > 0, z[None, :] - top[:, None], -100.0)  # (B, B), <= 0: no overflow across lists
+            lse = ops.log(ops.maximum(ops.sum(same * ops.exp(gap), axis=1), 1e-30)) + top
+            share = valid * y / ops.maximum(ops.sum(same * y[None, :], axis=1), 1.0)  # y_i / P of i's list
+            term = ops.sum(share * (lse - z)) / ops.maximum(ops.sum(share), 1.0)
+        return bce + pairwise_weight * term
 
     return loss
 

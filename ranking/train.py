@@ -113,7 +113,8 @@ def initial_logits(config: RankstageConfig, labels: dict[str, np.ndarray], row_w
 
 
 def list_ids(frame: pd.DataFrame, config: RankstageConfig) -> np.ndarray:
-    """(N,) int id of each row's user-day list (user column x time column), as a float32-exact number."""
+    """(N,) int64 id of each row's user-day list (user column x time column); ``with_list_ids`` checks that it
+    fits a float32 exactly."""
     keys = frame[[config.data.user_column, config.data.time_column]]
     return keys.groupby(list(keys.columns), sort=False).ngroup().to_numpy().astype(np.int64)
 
@@ -159,7 +160,8 @@ def compile_model(models: RankingModels, config: RankstageConfig, priors: dict[s
     pairwise = config.training.pairwise_task
     models.train.compile(
         optimizer=keras.optimizers.Adam(config.training.learning_rate),
-        loss={t.name: pairwise_bce_from_logits(config.training.pairwise_weight) if t.name == pairwise
+        loss={t.name: pairwise_bce_from_logits(config.training.pairwise_weight, config.training.list_loss)
+              if t.name == pairwise
               else weighted_bce_from_logits for t in config.tasks},
         loss_weights={t.name: t.loss_weight for t in config.tasks},
     )

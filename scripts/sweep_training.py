@@ -72,6 +72,10 @@ VARIANTS: dict[str, tuple[Callable[[dict], dict], list[str]]] = {
     "pairwise1": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=1.0"]),
     "pairwise0.3": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0.3"]),
     "list_batches": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0"]),  # grouping only
+    "listwise1": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=1.0",
+                                "training.list_loss=softmax"]),
+    "listwise0.3": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0.3",
+                                  "training.list_loss=softmax"]),
     # the way back to the defaults before this sweep (batch 2048, val_loss stopping, click weight 1):
     # --only batch2048+es_val_loss+click_weight1 measures today's default against them
     "batch2048": (lambda d: d, ["training.batch_size=2048"]),

@@ -109,6 +109,33 @@ def test_pairwise_loss_by_hand():
                                bce_reference(np.zeros(5), w, z), rtol=1e-5, atol=1e-6)
 
 
+def test_softmax_list_loss_by_hand():
+    """The same lists as above: A (labels 1, 0, 0) has one positive, B's only positive is row 3 and row 4 has weight
+    0, so B is the list {3} alone (loss log 1 = 0). The term is the mean over A and B of -log softmax."""
+    y = np.array([1, 0, 0, 1, 0], np.float64)
+    w = np.array([1, 1, 1, 1, 0], np.float64)
+    g = np.array([7, 7, 7, 9, 9], np.float64)
+    z = np.array([0.5, 1.0, -2.0, 3.0, 5.0])
+    y_true, y_pred = np.stack([y, w, g], 1).astype(np.float32), z[:, None].astype(np.float32)
+    term = (-(0.5 - np.log(np.exp(0.5) + np.exp(1.0) + np.exp(-2.0))) + 0.0) / 2
+    loss = np.asarray(pairwise_bce_from_logits(0.5, "softmax")(y_true, y_pred))
+    np.testing.assert_allclose(loss, bce_reference(y, w, z) + 0.5 * term, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'listnet'"):
+        pairwise_bce_from_logits(1.0, "listnet")
+
+
+def test_softmax_list_loss_is_stable_when_lists_are_far_apart():
+    """Each list is normalised by its own max: list A's logits 300 below list B's must not underflow to log(1e-30)."""
+    y = np.array([1, 0, 1, 0], np.float64)
+    w = np.ones(4)
+    g = np.array([1, 1, 2, 2], np.float64)
+    z = np.array([-300.0, -301.0, 0.0, 1.0])
+    y_true, y_pred = np.stack([y, w, g], 1).astype(np.float32), z[:, None].astype(np.float32)
+    term = (np.log1p(np.exp(-1.0)) + np.log1p(np.exp(1.0))) / 2
+    loss = np.asarray(pairwise_bce_from_logits(1.0, "softmax")(y_true, y_pred))
+    np.testing.assert_allclose(loss, bce_reference(y, w, z) + term, rtol=1e-5, atol=1e-4)
+
+
 def test_weighted_bce_is_stable_for_large_logits():
     y_true = np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 2.0], [0.0, 0.0]], np.float32)
     z = np.array([[100.0], [-100.0], [-100.0], [100.0]], np.float32)
