@@ -21,6 +21,7 @@ Notation: N log rows, K keys of a table, W windows.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +150,38 @@ def snapshot_tables(log: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFra
             for name, t in statistics_by_day(log, stats, np.array([day])).items()}
 
 
-def write_snapshot(log: pd.DataFrame, data: DataConfig, path: str | Path | None = None) -> list[Path]:
-    """Write ``snapshot_tables`` as ``<path>/<key>.parquet`` (default ``data.statistics.path``); the written files."""
+def snapshot_as_of(path: str | Path) -> str | None:
+    """The ``AS_OF`` day of a written snapshot table, or None if there is no readable table with one."""
+    import pyarrow.parquet as pq
+
+    try:
+        column = pq.read_table(path, columns=[AS_OF]).column(AS_OF)
+    except (OSError, KeyError, ValueError):  # absent, unreadable, or a table without the column
+        return None
+    return str(column[0].as_py()) if len(column) else None
+
+
+def write_snapshot(log: pd.DataFrame, data: DataConfig, path: str | Path | None = None,
+                   replace_newer: bool = False) -> list[Path]:
+    """Write ``snapshot_tables`` as ``<path>/<key>.parquet`` (default ``data.statistics.path``); the written files.
+
+    Serving joins these files and reloads them when they change, so an older snapshot (e.g. from a run with an
+    earlier ``data.until``) never replaces a newer one unless ``replace_newer``: that table is kept and left out
+    of the returned list, with a line on stderr saying so."""
     if data.statistics is None:
         return []
     out = Path(path or data.statistics.path)
     out.mkdir(parents=True, exist_ok=True)
+    fmt = data.statistics.date_format
     written = []
     for name, table in snapshot_tables(log, data).items():
+        new_as_of = str(table[AS_OF].iloc[0]) if len(table) else None
+        old_as_of = snapshot_as_of(out / f"{name}.parquet")
+        if (not replace_newer and new_as_of is not None and old_as_of is not None
+                and pd.to_datetime(old_as_of, format=fmt, errors="coerce") > pd.to_datetime(new_as_of, format=fmt)):
+            print(f"statistics snapshot {out / f'{name}.parquet'} kept: it is as of {old_as_of}, newer than this "
+                  f"one ({new_as_of}); `rankstage statistics --replace-newer` replaces it", file=sys.stderr)
+            continue
         tmp = out / f".{name}.parquet.tmp"
         table.to_parquet(tmp, index=False)
         tmp.replace(out / f"{name}.parquet")  # atomic: a reloading server never reads half a table

@@ -333,15 +333,17 @@ def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureSt
     return models, history, art
 
 
-def write_statistics_snapshot(config: RankstageConfig, log: str | Path | None = None) -> list[Path]:
+def write_statistics_snapshot(config: RankstageConfig, log: str | Path | None = None,
+                              replace_newer: bool = False) -> list[Path]:
     """Write ``data.statistics``' newest snapshot (as of the day after the last log day up to ``data.until``) to
-    ``data.statistics.path``; the written files (none without statistics)."""
+    ``data.statistics.path``; the written files (none without statistics). A newer snapshot already there is kept
+    unless ``replace_newer`` (``features.statistics.write_snapshot``)."""
     if config.data.statistics is None:
         return []
     window = read_log(config.data, log, statistics=False)
     if config.data.until is not None:
         window = window[window[config.data.time_column] <= config.data.until]
-    return write_snapshot(window, config.data)
+    return write_snapshot(window, config.data, replace_newer=replace_newer)
 
 
 PREDICTIONS = "validation_predictions.npz"  # the non-refit model's judged validation predictions

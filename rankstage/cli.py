@@ -53,7 +53,7 @@ def cmd_statistics(args: argparse.Namespace) -> None:
     config = load_cli_config(args.config, args.set, None)
     if config.data.statistics is None:
         raise SystemExit(f"--config {args.config}: no data.statistics section")
-    for path in write_statistics_snapshot(config, args.data):
+    for path in write_statistics_snapshot(config, args.data, replace_newer=args.replace_newer):
         print(f"wrote {path}")
 
 
@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("statistics", help="write the newest statistics snapshot (data.statistics.path) for serving")
     _config_args(p)
+    p.add_argument("--replace-newer", action="store_true",
+                   help="write even where the snapshot there is newer (a deliberate rollback); by default it is kept")
     p.set_defaults(func=cmd_statistics)
 
     p = sub.add_parser("export", help="export a run as a versioned SavedModel for TF Serving")

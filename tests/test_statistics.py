@@ -20,6 +20,7 @@ from features.statistics import (
     daily_sums,
     day_numbers,
     join_statistics,
+    snapshot_as_of,
     statistics_tables,
     table_as_of,
     write_snapshot,
@@ -238,3 +239,20 @@ def test_chunks_joined_with_the_tables_equal_the_whole_log(config):
     chunks = pd.concat([join_statistics(log.iloc[i:i + 257], tables, config.data) for i in range(0, len(log), 257)],
                        ignore_index=True)
     pd.testing.assert_frame_equal(chunks[whole.columns], whole)
+
+
+def test_an_older_snapshot_never_replaces_a_newer_one(tmp_path, config, capsys):
+    """A run with an earlier ``data.until`` writes an older snapshot to the path serving reloads from: the newer
+    tables stay (bytes unchanged) unless ``replace_newer``, and stderr says which file was kept and why."""
+    log = make_log(seed=7).merge(videos(), on="video_id", how="left")
+    newest = write_snapshot(log, config.data)
+    assert newest and {snapshot_as_of(p) for p in newest} == {"20220501"}
+    before = {p: p.read_bytes() for p in newest}
+    older = log[log["date"] < DAYS[-1]]
+    assert write_snapshot(older, config.data) == []
+    assert {p: p.read_bytes() for p in newest} == before
+    assert "kept: it is as of 20220501, newer than this one (20220430)" in capsys.readouterr().err
+    replaced = write_snapshot(older, config.data, replace_newer=True)
+    assert sorted(replaced) == sorted(newest) and {snapshot_as_of(p) for p in replaced} == {"20220430"}
+    assert write_snapshot(log, config.data) == replaced  # a newer one replaces an older one as before
+    assert snapshot_as_of(tmp_path / "absent.parquet") is None
