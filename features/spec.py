@@ -47,6 +47,9 @@ class FeatureSpec(_Strict):
     dtype: RawDType | None = None  # raw value type at serving; defaults by kind
     group: FeatureGroup = "item"
     bias: bool = False  # feeds only the shallow bias tower; the tower's device is also a serving context input
+    # None: feeds the shared bottom. A list of task names: feeds only those tasks' towers (its encoding concatenated
+    # to each one's tower input), so its signal cannot move the shared layers other tasks use
+    towers: list[str] | None = None
     vocab: VocabPolicy | None = None
     hash_bins: int | None = Field(None, ge=2)
     embedding_dim: int | None = Field(None, ge=1)
@@ -243,6 +246,7 @@ class StatisticsConfig(_Strict):
     prior_strength: float = Field(20.0, ge=0)
     warmup_days: int = Field(0, ge=0)
     keys: list[StatisticsKey] = Field(min_length=1)
+    towers: list[str] | None = None  # the statistics features' ``towers`` (None: they feed the shared bottom)
 
     @field_validator("windows")
     @classmethod
@@ -286,7 +290,8 @@ class StatisticsConfig(_Strict):
 
     def feature_specs(self) -> list[dict]:
         """The numeric features the statistics yield, as FeatureSpec fields: ``stat_<key>_<measure>_<w>d``."""
-        return [{"name": f"stat_{k.name}_{m}_{w}d", "kind": "numeric", "group": k.group, "transform": t}
+        routed = {} if self.towers is None else {"towers": list(self.towers)}
+        return [{"name": f"stat_{k.name}_{m}_{w}d", "kind": "numeric", "group": k.group, "transform": t, **routed}
                 for k in self.keys for w in self.windows for m, t in self.measures()]
 
 
@@ -354,6 +359,17 @@ class RankstageConfig(_Strict):
             ref = getattr(bt, role)
             if ref is not None and (ref not in feats or not feats[ref].bias):
                 raise ValueError(f"model.bias_tower.{role}: {ref!r} is not a feature with 'bias: true'")
+        for i, f in enumerate(self.features):
+            if f.towers is None:
+                continue
+            if f.bias:
+                raise ValueError(f"features[{i}] ({f.name!r}): a bias feature cannot feed task towers")
+            bad = [t for t in f.towers if t not in tasks]
+            if bad or not f.towers:
+                raise ValueError(f"features[{i}] ({f.name!r}): towers {f.towers!r} must name tasks of this config "
+                                 f"(tasks: {list(tasks)})")
+        if not self.bottom_features:
+            raise ValueError("features: every non-bias feature feeds towers only; the shared bottom needs one")
         unused = [f.name for f in self.features if f.bias and f.name not in (bt.position, bt.device)]
         if unused:
             raise ValueError(f"features {unused}: bias features must be model.bias_tower.position or .device")
@@ -372,6 +388,15 @@ class RankstageConfig(_Strict):
     def model_features(self) -> list[FeatureSpec]:
         """The non-bias features: what the main network (bottom, experts, towers) encodes."""
         return [f for f in self.features if not f.bias]
+
+    @property
+    def bottom_features(self) -> list[FeatureSpec]:
+        """The model features that feed the shared bottom (``towers`` None), in config order."""
+        return [f for f in self.model_features if f.towers is None]
+
+    def tower_features(self, task: str) -> list[FeatureSpec]:
+        """The model features routed to ``task``'s tower only, in config order."""
+        return [f for f in self.model_features if f.towers is not None and task in f.towers]
 
     @cached_property
     def serving_bias_features(self) -> list[FeatureSpec]:
@@ -394,7 +419,8 @@ class RankstageConfig(_Strict):
         return [f for f in self.features if f.bias]
 
     def with_tasks(self, names: list[str]) -> RankstageConfig:
-        """The same config restricted to ``names`` (single-task baselines); bias tower tasks are filtered. An
+        """The same config restricted to ``names`` (single-task baselines); bias tower tasks and feature towers are
+        filtered (a feature left without towers feeds the bottom). An
         early-stopping metric on a dropped task moves to the same metric on the first kept task (NDCG@5 where that
         task is not binary), so a single-task model is selected by its own ranking quality."""
         unknown = [n for n in names if n not in {t.name for t in self.tasks}]
@@ -411,6 +437,11 @@ class RankstageConfig(_Strict):
         data["training"]["negative_sampling"] = keep_ns.model_dump()
         if self.training.pairwise_task not in names:
             data["training"]["pairwise_task"] = None
+        # a feature routed only to dropped towers feeds the bottom instead: a single-task model uses every feature
+        routed = [*data["features"], *([data["data"]["statistics"]] if data["data"]["statistics"] else [])]
+        for f in routed:
+            if f["towers"] is not None:
+                f["towers"] = [t for t in f["towers"] if t in names] or None
         stop = self.training.early_stopping_metric
         if stop != "val_loss" and stop.split("/")[0] not in names:
             first = data["tasks"][0]

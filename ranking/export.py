@@ -120,11 +120,11 @@ class Packed:
 
 def rank_candidates_omitted(config: RankstageConfig) -> str | None:
     """Why ``rank_candidates`` cannot be exported for this model, or None if it can."""
-    bias = {f.name for f in config.serving_bias_features}  # read by the bias tower only, not by the bottom
-    if not [n for n in request_features(config) if n not in bias]:
-        return "the model has no user or context feature: nothing to compute once per request"
-    if not candidate_features(config):
-        return "the model has no item feature: every input is per request"
+    bottom = {f.name for f in config.bottom_features}  # not the bias tower's device, not tower-only features
+    if not [n for n in request_features(config) if n in bottom]:
+        return "the model has no user or context feature in its shared bottom: nothing to compute once per request"
+    if not [n for n in candidate_features(config) if n in bottom]:
+        return "the model has no item feature in its shared bottom: every input is per request"
     if not config.model.bottom_units:
         return "model.bottom_units is empty: no shared first dense layer to split into user and item parts"
     return None
@@ -147,7 +147,8 @@ class UserSide:
 
     C candidates, D_u / D_i encoded widths of the request / candidate features, H first bottom layer's width.
     ``first`` is the first shared-bottom Dense (kernel (D_u + D_i, H), rows in the ``features`` concatenation order);
-    ``request_rows`` / ``candidate_rows`` are its kernel rows of the request / candidate features' slots.
+    ``request_rows`` / ``candidate_rows`` are its kernel rows of the request / candidate features' slots. Features
+    routed to towers only (``towers``) are encoded apart (request ones once, broadcast over C) and fed to ``rest``.
     """
 
     request_names: list[str]
@@ -159,6 +160,9 @@ class UserSide:
     candidate_rows: np.ndarray  # (D_i,) int
     rest: keras.Model  # (C, H) first layer's output [, (C,) bias lookup index per bias input] -> {task: (C,)}
     bias_lookups: tuple[tuple[str, keras.layers.Layer], ...] = ()  # (device, its lookup): request value, over C
+    routed_names: tuple[str, ...] = ()  # tower-only features, in ``rest``'s input order (after the bias lookups)
+    routed_request: keras.Model | None = None  # {name: (1,)} -> [(1, D_f)] per request feature of routed_names
+    routed_candidates: keras.Model | None = None  # {name: (C,)} -> [(C, D_f)] per candidate feature of routed_names
 
     @classmethod
     def of(cls, serve: keras.Model, config: RankstageConfig) -> UserSide:
@@ -169,12 +173,20 @@ class UserSide:
         concat, first = serve.get_layer("features"), serve.get_layer("shared_bottom_0")
         if first.input is not concat.output:
             raise ValueError("rank_candidates: shared_bottom_0 does not read the 'features' concatenation")
-        encoded = dict(zip([f.name for f in config.model_features], concat.input))  # name -> (B, D_f)
+        encoded = dict(zip([f.name for f in config.bottom_features], concat.input))  # name -> (B, D_f)
+        routed_encoded = {}  # tower-only features: the tensors their towers' input concatenations read
+        for t in config.tasks:
+            names = [f.name for f in config.tower_features(t.name)]
+            if names:
+                routed_encoded.update(zip(names, serve.get_layer(f"{t.name}_tower_input").input[1:]))
         inputs = serve.input  # {name: (B,)}
         bias = tuple(f.name for f in config.serving_bias_features)  # read by the bias tower, not encoded
         lookups = {n: serve.get_layer("bias_device_lookup") for n in bias}  # device is the only served bias input
-        request = [n for n in request_features(config) if n not in bias]
-        candidates = candidate_features(config)
+        request = [n for n in request_features(config) if n in encoded]
+        candidates = [n for n in candidate_features(config) if n in encoded]
+        routed = [n for n in request_features(config) + candidate_features(config) if n in routed_encoded]
+        routed_request = [n for n in routed if n in set(request_features(config))]
+        routed_candidates = [n for n in routed if n not in set(routed_request)]
         rows, start = {}, 0
         for name, t in encoded.items():  # each encoding's width, from the graph
             rows[name] = np.arange(start, start + int(t.shape[-1]))
@@ -191,9 +203,14 @@ class UserSide:
             np.concatenate([rows[n] for n in request]).astype(np.int32),
             np.concatenate([rows[n] for n in candidates]).astype(np.int32),
             # cut at the bias lookups' outputs too: a cut mixing graph inputs with inner tensors breaks saving
-            keras.Model([first.output, *(lookups[n].output for n in bias)] if bias else first.output, serve.output,
-                        name="over_first_layer"),
+            keras.Model([first.output, *(lookups[n].output for n in bias), *(routed_encoded[n] for n in routed)]
+                        if bias or routed else first.output, serve.output, name="over_first_layer"),
             tuple((n, lookups[n]) for n in bias),
+            tuple(routed_request + routed_candidates),
+            keras.Model({n: inputs[n] for n in routed_request}, [routed_encoded[n] for n in routed_request],
+                        name="routed_request_encoder") if routed_request else None,
+            keras.Model({n: inputs[n] for n in routed_candidates}, [routed_encoded[n] for n in routed_candidates],
+                        name="routed_candidate_encoder") if routed_candidates else None,
         )
 
     def __call__(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -205,11 +222,23 @@ class UserSide:
         item_part = ops.matmul(i, ops.take(kernel, self.candidate_rows, axis=0)) + self.first.bias  # (C, H)
         hidden = self.first.activation(item_part + user_part)  # (C, H), user part broadcast over C
         bias = [ops.broadcast_to(lookup(inputs[n]), ops.shape(hidden)[:1]) for n, lookup in self.bias_lookups]  # (C,)
-        return self.rest([hidden, *bias] if bias else hidden, training=False)
+        routed = []
+        if self.routed_request is not None:  # (1, D_f) each, once per request, broadcast to (C, D_f)
+            parts = _as_list(self.routed_request({n: inputs[n] for n in self.routed_request.input}, training=False))
+            routed += [ops.broadcast_to(p, (ops.shape(hidden)[0], p.shape[-1])) for p in parts]
+        if self.routed_candidates is not None:  # (C, D_f) each
+            routed += _as_list(self.routed_candidates({n: inputs[n] for n in self.routed_candidates.input},
+                                                      training=False))
+        extra = [*bias, *routed]
+        return self.rest([hidden, *extra] if extra else hidden, training=False)
+
+
+def _as_list(parts) -> list:
+    return list(parts) if isinstance(parts, list | tuple) else [parts]
 
 
 def _concat(parts) -> tf.Tensor:
-    parts = list(parts) if isinstance(parts, list | tuple) else [parts]
+    parts = _as_list(parts)
     return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
 

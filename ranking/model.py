@@ -1,6 +1,7 @@
 """Assembly of the ranking model, named after its diagram:
 
     raw inputs -> feature encoders -> shared bottom MLP -> MMoE (E experts, one gate per task) -> task towers
+    (features with ``towers``: encoder -> concatenated to those tasks' tower inputs, bypassing the bottom)
     bias features (position, device) -> PositionBiasTower -> + logit of the bias tasks   [training model]
     (position missing, device)       -> PositionBiasTower -> + logit of the bias tasks   [serving model]
 
@@ -53,8 +54,10 @@ def build_models(config: RankstageConfig, stats: dict[str, FeatureStats]) -> Ran
     """Build the training and serving models from the spec and the training log's statistics."""
     m, seed = config.model, config.training.seed
     inputs = {f.name: keras.Input(shape=(), dtype=keras_dtype(f), name=f.name) for f in config.features}
-    encoded = [encode_feature(inputs[f.name], f, stats[f.name], m.embedding_dim) for f in config.model_features]
-    x = keras.layers.Concatenate(name="features")(encoded) if len(encoded) > 1 else encoded[0]
+    encoded = {f.name: encode_feature(inputs[f.name], f, stats[f.name], m.embedding_dim)
+               for f in config.model_features}  # name -> (B, D_f)
+    bottom = [encoded[f.name] for f in config.bottom_features]
+    x = keras.layers.Concatenate(name="features")(bottom) if len(bottom) > 1 else bottom[0]
     x = _mlp(x, m.bottom_units, m.dropout, "shared_bottom")
     if m.ple is not None:
         mixed = PLE(len(config.tasks), m.ple.task_experts, m.ple.shared_experts, m.expert_units, m.ple.levels,
@@ -84,6 +87,9 @@ def build_models(config: RankstageConfig, stats: dict[str, FeatureStats]) -> Ran
 
     train_out, serve_out = {}, {}
     for task, h in zip(config.tasks, tower_inputs):
+        routed = [encoded[f.name] for f in config.tower_features(task.name)]  # features that skip the bottom
+        if routed:
+            h = keras.layers.Concatenate(name=f"{task.name}_tower_input")([h, *routed])
         h = _mlp(h, m.tower_units, m.dropout, f"{task.name}_tower")
         logit = keras.layers.Dense(1, name=f"{task.name}_logit")(h)  # (B, 1)
         served_logit = logit

@@ -53,6 +53,17 @@ def _task(data: dict, name: str, **fields: object) -> dict:
     return out
 
 
+def _statistics(data: dict, towers: list[str] | None = None) -> dict:
+    """``data`` plus configs/kuairand_stats.yaml's statistics features (snapshots under stats/sweep, away from the
+    path serving reads), routed to ``towers`` (None: the shared bottom, as that config has them)."""
+    out = copy.deepcopy(data)
+    stats = yaml.safe_load((ROOT / "configs" / "kuairand_stats.yaml").read_text())["data"]["statistics"]
+    out["data"]["statistics"] = {**stats, "path": "stats/sweep", **({} if towers is None else {"towers": towers})}
+    return out
+
+
+ALL_TASKS = ["click", "like", "collect", "share", "long_view", "watch_time", "completion"]
+
 # name -> (config edit, --set overrides)
 VARIANTS: dict[str, tuple[Callable[[dict], dict], list[str]]] = {
     "base": (lambda d: d, []),
@@ -68,7 +79,12 @@ VARIANTS: dict[str, tuple[Callable[[dict], dict], list[str]]] = {
     "id_min_count5": (lambda d: _features(d, ID_FEATURES, min_count=5), []),
     "id_min_count1": (lambda d: _features(d, ID_FEATURES, min_count=1), []),
     "click_weight3": (lambda d: _task(d, "click", loss_weight=3), []),
+    "click_weight5": (lambda d: _task(d, "click", loss_weight=5), []),
+    "like_weight10": (lambda d: _task(d, "like", loss_weight=10), []),
     "dropout0.2": (lambda d: d, ["model.dropout=0.2"]),
+    "stats": (_statistics, []),  # = configs/kuairand_stats.yaml
+    "stats_like": (lambda d: _statistics(d, ["like"]), []),  # statistics feed like's tower only
+    "stats_all_towers": (lambda d: _statistics(d, ALL_TASKS), []),  # every tower, never the shared bottom
     "pairwise1": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=1.0"]),
     "pairwise0.3": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0.3"]),
     "list_batches": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0"]),  # grouping only
