@@ -126,6 +126,8 @@ def kuairand_model(tmp_path_factory):
         data["training"].update(epochs=1, batch_size=4096)
         data["data"] = {**data["data"], "log": str(root / data["data"]["log"]),
                         "joins": [{**j, "path": str(root / j["path"])} for j in data["data"]["joins"]]}
+        if data["data"]["statistics"]:  # the snapshot training writes and serving joins, outside the checkout
+            data["data"]["statistics"]["path"] = str(tmp_path_factory.mktemp("stats"))
         config = parse_config(data, "kuairand tiny")
         run = ranking.train.train(config, tmp_path_factory.mktemp("runs") / "kuairand", verbose=False)
         base = tmp_path_factory.mktemp("models") / "kuairand"

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from calibration.outputs import calibrated_outputs
-from features.logs import raw_inputs, read_log
+from features.logs import join_side_tables, load_side_tables, raw_inputs, read_table
+from features.statistics import serving_joins
 from ranking.servable import load_servable
 from rankstage.v1 import ranking_pb2 as pb
 from serving.client import RankingClient, build_request
@@ -37,9 +38,10 @@ FUSION = {"version": "f1", "default_profile": "mix", "profiles": {
 
 @pytest.fixture(scope="module")
 def logged(kuairand_model):
-    """Apr 30 rows of the three largest user lists, side tables joined as in training."""
+    """Apr 30 rows of the three largest user lists, joined as the service joins them: the side tables and the newest
+    statistics snapshot (as of May 1, the one training wrote), not training's as-of-Apr-30 statistics."""
     config, _ = kuairand_model
-    df = read_log(config.data)
+    df = join_side_tables(read_table(config.data.log), load_side_tables(config.data, serving_joins(config.data)))
     day = df[df["date"] == df["date"].max()]
     users = day.groupby("user_id").size().sort_values(ascending=False).index[:3]
     return [day[day["user_id"] == u].drop_duplicates("video_id").reset_index(drop=True) for u in users]

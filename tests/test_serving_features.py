@@ -14,6 +14,7 @@ import pytest
 
 from features.logs import join_side_tables, load_side_tables, raw_column, raw_inputs, read_log, read_table
 from features.spec import ConfigError, FeatureSpec, RankstageConfig, load_config, parse_config
+from features.statistics import write_snapshot
 from serving.features import FeatureTables
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,11 +30,15 @@ def with_data(config: RankstageConfig, features: list[dict] | None = None, **dat
 
 
 @pytest.fixture(scope="module")
-def config() -> RankstageConfig:
+def config(tmp_path_factory) -> RankstageConfig:
     """configs/kuairand.yaml with its paths made absolute (tests may run from anywhere)."""
     cfg = load_config(ROOT / "configs" / "kuairand.yaml")
-    return with_data(cfg, log=str(ROOT / cfg.data.log),
-                     joins=[{**j.model_dump(), "path": str(ROOT / j.path)} for j in cfg.data.joins])
+    cfg = with_data(cfg, log=str(ROOT / cfg.data.log),
+                    joins=[{**j.model_dump(), "path": str(ROOT / j.path)} for j in cfg.data.joins],
+                    statistics={**cfg.data.statistics.model_dump(), "path": str(tmp_path_factory.mktemp("stats"))})
+    history = read_log(cfg.data, statistics=False)
+    write_snapshot(history[history[cfg.data.time_column] < DAY], cfg.data)  # what serving holds on Apr 30
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +78,13 @@ def serve_rows(tables: FeatureTables, config: RankstageConfig, rows: pd.DataFram
             for pos, v in zip(group.index, np.broadcast_to(values, (len(group),))):
                 out[f.name][pos] = v
     return {f.name: np.array(out[f.name], dtype=_dtype(f)) for f in features}
+
+
+def side_features(config: RankstageConfig) -> list[FeatureSpec]:
+    """The serving features of the side tables and the request: all but the statistics (checked by
+    tests/test_statistics.py and by the tests here that join the whole log)."""
+    stats = {f["name"] for f in config.data.statistics.feature_specs()} if config.data.statistics else set()
+    return [f for f in config.serving_features if f.name not in stats]
 
 
 def _dtype(f: FeatureSpec) -> type:
@@ -120,8 +132,8 @@ def test_missing_marker_is_missing_as_in_training(config, raw_day, tmp_path):
     cfg = with_data(config, joins=[{**config.data.joins[0].model_dump(), "path": str(path)},
                                    config.data.joins[1].model_dump()])
     rows = raw_day[raw_day["user_id"] == user_id].reset_index(drop=True)
-    expected = raw_inputs(join_side_tables(rows, load_side_tables(cfg.data)), cfg.serving_features)
-    got = serve_rows(FeatureTables.load(cfg), cfg, rows)
+    expected = raw_inputs(join_side_tables(rows, load_side_tables(cfg.data)), side_features(cfg))
+    got = serve_rows(FeatureTables.load(cfg), cfg, rows, side_features(cfg))
     assert_same_inputs(got, expected)
     assert (got["is_live_streamer"] == -1).all()  # int categorical -> -1
     assert np.isnan(got["follow_user_num"]).all()  # numeric -> NaN (the graph fills the default)
@@ -147,8 +159,11 @@ def test_unknown_ids_are_missing_not_errors(config, day, tables):
         if name not in ("user_id", "tab", "hourmin"):
             assert missing(by_name[name], values).all(), name
     rows = day.iloc[:3]
+    per_user = {f"stat_{k.name}_" for k in config.data.statistics.keys if user in k.columns}  # e.g. user x author
     for name, values in cand.items():
-        if name != item:
+        if name.startswith(tuple(per_user)):  # candidate statistics keyed on the user too: an unknown user has none
+            assert missing(by_name[name], values).all(), name
+        elif name != item:
             assert missing(by_name[name], values[[0, -1]]).all(), name
             np.testing.assert_array_equal(values[1:-1], raw_column(rows, by_name[name]), err_msg=name)
     # no user id at all: the user side is missing too (the service rejects such a request before this)
@@ -225,9 +240,9 @@ def test_chained_join_and_duplicate_keys_match_training(config, raw_day, tmp_pat
                               {"name": "author_level", "kind": "categorical", "dtype": "string", "group": "item",
                                "vocab": {}}])
     rows = raw_day.sample(300, random_state=1).reset_index(drop=True)
-    expected = raw_inputs(join_side_tables(rows, load_side_tables(cfg.data)), cfg.serving_features)
+    expected = raw_inputs(join_side_tables(rows, load_side_tables(cfg.data)), side_features(cfg))
     tables = FeatureTables.load(cfg)
-    got = serve_rows(tables, cfg, rows)
+    got = serve_rows(tables, cfg, rows, side_features(cfg))
     assert_same_inputs(got, expected)
     assert set(got["author_level"]) == {"1", "2", "3", ""}  # no "2.0", no duplicate's 99
     assert np.isnan(got["author_fans"]).any() and not (got["author_fans"] == -5).any()
