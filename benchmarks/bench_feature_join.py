@@ -28,6 +28,7 @@ from _report import write_report
 
 from features.logs import join_side_tables, load_side_tables, raw_column, raw_inputs, read_log
 from features.spec import RankstageConfig, load_config
+from features.statistics import serving_joins
 from serving.features import FeatureTables
 
 BASELINE = "pandas_merge"
@@ -61,7 +62,7 @@ def assemble_call(tables: FeatureTables, config: RankstageConfig) -> Callable[[R
 
 
 def merge_call(config: RankstageConfig) -> Callable[[Request], dict[str, np.ndarray]]:
-    sides = load_side_tables(config.data)
+    sides = load_side_tables(config.data, serving_joins(config.data))  # side tables + statistics snapshots
     features = config.serving_features
 
     def call(req: Request) -> dict[str, np.ndarray]:

@@ -90,6 +90,7 @@ def logged_requests(config, sizes: list[int], seed: int) -> dict[int, LoggedRequ
     """Per C: the newest day's most active user, the context of their first impression, C distinct item ids
     sampled from that day's impressions; raw inputs joined with ``features.logs`` as training joins them."""
     from features.logs import join_side_tables, load_side_tables, raw_inputs, read_table
+    from features.statistics import serving_joins
     from ranking.export import split_request
 
     d = config.data
@@ -100,7 +101,7 @@ def logged_requests(config, sizes: list[int], seed: int) -> dict[int, LoggedRequ
     logged_context = [f for f in config.serving_features if f.group == "context" and f.source in day.columns]
     context = {f.name: first[f.source].item() for f in logged_context}
     pool = day[d.item_column].unique()
-    sides = load_side_tables(d)
+    sides = load_side_tables(d, serving_joins(d))  # the side tables and statistics snapshots, as served
     rng = np.random.default_rng(seed)
     out = {}
     for n in sizes:
