@@ -359,9 +359,15 @@ class RankstageConfig(_Strict):
             ref = getattr(bt, role)
             if ref is not None and (ref not in feats or not feats[ref].bias):
                 raise ValueError(f"model.bias_tower.{role}: {ref!r} is not a feature with 'bias: true'")
+        stat_names = {f["name"] for f in self.data.statistics.feature_specs()} if self.data.statistics else set()
         for i, f in enumerate(self.features):
             if f.towers is None:
                 continue
+            if f.name in stat_names and self.data.statistics.towers == f.towers:
+                bad = [t for t in f.towers if t not in tasks]
+                if bad or not f.towers:
+                    raise ValueError(f"data.statistics.towers: {f.towers!r} must name tasks of this config "
+                                     f"(tasks: {list(tasks)})")
             if f.bias:
                 raise ValueError(f"features[{i}] ({f.name!r}): a bias feature cannot feed task towers")
             bad = [t for t in f.towers if t not in tasks]

@@ -101,3 +101,6 @@ def test_statistics_towers_route_every_statistics_feature(synthetic_log, tmp_pat
     assert config.tower_features("like") == stats and config.tower_features("click") == []
     assert parse_config(config.model_dump(), "again") == config  # a dumped config lists them once
     assert all(f.towers is None for f in config.with_tasks(["click"]).features)
+    data["data"]["statistics"]["towers"] = ["lik"]
+    with pytest.raises(ConfigError, match=r"data.statistics.towers: \['lik'\] must name tasks"):
+        parse_config(data, "bad stats")
