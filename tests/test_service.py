@@ -229,8 +229,12 @@ def test_model_and_fusion_swapped_under_traffic_with_zero_failed_calls(running, 
         t.start()
     try:
         time.sleep(0.3)
+        t0 = time.monotonic()
         add_version(base, 2)
-        assert wait_for(lambda: svc.snapshot.model.version == 2)
+        # a paced load (reload.load_duty 0.25) beside two hammering clients on 2 cores: ~15-40 s for this model
+        swapped = wait_for(lambda: svc.snapshot.model.version == 2, timeout_s=120)
+        assert swapped, f"no swap in {time.monotonic() - t0:.0f} s"
+        print(f"version 2 loaded, warmed and swapped in {time.monotonic() - t0:.1f} s under traffic")
         fusion.write_text(yaml.safe_dump({**FUSION, "version": "f2"}))
         assert wait_for(lambda: svc.snapshot.fusion.version == "f2")
         time.sleep(0.3)
