@@ -363,17 +363,12 @@ class RankstageConfig(_Strict):
         for i, f in enumerate(self.features):
             if f.towers is None:
                 continue
-            if f.name in stat_names and self.data.statistics.towers == f.towers:
-                bad = [t for t in f.towers if t not in tasks]
-                if bad or not f.towers:
-                    raise ValueError(f"data.statistics.towers: {f.towers!r} must name tasks of this config "
-                                     f"(tasks: {list(tasks)})")
+            from_stats = f.name in stat_names and self.data.statistics.towers == f.towers  # generated, not listed
             if f.bias:
                 raise ValueError(f"features[{i}] ({f.name!r}): a bias feature cannot feed task towers")
-            bad = [t for t in f.towers if t not in tasks]
-            if bad or not f.towers:
-                raise ValueError(f"features[{i}] ({f.name!r}): towers {f.towers!r} must name tasks of this config "
-                                 f"(tasks: {list(tasks)})")
+            if not f.towers or any(t not in tasks for t in f.towers):
+                where = "data.statistics.towers:" if from_stats else f"features[{i}] ({f.name!r}): towers"
+                raise ValueError(f"{where} {f.towers!r} must name tasks of this config (tasks: {list(tasks)})")
         if not self.bottom_features:
             raise ValueError("features: every non-bias feature feeds towers only; the shared bottom needs one")
         unused = [f.name for f in self.features if f.bias and f.name not in (bt.position, bt.device)]

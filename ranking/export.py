@@ -160,9 +160,9 @@ class UserSide:
     candidate_rows: np.ndarray  # (D_i,) int
     rest: keras.Model  # (C, H) first layer's output [, (C,) bias lookup index per bias input] -> {task: (C,)}
     bias_lookups: tuple[tuple[str, keras.layers.Layer], ...] = ()  # (device, its lookup): request value, over C
-    routed_names: tuple[str, ...] = ()  # tower-only features, in ``rest``'s input order (after the bias lookups)
-    routed_request: keras.Model | None = None  # {name: (1,)} -> [(1, D_f)] per request feature of routed_names
-    routed_candidates: keras.Model | None = None  # {name: (C,)} -> [(C, D_f)] per candidate feature of routed_names
+    # tower-only features, fed to ``rest`` after the bias lookups: the request ones, then the candidate ones
+    routed_request: keras.Model | None = None  # {name: (1,)} -> [(1, D_f)] per routed request feature
+    routed_candidates: keras.Model | None = None  # {name: (C,)} -> [(C, D_f)] per routed candidate feature
 
     @classmethod
     def of(cls, serve: keras.Model, config: RankstageConfig) -> UserSide:
@@ -184,9 +184,9 @@ class UserSide:
         lookups = {n: serve.get_layer("bias_device_lookup") for n in bias}  # device is the only served bias input
         request = [n for n in request_features(config) if n in encoded]
         candidates = [n for n in candidate_features(config) if n in encoded]
-        routed = [n for n in request_features(config) + candidate_features(config) if n in routed_encoded]
-        routed_request = [n for n in routed if n in set(request_features(config))]
-        routed_candidates = [n for n in routed if n not in set(routed_request)]
+        routed_request = [n for n in request_features(config) if n in routed_encoded]
+        routed_candidates = [n for n in candidate_features(config) if n in routed_encoded]
+        routed = routed_request + routed_candidates  # ``rest``'s input order, as ``__call__`` feeds them
         rows, start = {}, 0
         for name, t in encoded.items():  # each encoding's width, from the graph
             rows[name] = np.arange(start, start + int(t.shape[-1]))
@@ -206,7 +206,6 @@ class UserSide:
             keras.Model([first.output, *(lookups[n].output for n in bias), *(routed_encoded[n] for n in routed)]
                         if bias or routed else first.output, serve.output, name="over_first_layer"),
             tuple((n, lookups[n]) for n in bias),
-            tuple(routed_request + routed_candidates),
             keras.Model({n: inputs[n] for n in routed_request}, [routed_encoded[n] for n in routed_request],
                         name="routed_request_encoder") if routed_request else None,
             keras.Model({n: inputs[n] for n in routed_candidates}, [routed_encoded[n] for n in routed_candidates],
