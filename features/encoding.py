@@ -97,6 +97,35 @@ class MaskedMean(keras.layers.Layer):
         return (embeddings_shape[0], embeddings_shape[2])
 
 
+@keras.saving.register_keras_serializable(package="rankstage")
+class OOVDropout(keras.layers.Layer):
+    """(B, ...) lookup indices -> the same, with each index replaced in training, with probability ``rate``, by one
+    of the ``oov_buckets`` OOV indices (0..k-1) drawn uniformly, where an unseen id hashes; identity at inference."""
+
+    def __init__(self, rate: float, oov_buckets: int = 1, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= rate < 1:
+            raise ValueError(f"OOVDropout: rate must be in [0, 1), got {rate!r}")
+        if int(oov_buckets) < 1:
+            raise ValueError(f"OOVDropout: oov_buckets must be >= 1, got {oov_buckets!r}")
+        self.rate, self.oov_buckets, self.seed = float(rate), int(oov_buckets), seed
+        self._rng = keras.random.SeedGenerator(seed)
+
+    def call(self, idx, training: bool = False):
+        if not training or self.rate <= 0:
+            return idx
+        shape = ops.shape(idx)
+        drop = keras.random.uniform(shape, seed=self._rng) < self.rate
+        bucket = keras.random.randint(shape, 0, self.oov_buckets, seed=self._rng, dtype=idx.dtype)
+        return ops.where(drop, bucket, idx)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "oov_buckets": self.oov_buckets, "seed": self.seed}
+
+
 def lookup_layer(feature: FeatureSpec, stats: FeatureStats, name: str | None = None) -> keras.layers.Layer:
     """Raw id -> int index in [0, size): OOV buckets first, then the vocabulary; or a hash bucket."""
     name = name or f"{feature.name}_lookup"
@@ -120,7 +149,16 @@ def lookup_size(feature: FeatureSpec, stats: FeatureStats) -> int:
     return len(stats.vocabulary) + feature.vocab.oov_buckets
 
 
-def encode_feature(x, feature: FeatureSpec, stats: FeatureStats, default_dim: int):
+def _indices(x, feature: FeatureSpec, stats: FeatureStats, seed: int | None):
+    """Lookup indices of raw ids or tokens, through ``OOVDropout`` when the vocabulary asks for it."""
+    idx = lookup_layer(feature, stats)(x)
+    if feature.vocab is not None and feature.vocab.oov_dropout > 0:
+        idx = OOVDropout(feature.vocab.oov_dropout, feature.vocab.oov_buckets, seed=seed,
+                         name=f"{feature.name}_oov_dropout")(idx)
+    return idx
+
+
+def encode_feature(x, feature: FeatureSpec, stats: FeatureStats, default_dim: int, seed: int | None = None):
     """Functional encoding of one raw input (B,) -> (B, D_f)."""
     dim = feature.embedding_dim or default_dim
     if feature.kind == "numeric":
@@ -133,10 +171,10 @@ def encode_feature(x, feature: FeatureSpec, stats: FeatureStats, default_dim: in
         size = len(feature.boundaries or []) + 1
         return keras.layers.Embedding(size, dim, name=f"{feature.name}_embedding")(idx)
     if feature.kind == "categorical":
-        idx = lookup_layer(feature, stats)(x)
+        idx = _indices(x, feature, stats, seed)
         return keras.layers.Embedding(lookup_size(feature, stats), dim, name=f"{feature.name}_embedding")(idx)
     tokens = SplitValues(feature.separator, feature.max_values, name=f"{feature.name}_split")(x)  # (B, L)
-    idx = lookup_layer(feature, stats)(tokens)
+    idx = _indices(tokens, feature, stats, seed)
     emb = keras.layers.Embedding(lookup_size(feature, stats), dim, name=f"{feature.name}_embedding")(idx)
     return MaskedMean(name=f"{feature.name}_mean")(emb, tokens)
 

@@ -36,6 +36,10 @@ class VocabPolicy(_Strict):
     min_count: int = Field(1, ge=1)
     oov_buckets: int = Field(1, ge=1)
     max_size: int | None = Field(None, ge=1)
+    # training only: this fraction of rows (of tokens, for multi_valued) is looked up as OOV, so the OOV embedding
+    # learns what serving sends for ids the vocabulary lacks (new users, new videos) instead of the few rare ids
+    # below min_count
+    oov_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class FeatureSpec(_Strict):
@@ -93,6 +97,9 @@ class FeatureSpec(_Strict):
             raise ValueError(f"{where}: 'default' must be finite, got {self.default!r}")
         if self.bias and self.kind != "categorical":
             raise ValueError(f"{where}: bias features must be categorical, got kind {self.kind!r}")
+        if self.bias and self.vocab is not None and self.vocab.oov_dropout > 0:
+            raise ValueError(f"{where}: 'vocab.oov_dropout' does not apply to bias features (the bias tower has "
+                             f"position_dropout), got {self.vocab.oov_dropout!r}")
         if self.bias != (self.group == "bias"):
             raise ValueError(f"{where}: set both 'bias: true' and 'group: bias' or neither")
         return self

@@ -38,8 +38,8 @@ def _features(data: dict, names: tuple[str, ...], **fields: object) -> dict:
     for entry in out["features"]:
         if entry["name"] in names:
             for key, value in fields.items():
-                if key == "min_count":
-                    entry["vocab"] = {**entry.get("vocab", {}), "min_count": value}
+                if key in ("min_count", "oov_dropout"):
+                    entry["vocab"] = {**entry.get("vocab", {}), key: value}
                 else:
                     entry[key] = value
     return out
@@ -59,6 +59,14 @@ def _statistics(data: dict, towers: list[str] | None = None) -> dict:
     out = copy.deepcopy(data)
     stats = yaml.safe_load((ROOT / "configs" / "kuairand_stats.yaml").read_text())["data"]["statistics"]
     out["data"]["statistics"] = {**stats, "path": "stats/sweep", **({} if towers is None else {"towers": towers})}
+    return out
+
+
+def _stat_towers(data: dict, towers: list[str]) -> dict:
+    """``data`` (a config with a statistics block) with the statistics routed to ``towers``, snapshots under
+    stats/sweep."""
+    out = copy.deepcopy(data)
+    out["data"]["statistics"] = {**out["data"]["statistics"], "path": "stats/sweep", "towers": towers}
     return out
 
 
@@ -85,6 +93,13 @@ VARIANTS: dict[str, tuple[Callable[[dict], dict], list[str]]] = {
     "stats": (_statistics, []),  # = configs/kuairand_stats.yaml
     "stats_like": (lambda d: _statistics(d, ["like"]), []),  # statistics feed like's tower only
     "stats_all_towers": (lambda d: _statistics(d, ALL_TASKS), []),  # every tower, never the shared bottom
+    # on today's default (statistics in like's tower): also route them to watch time's / completion's tower
+    "stats_to_watch": (lambda d: _stat_towers(d, ["like", "watch_time"]), []),
+    "stats_to_watch_completion": (lambda d: _stat_towers(d, ["like", "watch_time", "completion"]), []),
+    # ids looked up as OOV in training, so the OOV embedding learns new users / videos (a third of Apr 30's rows)
+    "user_oov_dropout0.1": (lambda d: _features(d, ("user_id",), oov_dropout=0.1), []),
+    "user_oov_dropout0.3": (lambda d: _features(d, ("user_id",), oov_dropout=0.3), []),
+    "id_oov_dropout0.1": (lambda d: _features(d, ID_FEATURES, oov_dropout=0.1), []),
     "pairwise1": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=1.0"]),
     "pairwise0.3": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0.3"]),
     "list_batches": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0"]),  # grouping only

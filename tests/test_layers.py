@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from features.encoding import FillNaN, MaskedMean, NumericEncoder, SplitValues
+from features.encoding import FillNaN, MaskedMean, NumericEncoder, OOVDropout, SplitValues
 from features.spec import FeatureSpec
 from features.vocab import transform_numeric
 from ranking.layers.bias_tower import PositionBiasTower
@@ -304,3 +304,26 @@ def test_masked_mean_after_split_by_hand():
     ], np.float32)
     out = np.asarray(MaskedMean()(emb, tokens))
     np.testing.assert_allclose(out, [[3.0, 5.0], [6.0, -2.0], [0.0, 0.0], [3.0, 0.5]], rtol=1e-6)
+
+
+def test_oov_dropout_is_identity_at_inference_and_drops_at_its_rate_in_training():
+    idx = np.arange(5, 20005, dtype=np.int64)  # vocabulary indices, above the 3 OOV buckets 0..2
+    layer = OOVDropout(0.3, oov_buckets=3, seed=0)
+    np.testing.assert_array_equal(np.asarray(layer(idx)), idx)
+    np.testing.assert_array_equal(np.asarray(layer(idx, training=False)), idx)
+    out = np.asarray(layer(idx, training=True))
+    dropped = out != idx
+    assert abs(dropped.mean() - 0.3) < 0.02
+    assert set(np.unique(out[dropped])) == {0, 1, 2}  # every OOV bucket, nothing else
+    tokens = np.tile(idx[:100, None], (1, 4))  # (B, L) multi-valued indices: dropped token by token
+    out2 = np.asarray(OOVDropout(0.5, seed=1)(tokens, training=True))
+    assert out2.shape == (100, 4) and 0 < (out2 == 0).mean() < 1 and set(np.unique(out2[out2 != tokens])) == {0}
+
+
+def test_oov_dropout_config_round_trip_and_errors():
+    layer = OOVDropout(0.2, oov_buckets=2, seed=7)
+    assert OOVDropout.from_config(layer.get_config()).get_config() == layer.get_config()
+    with pytest.raises(ValueError, match="got 1.0"):
+        OOVDropout(1.0)
+    with pytest.raises(ValueError, match="got 0"):
+        OOVDropout(0.1, oov_buckets=0)

@@ -68,6 +68,21 @@ def test_unknown_feature_kind():
     assert "features[2].kind" in msg and "'catgorical'" in msg
 
 
+def test_oov_dropout_must_be_below_one_and_not_on_bias_features():
+    data = small_config()
+    data["features"][0]["vocab"]["oov_dropout"] = 1.0
+    msg = config_error(data)
+    assert "features[0].vocab.oov_dropout" in msg and "1.0" in msg
+    data = small_config()
+    data["features"][5]["vocab"]["oov_dropout"] = 0.2
+    msg = config_error(data)
+    assert "'position'" in msg and "oov_dropout" in msg and "0.2" in msg
+    data = small_config()
+    data["features"][0]["vocab"]["oov_dropout"] = 0.1
+    data["features"][4]["vocab"]["oov_dropout"] = 0.2
+    assert parse_config(data).features[4].vocab.oov_dropout == 0.2
+
+
 def test_duplicate_feature_names():
     data = small_config()
     data["features"].append({"name": "item", "kind": "numeric"})
