@@ -126,6 +126,21 @@ class OOVDropout(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "oov_buckets": self.oov_buckets, "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="rankstage")
+class MatchCount(keras.layers.Layer):
+    """(B, L) tokens ("" padding) and (B,) or (1,) candidate ids (int64 or string) -> (B,) float: how many tokens
+    equal the row's id (ints compared by their decimal string, as ``features.history`` writes them)."""
+
+    def call(self, tokens, ids):
+        if ids.dtype != tf.string:
+            ids = tf.strings.as_string(ids)
+        hit = ops.logical_and(ops.equal(tokens, ops.expand_dims(ids, -1)), ops.not_equal(tokens, ""))
+        return ops.sum(ops.cast(hit, "float32"), axis=-1)
+
+    def compute_output_shape(self, tokens_shape, ids_shape):
+        return (tokens_shape[0],)
+
+
 def lookup_layer(feature: FeatureSpec, stats: FeatureStats, name: str | None = None) -> keras.layers.Layer:
     """Raw id -> int index in [0, size): OOV buckets first, then the vocabulary; or a hash bucket."""
     name = name or f"{feature.name}_lookup"
@@ -158,9 +173,16 @@ def _indices(x, feature: FeatureSpec, stats: FeatureStats, seed: int | None):
     return idx
 
 
-def encode_feature(x, feature: FeatureSpec, stats: FeatureStats, default_dim: int, seed: int | None = None):
-    """Functional encoding of one raw input (B,) -> (B, D_f)."""
+def encode_feature(x, feature: FeatureSpec, stats: FeatureStats, default_dim: int, seed: int | None = None,
+                   match=None):
+    """Functional encoding of one raw input (B,) -> (B, D_f); ``match`` is the raw (B,) input of the candidate feature
+    a match feature counts."""
     dim = feature.embedding_dim or default_dim
+    if feature.kind == "match":
+        tokens = SplitValues(feature.separator, feature.max_values, name=f"{feature.name}_split")(x)  # (B, L)
+        count = MatchCount(name=f"{feature.name}_count")(tokens, match)  # (B,)
+        return NumericEncoder(stats.mean, stats.std, feature.default, feature.transform,
+                              name=f"{feature.name}_numeric")(count)
     if feature.kind == "numeric":
         return NumericEncoder(stats.mean, stats.std, feature.default, feature.transform,
                               name=f"{feature.name}_numeric")(x)

@@ -13,6 +13,7 @@ import pandas as pd
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from features.history import attach_history
 from features.spec import ConfigError, DataConfig, FeatureSpec, JoinSpec, RankstageConfig, TaskSpec
 from features.statistics import attach_statistics
 
@@ -37,13 +38,13 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
 
 
 def read_log(data: DataConfig, log: str | Path | None = None, statistics: bool = True) -> pd.DataFrame:
-    """Read the impression log, left-join every side table the spec names and add the point-in-time statistics
-    features of ``data.statistics`` (dropping its warmup days)."""
+    """Read the impression log, left-join every side table the spec names, add the history lists of
+    ``data.history`` and the point-in-time statistics features of ``data.statistics`` (dropping its warmup days)."""
     df = read_table(log or data.log)
     for col in (data.time_column, data.user_column, data.item_column):
         if col not in df.columns:
             raise ConfigError(f"data: column {col!r} not in log {log or data.log} (has {list(df.columns)})")
-    df = join_side_tables(df, load_side_tables(data))
+    df = attach_history(join_side_tables(df, load_side_tables(data)), data)  # after the joins: author is a side column
     return attach_statistics(df, data) if statistics else df  # after the joins: keys may be side columns (author)
 
 

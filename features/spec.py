@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-FeatureKind = Literal["categorical", "numeric", "multi_valued", "bucketized"]
+FeatureKind = Literal["categorical", "numeric", "multi_valued", "bucketized", "match"]
 FeatureGroup = Literal["user", "item", "context", "bias"]
 RawDType = Literal["int", "string", "float"]
 TaskType = Literal["binary", "watch_time", "completion"]
@@ -60,8 +60,12 @@ class FeatureSpec(_Strict):
     transform: Literal["none", "log1p"] = "none"
     default: float = 0.0  # numeric value used for NaN / missing
     boundaries: list[float] | None = None  # bucketized
-    separator: str = ","  # multi_valued
-    max_values: int = Field(8, ge=1)  # multi_valued: values kept per row
+    separator: str = ","  # multi_valued, match
+    max_values: int = Field(8, ge=1)  # multi_valued, match: values kept per row (the first ones)
+    # kind match: the name of a categorical candidate feature. This feature's raw value is a list of ids (the user's
+    # recent history, newest first, e.g. the authors shown earlier today: ``data.history`` derives it from the log);
+    # its encoding is how many of them equal the candidate's value of ``match`` (after ``transform``, normalised)
+    match: str | None = None
 
     @property
     def source(self) -> str:
@@ -71,7 +75,8 @@ class FeatureSpec(_Strict):
     def raw_dtype(self) -> RawDType:
         if self.dtype is not None:
             return self.dtype
-        return {"categorical": "int", "numeric": "float", "multi_valued": "string", "bucketized": "float"}[
+        return {"categorical": "int", "numeric": "float", "multi_valued": "string", "bucketized": "float",
+                "match": "string"}[
             self.kind
         ]
 
@@ -91,6 +96,11 @@ class FeatureSpec(_Strict):
             b = self.boundaries
             if not b or any(not math.isfinite(x) for x in b) or any(x >= y for x, y in zip(b, b[1:])):
                 raise ValueError(f"{where}: 'boundaries' must be finite and strictly increasing, got {b!r}")
+        if (self.kind == "match") != (self.match is not None):
+            raise ValueError(f"{where}: kind 'match' needs 'match' (the candidate feature to count), and 'match' "
+                             f"needs kind 'match'; got kind {self.kind!r}, match {self.match!r}")
+        if self.kind == "match" and self.raw_dtype != "string":
+            raise ValueError(f"{where}: a match feature's raw value is a string list, got dtype {self.dtype!r}")
         if self.kind == "numeric" and self.raw_dtype != "float":
             raise ValueError(f"{where}: numeric features have dtype 'float', got {self.dtype!r}")
         if not math.isfinite(self.default):
@@ -302,10 +312,29 @@ class StatisticsConfig(_Strict):
                 for k in self.keys for w in self.windows for m, t in self.measures()]
 
 
+class HistoryList(_Strict):
+    """One list column derived from the log: per row, ``column``'s values of the same user's strictly earlier rows
+    of the same session (where ``where`` > 0, if given), newest first, comma-separated."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    column: str
+    where: str | None = None  # e.g. is_click: only the rows the user clicked
+
+
+class HistoryConfig(_Strict):
+    """The user's history within a session (a value of ``data.time_column``: the day), ordered by ``order``: what
+    the gateway knows of the user's earlier impressions when it sends a request, and sends as a context list."""
+
+    order: str  # a time column finer than the session (e.g. time_ms); rows at the same time do not see each other
+    max_len: int = Field(50, ge=1)  # newest values kept per list
+    lists: list[HistoryList] = Field(min_length=1)
+
+
 class DataConfig(_Strict):
     log: str
     joins: list[JoinSpec] = []
     statistics: StatisticsConfig | None = None
+    history: HistoryConfig | None = None  # list columns derived from the log (features of kind match read them)
     time_column: str  # the split is by distinct values of this column, in order
     user_column: str  # for user-grouped AUC and request grouping
     item_column: str
@@ -376,6 +405,16 @@ class RankstageConfig(_Strict):
             if not f.towers or any(t not in tasks for t in f.towers):
                 where = "data.statistics.towers:" if from_stats else f"features[{i}] ({f.name!r}): towers"
                 raise ValueError(f"{where} {f.towers!r} must name tasks of this config (tasks: {list(tasks)})")
+        for i, f in enumerate(self.features):
+            if f.kind != "match":
+                continue
+            target = feats.get(f.match)
+            if target is None or target.kind != "categorical" or target.bias or target.group in ("user", "context"):
+                raise ValueError(f"features[{i}] ({f.name!r}): match {f.match!r} must name a categorical item "
+                                 f"feature of this config (a candidate's id to count in the list)")
+            if f.group in ("user", "context", "bias"):
+                raise ValueError(f"features[{i}] ({f.name!r}): a match feature's value differs per candidate: "
+                                 f"group must be 'item', got {f.group!r} (the request may still send one list)")
         if not self.bottom_features:
             raise ValueError("features: every non-bias feature feeds towers only; the shared bottom needs one")
         unused = [f.name for f in self.features if f.bias and f.name not in (bt.position, bt.device)]

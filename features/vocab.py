@@ -40,6 +40,17 @@ def split_multi(values: np.ndarray, feature: FeatureSpec) -> list[str]:
     return out
 
 
+def match_counts(lists: np.ndarray, ids: np.ndarray, feature: FeatureSpec) -> np.ndarray:
+    """(N,) float: per row, how many of the first ``max_values`` tokens of the list equal the row's id (as a decimal
+    string for ints). Mirrors ``SplitValues`` + ``MatchCount``."""
+    out = np.zeros(len(lists), dtype=np.float64)
+    for i, (text, value) in enumerate(zip(lists, ids)):
+        if text:
+            key = str(value)
+            out[i] = sum(1 for t in text.strip().split(feature.separator)[: feature.max_values] if t and t == key)
+    return out
+
+
 def build_vocabulary(values: np.ndarray | list, feature: FeatureSpec) -> list:
     """Values with count >= min_count, most frequent first (ties by value), capped at max_size."""
     assert feature.vocab is not None
@@ -56,8 +67,8 @@ def build_stats(raw: dict[str, np.ndarray], features: list[FeatureSpec]) -> dict
     stats: dict[str, FeatureStats] = {}
     for f in features:
         x = raw[f.name]
-        if f.kind == "numeric":
-            t = transform_numeric(x, f)
+        if f.kind in ("numeric", "match"):
+            t = transform_numeric(match_counts(x, raw[f.match], f) if f.kind == "match" else x, f)
             std = float(t.std())
             stats[f.name] = FeatureStats(mean=float(t.mean()), std=std if std > 1e-12 else 1.0)
         elif f.kind == "categorical" and f.vocab is not None:

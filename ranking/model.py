@@ -54,7 +54,8 @@ def build_models(config: RankstageConfig, stats: dict[str, FeatureStats]) -> Ran
     """Build the training and serving models from the spec and the training log's statistics."""
     m, seed = config.model, config.training.seed
     inputs = {f.name: keras.Input(shape=(), dtype=keras_dtype(f), name=f.name) for f in config.features}
-    encoded = {f.name: encode_feature(inputs[f.name], f, stats[f.name], m.embedding_dim, seed)
+    encoded = {f.name: encode_feature(inputs[f.name], f, stats[f.name], m.embedding_dim, seed,
+                                      match=inputs[f.match] if f.match else None)
                for f in config.model_features}  # name -> (B, D_f)
     bottom = [encoded[f.name] for f in config.bottom_features]
     x = keras.layers.Concatenate(name="features")(bottom) if len(bottom) > 1 else bottom[0]

@@ -70,6 +70,22 @@ def _stat_towers(data: dict, towers: list[str]) -> dict:
     return out
 
 
+HISTORY = {"order": "time_ms", "max_len": 50, "lists": [
+    {"name": "authors_seen_today", "column": "author_id"},
+    {"name": "authors_clicked_today", "column": "author_id", "where": "is_click"}]}
+
+
+def _history(data: dict, towers: list[str] | None = None) -> dict:
+    """``data`` plus the user's authors earlier the same day (shown, clicked) counted against the candidate's
+    author: two match features (the request carries the lists at serving)."""
+    out = copy.deepcopy(data)
+    out["data"]["history"] = HISTORY
+    for lst in HISTORY["lists"]:
+        out["features"].append({"name": lst["name"], "kind": "match", "match": "author_id", "group": "item",
+                                "max_values": 50, "transform": "log1p", **({"towers": towers} if towers else {})})
+    return out
+
+
 ALL_TASKS = ["click", "like", "collect", "share", "long_view", "watch_time", "completion"]
 
 # name -> (config edit, --set overrides)
@@ -100,6 +116,7 @@ VARIANTS: dict[str, tuple[Callable[[dict], dict], list[str]]] = {
     "user_oov_dropout0.1": (lambda d: _features(d, ("user_id",), oov_dropout=0.1), []),
     "user_oov_dropout0.3": (lambda d: _features(d, ("user_id",), oov_dropout=0.3), []),
     "id_oov_dropout0.1": (lambda d: _features(d, ID_FEATURES, oov_dropout=0.1), []),
+    "history_authors": (_history, []),
     "pairwise1": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=1.0"]),
     "pairwise0.3": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0.3"]),
     "list_batches": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0"]),  # grouping only

@@ -120,12 +120,13 @@ def check_features(req: DecodedRequest, snap: Snapshot) -> None:
                 known = sorted(f for f, s in snap.features.items() if s.group in groups)
                 raise RequestError(f"{where}: not a {'/'.join(groups)} feature of model {snap.model.name} version "
                                    f"{snap.model.version} (known: {', '.join(known)})")
-            if spec.group not in groups:
+            if spec.group not in groups and not (spec.kind == "match" and field == "context_features"):
+                # a match feature (the user's history list) may come once per request, the same for every candidate
                 home = {"user": "user_features", "context": "context_features"}.get(spec.group, "candidates.features")
                 raise RequestError(f"{where}: {name!r} is a {spec.group} feature; send it in {home}")
             want = spec.raw_dtype
             got = {"i": "int", "f": "float", "O": "string"}[arr.dtype.kind]
-            if spec.kind == "multi_valued" and got == "string":
+            if spec.kind in ("multi_valued", "match") and got == "string":
                 continue
             if want != got and not (want == "float" and got == "int"):
                 field_name = "int64_values" if want == "int" else f"{want}_values"

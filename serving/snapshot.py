@@ -99,7 +99,7 @@ class Reloader:
             tables = FeatureTables.load(model.config)
         features = {f.name: f for f in model.config.serving_features}
         return Snapshot(model, fusion, fstamp, cal, cstamp, tables, features, model.metadata["sampling"],
-                        {n: f.separator for n, f in features.items() if f.kind == "multi_valued"})
+                        {n: f.separator for n, f in features.items() if f.kind in ("multi_valued", "match")})
 
     def initial(self) -> Snapshot | None:
         version = self.backend.newest()

@@ -19,6 +19,7 @@ import pandas as pd
 
 from features.logs import evaluation_labels, raw_inputs, read_log, task_labels, time_split
 from features.spec import RankstageConfig, TaskSpec
+from features.vocab import match_counts
 from ranking import metrics
 from ranking.train import PREDICTIONS, early_stopping_monitor, judge, judged_report, save_judged
 
@@ -27,13 +28,16 @@ EARLY_STOPPING_ROUNDS = 50  # trees without a better validation loss before stop
 
 def gbdt_frame(frame: pd.DataFrame, config: RankstageConfig, categories: dict | None = None
                ) -> tuple[pd.DataFrame, dict]:
-    """Serving features as a LightGBM frame: categoricals as pandas categories (first value of multi-valued)."""
+    """Serving features as a LightGBM frame: categoricals as pandas categories (first value of multi-valued), match
+    features as their counts."""
     raw = raw_inputs(frame, config.serving_features)
     cols, cats = {}, dict(categories or {})
     for f in config.serving_features:
         x = raw[f.name]
         if f.kind == "multi_valued":
             x = np.array([v.split(f.separator)[0] if v else "" for v in x], dtype=object)
+        if f.kind == "match":  # the count the ranker's graph computes
+            x = match_counts(x, raw[f.match], f)
         if f.kind in ("categorical", "multi_valued"):
             if f.name not in cats:
                 cats[f.name] = pd.Index(pd.unique(x))

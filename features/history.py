@@ -1,0 +1,71 @@
+"""The user's earlier impressions of the same session as list columns (``data.history``), for features of kind
+``match``: what a gateway knows when it sends a request and passes on as a context list.
+
+N rows. For each list and row: the ``column`` values of the same user's rows of the same session (a value of
+``data.time_column``, the day) that came strictly earlier by ``history.order`` (rows at the same time do not see each
+other), kept where ``where`` > 0, newest first, at most ``max_len``, comma-separated ("" when there are none).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pandas as pd
+
+from features.spec import ConfigError, DataConfig
+
+
+def _tokens(values: pd.Series) -> np.ndarray:
+    """(N,) object: each value as the string serving would send (integral floats without ".0"), None if missing."""
+    if pd.api.types.is_float_dtype(values):
+        finite = values.dropna()
+        if (finite % 1 == 0).all():
+            values = values.astype("Int64")
+    return values.astype(object).where(values.notna(), None).map(lambda v: None if v is None else str(v)).to_numpy()
+
+
+def history_lists(df: pd.DataFrame, data: DataConfig) -> dict[str, np.ndarray]:
+    """List name -> (N,) object strings of ``df``'s rows (any row order; the result follows ``df``'s)."""
+    h = data.history
+    assert h is not None
+    for where, col in [("data.history.order", h.order)] + [
+            (f"data.history.lists[{i}].{part}", getattr(lst, part))
+            for i, lst in enumerate(h.lists) for part in ("column", "where") if getattr(lst, part) is not None]:
+        if col not in df.columns:
+            raise ConfigError(f"{where}: column {col!r} not in the log or its side tables")
+    users, sessions = df[data.user_column].to_numpy(), df[data.time_column].to_numpy()
+    times = pd.to_numeric(df[h.order], errors="coerce").to_numpy(dtype=np.float64)
+    order = np.lexsort((times, sessions, users))  # by user, then session, then time
+    u, s, t = users[order], sessions[order], times[order]
+    new_block = np.ones(len(df), dtype=bool)  # a row whose (user, session, time) differs from the previous row's
+    new_block[1:] = (u[1:] != u[:-1]) | (s[1:] != s[:-1]) | (t[1:] != t[:-1])
+    new_session = np.ones(len(df), dtype=bool)
+    new_session[1:] = (u[1:] != u[:-1]) | (s[1:] != s[:-1])
+    starts = np.flatnonzero(new_block).tolist() + [len(df)]
+    out = {}
+    for lst in h.lists:
+        tokens = _tokens(df[lst.column])[order]
+        if lst.where is not None:
+            keep = pd.to_numeric(df[lst.where], errors="coerce").fillna(0).to_numpy()[order] > 0
+            tokens = np.where(keep, tokens, None)
+        texts = np.empty(len(df), dtype=object)
+        window: deque[str] = deque(maxlen=h.max_len)
+        for a, b in zip(starts[:-1], starts[1:]):
+            if new_session[a]:
+                window.clear()
+            texts[a:b] = ",".join(reversed(window))
+            window.extend(v for v in tokens[a:b] if v is not None)
+        result = np.empty(len(df), dtype=object)
+        result[order] = texts
+        out[lst.name] = result
+    return out
+
+
+def attach_history(df: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
+    """``df`` with one column per ``data.history`` list (a no-op without it). A list already in the log (a log
+    that recorded what the gateway sent) is kept as logged."""
+    if data.history is None:
+        return df
+    lists = {k: v for k, v in history_lists(df, data).items() if k not in df.columns}
+    return df.assign(**lists)

@@ -1,0 +1,123 @@
+"""The user's same-day history as lists (``data.history``, features/history.py) and features of kind ``match`` that
+count the candidate's id in them, in the graph (``MatchCount``) as in numpy (``match_counts``), trained and exported
+for real on the synthetic log."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import synthetic
+from conftest import train_run
+
+from features.encoding import MatchCount, SplitValues
+from features.history import history_lists
+from features.logs import raw_inputs, read_log
+from features.spec import ConfigError, FeatureSpec, parse_config
+from features.vocab import match_counts
+from ranking.export import RANK_CANDIDATES, SERVING_DEFAULT, export_run, split_request
+from ranking.servable import load_servable
+
+HISTORY = {"order": "ts", "max_len": 3, "lists": [{"name": "seen", "column": "author"},
+                                                   {"name": "clicked", "column": "author", "where": "click"}]}
+
+
+def data_config():
+    return parse_config({
+        "data": {"log": "unused.csv", "time_column": "day", "user_column": "user", "item_column": "item",
+                 "history": HISTORY},
+        "features": [{"name": "author", "kind": "categorical", "vocab": {}},
+                     {"name": "clicked", "kind": "match", "match": "author", "max_values": 3}],
+        "tasks": [{"name": "click", "type": "binary", "label": "click"}]}).data
+
+
+def frame() -> pd.DataFrame:
+    """User 1 on day 0: authors 10, 11 and 12 (11 and 12 at the same time), 10, 13, 14; day 1: 15. User 2 between."""
+    return pd.DataFrame({
+        "user": [1, 1, 2, 1, 1, 1, 1, 1, 2],
+        "day": [0, 0, 0, 0, 0, 0, 0, 1, 0],
+        "ts": [1, 2, 2, 2, 3, 4, 5, 6, 9],
+        "author": [10.0, 11.0, 99.0, 12.0, 10.0, 13.0, np.nan, 15.0, 98.0],  # a left-joined side column: floats
+        "click": [0, 1, 1, 1, 0, 1, 1, 0, 0],
+        "item": range(9),
+    }).sample(frac=1.0, random_state=0)  # the rows' order must not matter
+
+
+def test_lists_hold_strictly_earlier_rows_of_the_session_newest_first():
+    df = frame()
+    lists = {k: dict(zip(df.index, v)) for k, v in history_lists(df, data_config()).items()}
+    assert [lists["seen"][i] for i in range(9)] == [
+        "", "10", "", "10", "12,11,10", "10,12,11", "13,10,12", "", "99"]  # same-time rows never see each other;
+    # max_len 3 keeps the newest; a missing author enters nothing; day 1 starts empty
+    assert [lists["clicked"][i] for i in range(9)] == ["", "", "", "", "12,11", "12,11", "13,12,11", "", "99"]
+
+
+def test_later_rows_change_nothing_earlier():
+    df = frame()
+    before = history_lists(df, data_config())
+    later = df.assign(author=np.where(df["ts"] >= 4, 77.0, df["author"]), click=np.where(df["ts"] >= 4, 1, df["click"]))
+    after = history_lists(later, data_config())
+    early = (df["ts"] <= 4).to_numpy()
+    for name in before:
+        np.testing.assert_array_equal(after[name][early], before[name][early])
+
+
+def test_a_missing_history_column_is_named():
+    with pytest.raises(ConfigError, match=r"data.history.lists\[1\].where: column 'click'"):
+        history_lists(frame().drop(columns="click"), data_config())
+
+
+@pytest.mark.parametrize("ids", [np.array([10, 11, -1, 7, 3], np.int64),
+                                 np.array(["10", "b", "", "7", "3"], dtype=object)])
+def test_graph_count_equals_numpy_count(ids):
+    lists = np.array(["10,12,10", "a,b,b,b", "", "7,8,9,7", " 3 "], dtype=object)  # the 4th 7 is past max_values 3
+    spec = FeatureSpec(name="m", kind="match", match="x", max_values=3)
+    graph = np.asarray(MatchCount()(SplitValues(",", 3)(lists), ids))
+    np.testing.assert_array_equal(graph, match_counts(lists, ids, spec))
+    want = [2, 2, 0, 1, 1] if ids.dtype == object else [2, 0, 0, 1, 1]
+    np.testing.assert_array_equal(graph, want)
+
+
+def test_match_spec_errors_name_the_feature():
+    base = {"data": {"log": "l.csv", "time_column": "day", "user_column": "user", "item_column": "item"},
+            "tasks": [{"name": "click", "type": "binary", "label": "click"}]}
+    author = {"name": "author", "kind": "categorical", "vocab": {}}
+    with pytest.raises(ConfigError, match=r"features\[2\] \('m'\): match 'user'"):
+        parse_config({**base, "features": [author, {"name": "user", "kind": "categorical", "group": "user",
+                                                    "vocab": {}}, {"name": "m", "kind": "match", "match": "user"}]})
+    with pytest.raises(ConfigError, match=r"features\[1\] \('m'\): .*group must be 'item', got 'context'"):
+        parse_config({**base, "features": [author, {"name": "m", "kind": "match", "match": "author",
+                                                    "group": "context"}]})
+    with pytest.raises(ConfigError, match="kind 'match' needs 'match'"):
+        parse_config({**base, "features": [author, {"name": "m", "kind": "match"}]})
+
+
+@pytest.fixture(scope="module")
+def history_run(tmp_path_factory, synthetic_log):
+    """Segments the user clicked earlier the same day, counted against the candidate's segment."""
+    log = pd.read_csv(synthetic_log)
+    path = tmp_path_factory.mktemp("hist") / "log.csv"
+    synthetic.write_log(log.assign(ts=np.arange(len(log))), path)
+    data = synthetic.config(path, ["segment", "user_id", "item_id"], ["click"], epochs=1).model_dump()
+    data["data"]["history"] = {"order": "ts", "max_len": 20, "lists": [
+        {"name": "segments_clicked", "column": "segment", "where": "click"}]}
+    data["features"].append({"name": "segments_clicked", "kind": "match", "match": "segment", "max_values": 20,
+                             "transform": "log1p"})
+    return train_run(parse_config(data, "history"), tmp_path_factory.mktemp("hist") / "r")
+
+
+def test_match_feature_trains_exports_and_serves_the_list_sent_once(history_run, tmp_path):
+    config = history_run.config
+    df = read_log(config.data)
+    df = df[df["day"] == df["day"].max()]
+    user = df[df["segments_clicked"] != ""]["user_id"].value_counts().index[0]
+    rows = raw_inputs(df[df["user_id"] == user].reset_index(drop=True), config.serving_features)
+    sv = load_servable(export_run(history_run.run_dir, tmp_path / "models", verbose=False))  # checks signatures agree
+    base = sv.predict(rows, SERVING_DEFAULT)["click"]
+    fed = sv.predict({**rows, "segments_clicked": np.array([",".join([s] * 5) for s in rows["segment"]],
+                                                           dtype=object)}, SERVING_DEFAULT)["click"]
+    assert np.abs(fed - base).max() > 1e-4  # the count reaches the output
+    one = {**rows, "segments_clicked": np.repeat(rows["segments_clicked"][:1], len(rows["segment"]))}
+    ranked, repeated = split_request(one, config)  # one list for the request, repeated to every candidate
+    np.testing.assert_allclose(sv.predict(ranked, RANK_CANDIDATES)["click"],
+                               sv.predict(repeated, SERVING_DEFAULT)["click"], rtol=1e-5, atol=1e-6)
