@@ -117,6 +117,7 @@ VARIANTS: dict[str, tuple[Callable[[dict], dict], list[str]]] = {
     "user_oov_dropout0.3": (lambda d: _features(d, ("user_id",), oov_dropout=0.3), []),
     "id_oov_dropout0.1": (lambda d: _features(d, ID_FEATURES, oov_dropout=0.1), []),
     "history_authors": (_history, []),
+    "history_authors_click_tower": (lambda d: _history(d, ["click"]), []),  # straight to click's tower
     "pairwise1": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=1.0"]),
     "pairwise0.3": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0.3"]),
     "list_batches": (lambda d: d, ["training.pairwise_task=click", "training.pairwise_weight=0"]),  # grouping only

@@ -153,11 +153,16 @@ def format_response(resp: pb.RankResponse, max_tasks: int = 7) -> str:
 
 def logged_requests(config, n: int = 3, log: str | None = None, min_candidates: int = 5, top_k: int = 5) -> list[dict]:
     """JSON requests built from the ``n`` largest user lists of the log's newest day: ids and context only (the
-    service joins the rest), as a gateway would send them."""
-    from features.logs import read_table
+    service joins the rest), as a gateway would send them; with the user's history lists of the first impression
+    when the model has match features."""
+    from features.history import attach_history
+    from features.logs import join_side_tables, load_side_tables, read_table
 
     d = config.data
     df = read_table(log or d.log)
+    lists = [f for f in config.serving_features if f.kind == "match"]  # the user's history: one list per request
+    if lists and d.history is not None:
+        df = attach_history(join_side_tables(df, load_side_tables(d)), d)
     day = df[df[d.time_column] == df[d.time_column].max()]
     sizes = day.groupby(d.user_column).size()
     users = sizes[sizes >= min_candidates].sort_values(ascending=False).index[:n]
@@ -168,8 +173,9 @@ def logged_requests(config, n: int = 3, log: str | None = None, min_candidates: 
         first = rows.iloc[0]
         out.append({"request_id": f"logged-{d.user_column}-{user}-{first[d.time_column]}",
                     "user": {d.user_column: int(user) if isinstance(user, int | np.integer) else str(user)},
-                    "context": {f.name: first[f.source].item() if hasattr(first[f.source], "item")
-                                else first[f.source] for f in context},
+                    "context": {**{f.name: first[f.source].item() if hasattr(first[f.source], "item")
+                                   else first[f.source] for f in context},
+                                **{f.name: first[f.source] for f in lists if f.source in df.columns}},
                     "candidates": {"item_ids": rows[d.item_column].tolist()},
                     "top_k": top_k, "return_predictions": True})
     return out

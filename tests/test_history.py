@@ -121,3 +121,46 @@ def test_match_feature_trains_exports_and_serves_the_list_sent_once(history_run,
     ranked, repeated = split_request(one, config)  # one list for the request, repeated to every candidate
     np.testing.assert_allclose(sv.predict(ranked, RANK_CANDIDATES)["click"],
                                sv.predict(repeated, SERVING_DEFAULT)["click"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_service_takes_the_list_once_in_the_context(history_run, tmp_path):
+    """Over real loopback gRPC: the list sent once in context_features is counted against every candidate, as
+    serving_default does with the list repeated per row; a list of numbers is refused naming the field."""
+    import grpc
+    import yaml
+
+    from serving.client import RankingClient, build_request
+    from serving.codec import response_arrays
+    from serving.config import parse_serving_config
+    from serving.service import RankingService
+
+    base = tmp_path / "models"
+    sv = load_servable(export_run(history_run.run_dir, base, verbose=False))
+    fusion = tmp_path / "fusion.yaml"
+    fusion.write_text(yaml.safe_dump({"version": "f1", "default_profile": "c", "profiles": {
+        "c": {"formula": "weighted_sum", "weights": {"click": 1.0}}}}))
+    svc = RankingService(parse_serving_config({
+        "model": {"base_path": str(base), "backend": "in_process"}, "fusion": str(fusion),
+        "server": {"port": 0, "metrics_port": 0, "drain_s": 1}, "reload": {"interval_s": 0.5}}))
+    port = svc.start()
+    try:
+        assert svc.wait_until_ready(60)
+        client = RankingClient(f"127.0.0.1:{port}", timeout_s=10)
+        segments = np.array(["news", "sports", "music", "music"], dtype=object)
+        items = np.array([1, 2, 3, 4], dtype=np.int64)
+        history = "music,music,sports"
+        got = response_arrays(client.send(build_request(
+            {"user_id": 7}, items, {"segments_clicked": history}, {"segment": segments}, return_predictions=True)))
+        want = sv.predict({"user_id": np.full(4, 7, np.int64), "item_id": items, "segment": segments,
+                           "segments_clicked": np.array([history] * 4, dtype=object)}, SERVING_DEFAULT)["click"]
+        np.testing.assert_allclose(got["click"][np.argsort(got["candidate_indices"])], want, rtol=2e-4, atol=1e-6)
+        empty = response_arrays(client.send(build_request({"user_id": 7}, items, {}, {"segment": segments},
+                                                          return_predictions=True)))
+        assert not np.allclose(np.sort(empty["click"]), np.sort(got["click"]))  # the list reaches the model
+        with pytest.raises(grpc.RpcError) as err:
+            client.send(build_request({"user_id": 7}, items, {"segments_clicked": 3}, {"segment": segments}))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "context_features[segments_clicked]" in err.value.details()
+        client.close()
+    finally:
+        svc.stop(1)

@@ -222,6 +222,17 @@ def test_real_kuairand_config_loads():
     assert cfg.data.joins[0].key == "user_id" and cfg.data.joins[0].missing_values == [-124]
 
 
+def test_history_config_is_the_default_plus_the_history_lists():
+    default, history = (load_config(ROOT / "configs" / name) for name in ("kuairand.yaml", "kuairand_history.yaml"))
+    added = [f for f in history.features if f not in default.features]
+    assert [(f.name, f.kind, f.match, f.towers) for f in added] == [
+        ("authors_seen_today", "match", "author_id", ["click"]), ("authors_clicked_today", "match", "author_id",
+                                                                   ["click"])]
+    assert [f for f in history.features if f in default.features] == default.features
+    assert [lst.name for lst in history.data.history.lists] == [f.name for f in added]
+    assert (history.model, history.training, history.tasks) == (default.model, default.training, default.tasks)
+
+
 def test_with_tasks_drops_conditions_on_removed_tasks():
     cfg = parse_config(small_config()).with_tasks(["like", "watch_time"])
     assert [t.name for t in cfg.tasks] == ["like", "watch_time"]
