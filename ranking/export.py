@@ -194,11 +194,15 @@ class UserSide:
         if start != first.kernel.shape[0]:
             raise ValueError(f"rank_candidates: encoded widths sum to {start}, shared_bottom_0 kernel has "
                              f"{first.kernel.shape[0]} rows")
+        def reads(names: list[str]) -> dict:
+            """The raw inputs the encodings of ``names`` read: their own, and a match feature's candidate id."""
+            extra = [f.match for f in config.features if f.name in names and f.match and f.match not in names]
+            return {n: inputs[n] for n in [*names, *dict.fromkeys(extra)]}
+
         return cls(
             request, candidates,
-            keras.Model({n: inputs[n] for n in request}, [encoded[n] for n in request], name="request_encoder"),
-            keras.Model({n: inputs[n] for n in candidates}, [encoded[n] for n in candidates],
-                        name="candidate_encoder"),
+            keras.Model(reads(request), [encoded[n] for n in request], name="request_encoder"),
+            keras.Model(reads(candidates), [encoded[n] for n in candidates], name="candidate_encoder"),
             first,
             np.concatenate([rows[n] for n in request]).astype(np.int32),
             np.concatenate([rows[n] for n in candidates]).astype(np.int32),
@@ -206,16 +210,18 @@ class UserSide:
             keras.Model([first.output, *(lookups[n].output for n in bias), *(routed_encoded[n] for n in routed)]
                         if bias or routed else first.output, serve.output, name="over_first_layer"),
             tuple((n, lookups[n]) for n in bias),
-            keras.Model({n: inputs[n] for n in routed_request}, [routed_encoded[n] for n in routed_request],
+            keras.Model(reads(routed_request), [routed_encoded[n] for n in routed_request],
                         name="routed_request_encoder") if routed_request else None,
-            keras.Model({n: inputs[n] for n in routed_candidates}, [routed_encoded[n] for n in routed_candidates],
+            keras.Model(reads(routed_candidates), [routed_encoded[n] for n in routed_candidates],
                         name="routed_candidate_encoder") if routed_candidates else None,
         )
 
     def __call__(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """{user/context name: (1,), item name: (C,)} -> {task: (C,)}."""
-        u = _concat(self.request_encoder({n: inputs[n] for n in self.request_names}, training=False))  # (1, D_u)
-        i = _concat(self.candidate_encoder({n: inputs[n] for n in self.candidate_names}, training=False))  # (C, D_i)
+        request = {n: inputs[n] for n in self.request_encoder.input}  # the encoders' own inputs (a match feature
+        candidates = {n: inputs[n] for n in self.candidate_encoder.input}  # also reads its candidate id)
+        u = _concat(self.request_encoder(request, training=False))  # (1, D_u)
+        i = _concat(self.candidate_encoder(candidates, training=False))  # (C, D_i)
         kernel = self.first.kernel  # (D_u + D_i, H)
         user_part = ops.matmul(u, ops.take(kernel, self.request_rows, axis=0))  # (1, H), once per request
         item_part = ops.matmul(i, ops.take(kernel, self.candidate_rows, axis=0)) + self.first.bias  # (C, H)

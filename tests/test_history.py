@@ -92,9 +92,10 @@ def test_match_spec_errors_name_the_feature():
         parse_config({**base, "features": [author, {"name": "m", "kind": "match"}]})
 
 
-@pytest.fixture(scope="module")
-def history_run(tmp_path_factory, synthetic_log):
-    """Segments the user clicked earlier the same day, counted against the candidate's segment."""
+@pytest.fixture(scope="module", params=[None, ["click"]], ids=["bottom", "click_tower"])
+def history_run(request, tmp_path_factory, synthetic_log):
+    """Segments the user clicked earlier the same day, counted against the candidate's segment; into the shared
+    bottom, or into click's tower only (its encoder then reads the candidate's segment apart from the bottom's)."""
     log = pd.read_csv(synthetic_log)
     path = tmp_path_factory.mktemp("hist") / "log.csv"
     synthetic.write_log(log.assign(ts=np.arange(len(log))), path)
@@ -102,7 +103,7 @@ def history_run(tmp_path_factory, synthetic_log):
     data["data"]["history"] = {"order": "ts", "max_len": 20, "lists": [
         {"name": "segments_clicked", "column": "segment", "where": "click"}]}
     data["features"].append({"name": "segments_clicked", "kind": "match", "match": "segment", "max_values": 20,
-                             "transform": "log1p"})
+                             "transform": "log1p", "towers": request.param})
     return train_run(parse_config(data, "history"), tmp_path_factory.mktemp("hist") / "r")
 
 
