@@ -194,6 +194,7 @@ class UserSide:
         if start != first.kernel.shape[0]:
             raise ValueError(f"rank_candidates: encoded widths sum to {start}, shared_bottom_0 kernel has "
                              f"{first.kernel.shape[0]} rows")
+
         def reads(names: list[str]) -> dict:
             """The raw inputs the encodings of ``names`` read: their own, and a match feature's candidate id."""
             extra = [f.match for f in config.features if f.name in names and f.match and f.match not in names]

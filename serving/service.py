@@ -123,6 +123,8 @@ def check_features(req: DecodedRequest, snap: Snapshot) -> None:
             if spec.group not in groups and not (spec.kind == "match" and field == "context_features"):
                 # a match feature (the user's history list) may come once per request, the same for every candidate
                 home = {"user": "user_features", "context": "context_features"}.get(spec.group, "candidates.features")
+                if spec.kind == "match":
+                    home = "context_features (one list for the request) or candidates.features (one per candidate)"
                 raise RequestError(f"{where}: {name!r} is a {spec.group} feature; send it in {home}")
             want = spec.raw_dtype
             got = {"i": "int", "f": "float", "O": "string"}[arr.dtype.kind]

@@ -162,6 +162,11 @@ def test_the_service_takes_the_list_once_in_the_context(history_run, tmp_path):
             client.send(build_request({"user_id": 7}, items, {"segments_clicked": 3}, {"segment": segments}))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "context_features[segments_clicked]" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            client.send(build_request({"user_id": 7, "segments_clicked": "music"}, items, {}, {"segment": segments}))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "user_features[segments_clicked]" in err.value.details() and "context_features (one list" in \
+            err.value.details()
         client.close()
     finally:
         svc.stop(1)
