@@ -41,7 +41,8 @@ def make_requests(config: RankstageConfig, day: pd.DataFrame, c: int, n: int, se
     """``n`` requests of ``c`` candidates: a logged (user, context) of ``day`` and ``c`` distinct items of the day."""
     rng = np.random.default_rng(seed)
     user, item = config.data.user_column, config.data.item_column
-    context = [f for f in config.serving_features if f.group == "context"]
+    # the context and the same-day history lists (match features): sent by the gateway, one per request
+    context = [f for f in config.serving_features if f.group == "context" or f.kind == "match"]
     items = day[item].unique()
     requests = []
     for pos in rng.choice(len(day), size=n, replace=False):

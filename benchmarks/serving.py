@@ -87,19 +87,29 @@ class LoggedRequest:
 
 
 def logged_requests(config, sizes: list[int], seed: int) -> dict[int, LoggedRequest]:
-    """Per C: the newest day's most active user, the context of their first impression, C distinct item ids
-    sampled from that day's impressions; raw inputs joined with ``features.logs`` as training joins them."""
+    """Per C: the newest day's most active user, the context of their first impression (with the same-day history
+    lists of their last one, the longest), C distinct item ids sampled from that day's impressions; raw inputs joined
+    with ``features.logs`` as training joins them."""
+    from features.history import attach_history
     from features.logs import join_side_tables, load_side_tables, raw_inputs, read_table
     from features.statistics import serving_joins
     from ranking.export import split_request
 
     d = config.data
     df = read_table(d.log)
+    if d.history is not None:
+        df = attach_history(join_side_tables(df, load_side_tables(d)), d)[[*df.columns, *(x.name for x in
+                                                                                     d.history.lists)]]
     day = df[df[d.time_column] == df[d.time_column].max()]
     user = day[d.user_column].value_counts().index[0]
-    first = day[day[d.user_column] == user].iloc[0]
-    logged_context = [f for f in config.serving_features if f.group == "context" and f.source in day.columns]
-    context = {f.name: first[f.source].item() for f in logged_context}
+    first = day[day[d.user_column] == user].iloc[0].copy()
+    for f in config.serving_features:
+        if f.kind == "match":  # the lists the gateway sends with the request
+            first[f.source] = day[day[d.user_column] == user].sort_values(d.history.order)[f.source].iloc[-1]
+    logged_context = [f for f in config.serving_features
+                      if (f.group == "context" or f.kind == "match") and f.source in day.columns]
+    context = {f.name: first[f.source].item() if hasattr(first[f.source], "item") else first[f.source]
+               for f in logged_context}
     pool = day[d.item_column].unique()
     sides = load_side_tables(d, serving_joins(d))  # the side tables and statistics snapshots, as served
     rng = np.random.default_rng(seed)

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from calibration.outputs import correct_outputs
 from calibration.posthoc import calibrate
+from features.history import history_lists
 from features.logs import evaluation_labels, join_side_tables, load_side_tables, raw_inputs, read_table
 from features.spec import ConfigError, RankstageConfig
 from features.statistics import join_statistics, statistics_tables
@@ -104,8 +105,12 @@ def score_log(model_base_path: str | Path, log: str | Path | None = None, days: 
     log = log or config.data.log
     sides = load_side_tables(config.data)
     d = config.data
-    # statistics need the whole log's history, so they are computed once before streaming (small columns only)
-    stat_tables = statistics_tables(join_side_tables(read_table(log), sides), d) if d.statistics else None
+    # statistics and the same-day history lists need the whole log's history, so they are computed once before
+    # streaming; the lists are (N,) in file order, cut per chunk by row position
+    whole = join_side_tables(read_table(log), sides) if d.statistics or d.history else None
+    stat_tables = statistics_tables(whole, d) if d.statistics else None
+    lists = history_lists(whole, d) if d.history else {}
+    del whole
     keep = {"user": [], "day": [], "order": [], "request": []}
     truth: dict[str, list] = {c: [] for c in truth_columns}
     preds: dict[str, list] = {t.name: [] for t in config.tasks}
@@ -114,6 +119,8 @@ def score_log(model_base_path: str | Path, log: str | Path | None = None, days: 
     for chunk in iter_log_chunks(log, chunk_mb):
         n_chunk = len(chunk)
         chunk = chunk.reset_index(drop=True)
+        lists_here = {k: v[seen:seen + n_chunk] for k, v in lists.items() if k not in chunk.columns}
+        chunk = chunk.assign(**lists_here) if lists_here else chunk  # a list the log recorded is kept as logged
         if days:
             chunk = chunk[np.isin(chunk[d.time_column].to_numpy(), days)].reset_index(drop=True)
         seen += n_chunk

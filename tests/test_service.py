@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from calibration.outputs import calibrated_outputs
+from features.history import attach_history
 from features.logs import join_side_tables, load_side_tables, raw_inputs, read_table
 from features.statistics import serving_joins
 from ranking.servable import load_servable
@@ -30,6 +31,7 @@ from serving.config import parse_serving_config
 from serving.service import RankingService
 
 ROOT = Path(__file__).resolve().parent.parent
+HISTORY_LISTS = ("authors_seen_today", "authors_clicked_today")  # match features of configs/kuairand.yaml
 FUSION = {"version": "f1", "default_profile": "mix", "profiles": {
     "mix": {"formula": "weighted_product", "weights": {"click": 1.0, "watch_time": 0.05, "like": 10.0},
             "exponents": {"watch_time": 0.5}},
@@ -42,16 +44,19 @@ def logged(kuairand_model):
     statistics snapshot (as of May 1, the one training wrote), not training's as-of-Apr-30 statistics."""
     config, _ = kuairand_model
     df = join_side_tables(read_table(config.data.log), load_side_tables(config.data, serving_joins(config.data)))
+    df = attach_history(df, config.data)  # the user's same-day author lists, as the gateway would send them
     day = df[df["date"] == df["date"].max()]
     users = day.groupby("user_id").size().sort_values(ascending=False).index[:3]
     return [day[day["user_id"] == u].drop_duplicates("video_id").reset_index(drop=True) for u in users]
 
 
 def ids_request(rows, top_k: int = 0, profile: str = "", **kw) -> pb.RankRequest:
-    """What a gateway sends: user id, context of the first impression, candidate ids. Nothing else."""
+    """What a gateway sends: user id, context of the first impression (with the user's same-day author lists),
+    candidate ids. Nothing else."""
     first = rows.iloc[0]
+    lists = {name: str(first[name]) for name in HISTORY_LISTS}
     return build_request({"user_id": int(first["user_id"])}, rows["video_id"].to_numpy(np.int64),
-                         {"tab": int(first["tab"]), "hourmin": int(first["hourmin"])}, top_k=top_k,
+                         {"tab": int(first["tab"]), "hourmin": int(first["hourmin"]), **lists}, top_k=top_k,
                          fusion_profile=profile, return_predictions=True, **kw)
 
 
@@ -83,8 +88,8 @@ def offline_ranking(version_dir, rows, profile: str) -> tuple[np.ndarray, dict[s
     """The offline path replay uses: serving_default on logged rows -> correction -> fusion score -> order."""
     sv = load_servable(version_dir)
     x = raw_inputs(rows, sv.config.serving_features)
-    x["tab"][:] = x["tab"][0]  # the request carries one context: the first impression's
-    x["hourmin"][:] = x["hourmin"][0]
+    for name in ("tab", "hourmin", *HISTORY_LISTS):  # the request carries one context: the first impression's
+        x[name][:] = x[name][0]
     out = calibrated_outputs(sv.predict(x), sv.sampling)
     fusion = load_fusion_config_dict(FUSION, sv.tasks)
     score = fusion.profiles[profile].score(out)

@@ -222,15 +222,13 @@ def test_real_kuairand_config_loads():
     assert cfg.data.joins[0].key == "user_id" and cfg.data.joins[0].missing_values == [-124]
 
 
-def test_history_config_is_the_default_plus_the_history_lists():
-    default, history = (load_config(ROOT / "configs" / name) for name in ("kuairand.yaml", "kuairand_history.yaml"))
-    added = [f for f in history.features if f not in default.features]
-    assert [(f.name, f.kind, f.match, f.towers) for f in added] == [
-        ("authors_seen_today", "match", "author_id", ["click"]), ("authors_clicked_today", "match", "author_id",
-                                                                   ["click"])]
-    assert [f for f in history.features if f in default.features] == default.features
-    assert [lst.name for lst in history.data.history.lists] == [f.name for f in added]
-    assert (history.model, history.training, history.tasks) == (default.model, default.training, default.tasks)
+def test_default_config_counts_the_same_day_authors():
+    cfg = load_config(ROOT / "configs" / "kuairand.yaml")
+    matches = [f for f in cfg.features if f.kind == "match"]
+    assert [(f.name, f.match, f.group, f.towers) for f in matches] == [
+        ("authors_seen_today", "author_id", "item", None), ("authors_clicked_today", "author_id", "item", None)]
+    assert [(lst.name, lst.column, lst.where) for lst in cfg.data.history.lists] == [
+        ("authors_seen_today", "author_id", None), ("authors_clicked_today", "author_id", "is_click")]
 
 
 def test_with_tasks_drops_conditions_on_removed_tasks():
