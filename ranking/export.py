@@ -151,10 +151,9 @@ class UserSide:
     routed to towers only (``towers``) are encoded apart (request ones once, broadcast over C) and fed to ``rest``.
     """
 
-    request_names: list[str]
-    candidate_names: list[str]
     request_encoder: keras.Model  # {name: (1,)} -> [(1, D_f)] per request feature
-    candidate_encoder: keras.Model  # {name: (C,)} -> [(C, D_f)] per candidate feature
+    candidate_encoder: keras.Model  # {name: (C,)} -> [(C, D_f)] per candidate feature (inputs: theirs, and the ids
+    # match features count)
     first: keras.layers.Dense
     request_rows: np.ndarray  # (D_u,) int
     candidate_rows: np.ndarray  # (D_i,) int
@@ -201,7 +200,6 @@ class UserSide:
             return {n: inputs[n] for n in [*names, *dict.fromkeys(extra)]}
 
         return cls(
-            request, candidates,
             keras.Model(reads(request), [encoded[n] for n in request], name="request_encoder"),
             keras.Model(reads(candidates), [encoded[n] for n in candidates], name="candidate_encoder"),
             first,
