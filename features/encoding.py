@@ -178,12 +178,10 @@ def encode_feature(x, feature: FeatureSpec, stats: FeatureStats, default_dim: in
     """Functional encoding of one raw input (B,) -> (B, D_f); ``match`` is the raw (B,) input of the candidate feature
     a match feature counts."""
     dim = feature.embedding_dim or default_dim
-    if feature.kind == "match":
+    if feature.kind == "match":  # the count is then encoded like a numeric feature
         tokens = SplitValues(feature.separator, feature.max_values, name=f"{feature.name}_split")(x)  # (B, L)
-        count = MatchCount(name=f"{feature.name}_count")(tokens, match)  # (B,)
-        return NumericEncoder(stats.mean, stats.std, feature.default, feature.transform,
-                              name=f"{feature.name}_numeric")(count)
-    if feature.kind == "numeric":
+        x = MatchCount(name=f"{feature.name}_count")(tokens, match)  # (B,)
+    if feature.kind in ("numeric", "match"):
         return NumericEncoder(stats.mean, stats.std, feature.default, feature.transform,
                               name=f"{feature.name}_numeric")(x)
     if feature.kind == "bucketized":

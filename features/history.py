@@ -38,10 +38,10 @@ def history_lists(df: pd.DataFrame, data: DataConfig) -> dict[str, np.ndarray]:
     times = pd.to_numeric(df[h.order], errors="coerce").to_numpy(dtype=np.float64)
     order = np.lexsort((times, sessions, users))  # by user, then session, then time
     u, s, t = users[order], sessions[order], times[order]
-    new_block = np.ones(len(df), dtype=bool)  # a row whose (user, session, time) differs from the previous row's
-    new_block[1:] = (u[1:] != u[:-1]) | (s[1:] != s[:-1]) | (t[1:] != t[:-1])
-    new_session = np.ones(len(df), dtype=bool)
+    new_session = np.ones(len(df), dtype=bool)  # a row whose (user, session) differs from the previous row's
     new_session[1:] = (u[1:] != u[:-1]) | (s[1:] != s[:-1])
+    new_block = new_session.copy()  # ... or whose time does
+    new_block[1:] |= t[1:] != t[:-1]
     starts = np.flatnonzero(new_block).tolist() + [len(df)]
     out = {}
     for lst in h.lists:

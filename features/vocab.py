@@ -43,12 +43,8 @@ def split_multi(values: np.ndarray, feature: FeatureSpec) -> list[str]:
 def match_counts(lists: np.ndarray, ids: np.ndarray, feature: FeatureSpec) -> np.ndarray:
     """(N,) float: per row, how many of the first ``max_values`` tokens of the list equal the row's id (as a decimal
     string for ints). Mirrors ``SplitValues`` + ``MatchCount``."""
-    out = np.zeros(len(lists), dtype=np.float64)
-    for i, (text, value) in enumerate(zip(lists, ids)):
-        if text:
-            key = str(value)
-            out[i] = sum(1 for t in text.strip().split(feature.separator)[: feature.max_values] if t and t == key)
-    return out
+    return np.array([split_multi((text,), feature).count(str(value)) for text, value in zip(lists, ids)],
+                    dtype=np.float64)
 
 
 def build_vocabulary(values: np.ndarray | list, feature: FeatureSpec) -> list:

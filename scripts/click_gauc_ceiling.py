@@ -30,6 +30,7 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+from scipy.special import logit
 
 from ranking.metrics import auc, grouped_auc
 
@@ -100,7 +101,7 @@ def ensemble(runs: list[str]) -> str:
     for r, p in zip(runs, preds):
         if not np.array_equal(p["click/y"], y) or not np.array_equal(p["click/user"], users):
             raise SystemExit(f"--runs: {r} was judged on other rows than {runs[0]}")
-    logits = [np.log(np.clip(p["click/p"], 1e-6, 1 - 1e-6) / np.clip(1 - p["click/p"], 1e-6, 1)) for p in preds]
+    logits = [logit(np.clip(p["click/p"], 1e-6, 1 - 1e-6)) for p in preds]
     lines = [f"| {r} | {grouped_auc(y, z, users)[0]:.4f} |" for r, z in zip(runs, logits)]
     mean = grouped_auc(y, np.mean(logits, axis=0), users)[0]
     return "\n".join(["| run | click GAUC |", "|---|---|", *lines, f"| mean of the {len(runs)} logits | {mean:.4f} |"])
