@@ -66,12 +66,13 @@ def format_diagnostics(rows: dict[str, dict], title: str) -> str:
 
 
 def calibrate_command(model_base_path, log, fit_days, eval_days, method, tasks, out, chunk_mb=8.0) -> dict:
-    from fusion.replay import score_log
+    from evaluation.scoring import score_log
+    from ranking.servable import load_servable
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     eval_days = eval_days or fit_days
-    scored = score_log(model_base_path, log, days=sorted({*fit_days, *eval_days}), chunk_mb=chunk_mb)
+    scored = score_log(load_servable(model_base_path), log, days=sorted({*fit_days, *eval_days}), chunk_mb=chunk_mb)
     tasks = tasks or [t for t, kind in scored.model["task_types"].items() if kind == "binary"]
     unknown = [t for t in tasks if t not in scored.model["task_types"]]
     if unknown:
@@ -103,8 +104,8 @@ def calibrate_from_run(run_dir, model_base_path, log, eval_days, method, tasks, 
     has also trained on that day, so its own predictions there are in sample and would fit a near-identity map;
     the non-refit model's next-day error is the one to correct. ``eval_days`` (days after the run's window) are
     scored by the exported version and judged before / after."""
-    from fusion.replay import score_log
-    from ranking.servable import load_metadata, resolve_version
+    from evaluation.scoring import score_log
+    from ranking.servable import load_metadata, load_servable, resolve_version
     from ranking.train import PREDICTIONS, load_judged
 
     run_dir, out = Path(run_dir), Path(out)
@@ -136,7 +137,7 @@ def calibrate_from_run(run_dir, model_base_path, log, eval_days, method, tasks, 
         window = meta.get("training_window", {})
         trained = {*window.get("periods", []), *(window.get("validation_periods", []) if window.get("refit") else [])}
         inside = sorted(set(eval_days) & {int(d) for d in trained})
-        scored = score_log(version_dir, log, days=sorted(eval_days), chunk_mb=chunk_mb)
+        scored = score_log(load_servable(version_dir), log, days=sorted(eval_days), chunk_mb=chunk_mb)
         part = scored.days(eval_days)
         rows = diagnose(part.predictions, part.labels, artifact, out, units=units)
         title = (f"calibration {method} fitted on run {run_dir.name}'s validation predictions of {fit_days}, "

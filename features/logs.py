@@ -6,6 +6,7 @@ N rows throughout. Raw inputs are what serving receives: int64 ids, strings, flo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,21 @@ def time_split(df: pd.DataFrame, config: RankstageConfig) -> tuple[pd.DataFrame,
                           f"{col!r} values)")
     first_val = periods[-n_val]
     return df[df[col] < first_val].reset_index(drop=True), df[df[col] >= first_val].reset_index(drop=True)
+
+
+def iter_log_chunks(path: str | Path, chunk_mb: float = 8.0) -> Iterator[pd.DataFrame]:
+    """Yield the log as pandas chunks of roughly ``chunk_mb`` MB (CSV blocks / Parquet record batches)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--logs: file not found: {path}")
+    if path.suffix in (".parquet", ".pq"):
+        pf = pq.ParquetFile(path)
+        row_bytes = max(1, pf.metadata.serialized_size // max(1, pf.metadata.num_rows)) * 8
+        for batch in pf.iter_batches(batch_size=max(1024, int(chunk_mb * 2**20 / row_bytes))):
+            yield batch.to_pandas()
+    elif path.suffix == ".csv" or path.name.endswith(".csv.gz"):
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=int(chunk_mb * 2**20)))
+        for batch in reader:
+            yield batch.to_pandas()
+    else:
+        raise ConfigError(f"--logs {path}: unknown format (expected .csv, .csv.gz or .parquet)")

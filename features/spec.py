@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -26,11 +27,13 @@ class ConfigError(ValueError):
     """A config or input that cannot be used; the message names the field and the value."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Base of every typed config (ranking, serving, fusion, retrieval): unknown fields refused, values frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class VocabPolicy(_Strict):
+class VocabPolicy(Strict):
     """Vocabulary built from the training log: values seen at least ``min_count`` times, plus OOV buckets."""
 
     min_count: int = Field(1, ge=1)
@@ -42,7 +45,7 @@ class VocabPolicy(_Strict):
     oov_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-class FeatureSpec(_Strict):
+class FeatureSpec(Strict):
     """One model input: where it comes from, how it is encoded and how big its embedding is."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -115,7 +118,7 @@ class FeatureSpec(_Strict):
         return self
 
 
-class TaskSpec(_Strict):
+class TaskSpec(Strict):
     """One predicted behaviour: its label, how it is trained and served, and its loss weight."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -134,7 +137,7 @@ class TaskSpec(_Strict):
         return v
 
 
-class BiasTowerConfig(_Strict):
+class BiasTowerConfig(Strict):
     """Shallow tower on position x device; its logit is added to ``tasks`` in training only."""
 
     position: str | None = None  # name of a bias feature
@@ -143,7 +146,7 @@ class BiasTowerConfig(_Strict):
     position_dropout: float = Field(0.1, ge=0, lt=1)
 
 
-class PLEConfig(_Strict):
+class PLEConfig(Strict):
     """Progressive Layered Extraction in place of the MMoE: per level, ``task_experts`` experts of each task's own
     and ``shared_experts`` shared ones (widths ``model.expert_units``), gated per task; ``levels`` stacked."""
 
@@ -159,7 +162,7 @@ class PLEConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Sizes of the shared bottom, the MMoE and the task towers. ``num_experts: 0`` is shared-bottom; ``ple`` set
     replaces the MMoE by PLE (``num_experts`` is then unused)."""
 
@@ -181,14 +184,14 @@ class ModelConfig(_Strict):
         return v
 
 
-class NegativeSampling(_Strict):
+class NegativeSampling(Strict):
     """Keep each training row whose ``task`` label is 0 with probability ``keep_fraction`` (``task: null``: off)."""
 
     task: str | None = "click"
     keep_fraction: float = Field(1.0, gt=0, le=1)
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Strict):
     batch_size: int = Field(1024, ge=1)
     epochs: int = Field(10, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -207,7 +210,7 @@ class TrainingConfig(_Strict):
     seed: int = 0
 
 
-class JoinSpec(_Strict):
+class JoinSpec(Strict):
     """A side table left-joined onto the log on column ``key`` (or a composite key, a list of columns, as the
     user x author statistics table has); ``missing_values`` become NaN."""
 
@@ -222,7 +225,7 @@ class JoinSpec(_Strict):
         return [self.key] if isinstance(self.key, str) else list(self.key)
 
 
-class StatisticsKey(_Strict):
+class StatisticsKey(Strict):
     """One statistics table: the log's events aggregated per value of ``columns`` (one id, or a composite key such
     as user x author). ``group`` is the group of the features it yields: ``user`` when every key column is known from
     the request, else ``item`` (per candidate)."""
@@ -239,12 +242,12 @@ class StatisticsKey(_Strict):
         return v
 
 
-class WatchTimeStatistic(_Strict):
+class WatchTimeStatistic(Strict):
     column: str
     scale: float = Field(1.0, gt=0)  # into seconds (ms -> s: 0.001)
 
 
-class StatisticsConfig(_Strict):
+class StatisticsConfig(Strict):
     """Point-in-time statistics of the log (``features/statistics.py``): per key and past window of ``windows`` days,
     the impressions, the count and smoothed rate of each binary ``events`` column, and the smoothed mean watch time.
     For an impression on day d only days d - w .. d - 1 count. Rates are additively smoothed toward the window's
@@ -312,7 +315,7 @@ class StatisticsConfig(_Strict):
                 for k in self.keys for w in self.windows for m, t in self.measures()]
 
 
-class HistoryList(_Strict):
+class HistoryList(Strict):
     """One list column derived from the log: per row, ``column``'s values of the same user's strictly earlier rows
     of the same session (where ``where`` > 0, if given), newest first, comma-separated."""
 
@@ -321,7 +324,7 @@ class HistoryList(_Strict):
     where: str | None = None  # e.g. is_click: only the rows the user clicked
 
 
-class HistoryConfig(_Strict):
+class HistoryConfig(Strict):
     """The user's history within a session (a value of ``data.time_column``: the day), ordered by ``order``: what
     the gateway knows of the user's earlier impressions when it sends a request, and sends as a context list."""
 
@@ -330,7 +333,7 @@ class HistoryConfig(_Strict):
     lists: list[HistoryList] = Field(min_length=1)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     log: str
     joins: list[JoinSpec] = []
     statistics: StatisticsConfig | None = None
@@ -342,7 +345,7 @@ class DataConfig(_Strict):
     until: int | float | str | None = None  # drop rows whose time value is later (keeps test days out of training)
 
 
-class RankstageConfig(_Strict):
+class RankstageConfig(Strict):
     name: str = "ranker"
     data: DataConfig
     features: list[FeatureSpec]
@@ -502,11 +505,17 @@ class RankstageConfig(_Strict):
         return parse_config(data, "model overrides")
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+def format_validation_error(err: ValidationError, source: str, what: str = "config",
+                            relocate: Callable[[str, str], tuple[str, str]] | None = None) -> str:
+    """One line per error: ``  features[3].kind: <message> (got <value>)``, headed ``invalid <what> <source>:``.
+
+    ``relocate(loc, msg)`` may move a field named at the start of a validator's message into the location."""
+    lines = [f"invalid {what} {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
         msg = e["msg"].removeprefix("Value error, ")
+        if relocate is not None:
+            loc, msg = relocate(loc, msg)
         got = f" (got {e['input']!r})" if e["type"] not in ("value_error", "missing") and "input" in e else ""
         lines.append(f"  {loc or '<root>'}: {msg}{got}")
     return "\n".join(lines)
@@ -517,7 +526,7 @@ def parse_config(data: dict, source: str = "<dict>") -> RankstageConfig:
     try:
         return RankstageConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def read_document(path: str | Path, what: str, fmt: Literal["yaml", "json"] = "yaml") -> object:
@@ -543,6 +552,26 @@ def read_config_data(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path) -> RankstageConfig:
-    """Read and validate one YAML config file."""
-    return parse_config(read_config_data(path), str(path))
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """``--set model.num_experts=0`` -> data["model"]["num_experts"] = 0 (values parsed as YAML), in place.
+
+    The one place command-line flags meet a config mapping (ranking, serving and retrieval configs alike)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), tasks: list[str] | None = None
+                ) -> RankstageConfig:
+    """Read one YAML config file, apply ``--set`` overrides, validate; ``tasks`` keeps only those tasks."""
+    config = parse_config(apply_overrides(read_config_data(path), overrides), str(path))
+    return config.with_tasks(tasks) if tasks else config

@@ -27,10 +27,12 @@ def _lists(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
+    from evaluation.scoring import score_log
     from fusion.config import load_fusion
-    from fusion.replay import CLICK_ONLY, evaluate, format_report, score_log
+    from fusion.replay import CLICK_ONLY, evaluate, format_report
+    from ranking.servable import load_servable
 
-    scored = score_log(args.model_base_path, args.logs, days=args.day, order_column=args.order_column,
+    scored = score_log(load_servable(args.model_base_path), args.logs, days=args.day, order_column=args.order_column,
                        chunk_mb=args.chunk_mb, list_column=args.list_column, truth_columns=tuple(args.truth_column))
     config, cal = load_fusion(args.fusion, scored.model["tasks"], args.calibration)
     names = args.profile or list(config.profiles)

@@ -19,19 +19,14 @@ from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from features.spec import ConfigError, read_document
+from features.spec import ConfigError, Strict, format_validation_error, read_document
 from fusion.formulas import fuse
 
-# Tasks of the ranker a fusion term may name (probabilities, watch time in seconds, completion ratio).
-KNOWN_TASKS = ("click", "like", "collect", "share", "long_view", "watch_time", "completion")
 
-
-class FusionProfile(BaseModel):
+class FusionProfile(Strict):
     """One way to turn a candidate's task predictions into a ranking score."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     formula: Literal["weighted_sum", "click_multiplier", "weighted_product"]
     weights: dict[str, float] = Field(min_length=1)
@@ -40,10 +35,10 @@ class FusionProfile(BaseModel):
 
     @model_validator(mode="after")
     def _check(self, info) -> FusionProfile:
-        known = (info.context or {}).get("tasks", KNOWN_TASKS)
+        known = (info.context or {}).get("tasks")  # the model's tasks, when validated against a model
         for field in ("weights", "exponents"):
             for task, value in getattr(self, field).items():
-                if task not in known:
+                if known is not None and task not in known:
                     raise ValueError(f"{field}.{task}: unknown task {task!r} (known: {', '.join(known)})")
                 if not math.isfinite(value):
                     raise ValueError(f"{field}.{task}: must be a finite number, got {value!r}")
@@ -56,7 +51,7 @@ class FusionProfile(BaseModel):
             for task, w in self.weights.items():
                 if w < 0:
                     raise ValueError(f"weights.{task}: weighted_product weights must be >= 0, got {w!r}")
-        if self.formula == "click_multiplier" and "click" not in known:
+        if self.formula == "click_multiplier" and "click" not in (self.weights if known is None else known):
             raise ValueError("formula: click_multiplier needs a 'click' task")
         return self
 
@@ -65,9 +60,7 @@ class FusionProfile(BaseModel):
         return fuse(terms, self.formula, self.weights, self.exponents)
 
 
-class FusionConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class FusionConfig(Strict):
     version: str = Field(min_length=1)
     default_profile: str | None = None
     calibration: str | None = None  # post-hoc calibration artifact (JSON), relative to the config file
@@ -88,32 +81,26 @@ class FusionConfig(BaseModel):
         return self.profiles[name]
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid fusion config {source}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        field = re.match(r"^(weights|exponents|formula|default_profile)(\.\w+)?: ", msg)
-        if field:  # "profiles.a" + "weights.x: ..." -> "profiles.a.weights.x: ..."
-            name = field.group(0)[:-2]
-            loc, msg = (f"{loc}.{name}" if loc else name), msg[len(field.group(0)):]
-        got = f" (got {e['input']!r})" if e["type"] not in ("value_error", "missing") and "input" in e else ""
-        lines.append(f"  {loc or '<root>'}: {msg}{got}")
-    return "\n".join(lines)
+def _relocate(loc: str, msg: str) -> tuple[str, str]:
+    """"profiles.a" + "weights.x: ..." -> "profiles.a.weights.x: ..." (validators name the field they refuse)."""
+    field = re.match(r"^(weights|exponents|formula|default_profile)(\.\w+)?: ", msg)
+    if field:
+        name = field.group(0)[:-2]
+        loc, msg = (f"{loc}.{name}" if loc else name), msg[len(field.group(0)):]
+    return loc, msg
 
 
-def parse_fusion_config(data: dict, source: str = "<dict>", tasks: tuple[str, ...] | list[str] = KNOWN_TASKS
-                        ) -> FusionConfig:
+def parse_fusion_config(data: dict, source: str, tasks: tuple[str, ...] | list[str]) -> FusionConfig:
     """Validate a fusion config mapping against the task names ``tasks``; raises ConfigError naming the field."""
     if not isinstance(data, dict):
         raise ConfigError(f"fusion config {source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return FusionConfig.model_validate(data, context={"tasks": tuple(tasks)})
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, "fusion config", _relocate)) from None
 
 
-def load_fusion_config(path: str | Path, tasks: tuple[str, ...] | list[str] = KNOWN_TASKS) -> FusionConfig:
+def load_fusion_config(path: str | Path, tasks: tuple[str, ...] | list[str]) -> FusionConfig:
     """Read and validate a fusion config YAML file."""
     return parse_fusion_config(read_document(path, "fusion config file"), str(path), tasks)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evaluation import metrics
 from features.logs import read_log, time_split
 from features.spec import RankstageConfig, load_config
-from ranking import metrics
 from ranking.baselines.gbdt import run_gbdt
 from ranking.train import (
     PREDICTIONS,

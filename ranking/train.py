@@ -19,11 +19,11 @@ import tensorflow as tf
 import yaml
 
 from calibration.outputs import correct_outputs
+from evaluation import metrics
 from features.logs import evaluation_labels, raw_inputs, read_log, task_labels, time_split
 from features.spec import ConfigError, RankstageConfig, TaskSpec, load_config
 from features.statistics import write_snapshot
 from features.vocab import FeatureStats, build_stats, load_stats, save_stats
-from ranking import metrics
 from ranking.model import RankingModels, build_models
 from ranking.tasks import (
     pairwise_bce_from_logits,

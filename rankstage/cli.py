@@ -13,44 +13,19 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``--set model.num_experts=0`` -> data["model"]["num_experts"] = 0 (values parsed as YAML)."""
-    import yaml
-
-    from features.spec import ConfigError
-
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return data
-
-
-def load_cli_config(path: str, overrides: list[str], tasks: list[str] | None):
-    from features.spec import parse_config, read_config_data
-
-    config = parse_config(_apply_overrides(read_config_data(path), overrides), path)
-    return config.with_tasks(tasks) if tasks else config
-
-
 def cmd_train(args: argparse.Namespace) -> None:
+    from features.spec import load_config
     from ranking.train import train
 
-    config = load_cli_config(args.config, args.set, args.tasks)
+    config = load_config(args.config, args.set, args.tasks)
     train(config, args.out, log=args.data, refit=args.refit)
 
 
 def cmd_statistics(args: argparse.Namespace) -> None:
+    from features.spec import load_config
     from ranking.train import write_statistics_snapshot
 
-    config = load_cli_config(args.config, args.set, None)
+    config = load_config(args.config, args.set, None)
     if config.data.statistics is None:
         raise SystemExit(f"--config {args.config}: no data.statistics section")
     for path in write_statistics_snapshot(config, args.data, replace_newer=args.replace_newer):
@@ -64,9 +39,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    from features.spec import load_config
     from ranking.compare import compare
 
-    config = load_cli_config(args.config, args.set, None)
+    config = load_config(args.config, args.set, None)
     compare(config, args.out, log=args.data, single_task=not args.no_single_task, gbdt=not args.no_gbdt,
             ple=not args.no_ple)
 
@@ -79,10 +55,11 @@ def cmd_compare_runs(args: argparse.Namespace) -> None:
 
 
 def cmd_gbdt(args: argparse.Namespace) -> None:
+    from features.spec import load_config
     from ranking.baselines.gbdt import run_gbdt
     from ranking.train import format_metrics
 
-    config = load_cli_config(args.config, args.set, args.tasks)
+    config = load_config(args.config, args.set, args.tasks)
     print(format_metrics(run_gbdt(config, args.out, log=args.data, num_trees=args.trees)))
 
 

@@ -9,11 +9,10 @@ import sys
 
 
 def _config(args: argparse.Namespace):
-    from features.spec import read_config_data
-    from rankstage.cli import _apply_overrides
+    from features.spec import apply_overrides, read_config_data
     from retrieval.spec import parse_retrieval_config
 
-    return parse_retrieval_config(_apply_overrides(read_config_data(args.config), args.set), args.config)
+    return parse_retrieval_config(apply_overrides(read_config_data(args.config), args.set), args.config)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from features.spec import ConfigError, FeatureSpec, JoinSpec, _format_error, _Strict, read_config_data
+from features.spec import ConfigError, FeatureSpec, JoinSpec, Strict, format_validation_error, read_config_data
 
 
-class RetrievalData(_Strict):
+class RetrievalData(Strict):
     """Interactions (one row per event), side tables, which rows are positives and how to split by time.
 
     ``split: leave_last_out``: each user's last positive (by ``time_column``) is the test query, the rest trains.
@@ -43,14 +43,14 @@ class RetrievalData(_Strict):
         return self
 
 
-class HistoryConfig(_Strict):
+class HistoryConfig(Strict):
     """The user's last ``length`` positive items strictly before the query time, embedded and mean-pooled."""
 
     length: int = Field(20, ge=0)  # 0: no history input
     embedding_dim: int = Field(32, ge=1)
 
 
-class RetrievalModelConfig(_Strict):
+class RetrievalModelConfig(Strict):
     """Tower widths, output width, and the loss: in-batch softmax with temperature, logQ, mixed negatives."""
 
     embedding_dim: int = Field(64, ge=1)  # width of query and candidate embeddings
@@ -63,7 +63,7 @@ class RetrievalModelConfig(_Strict):
     factorized_top_k: bool = False  # FactorizedTopK metrics on validation (slow: scores the whole catalog)
 
 
-class IndexConfig(_Strict):
+class IndexConfig(Strict):
     """ScaNN settings of the exported approximate index (the BruteForce one is exact)."""
 
     num_leaves: int | None = Field(None, ge=2)  # None: about sqrt(number of items)
@@ -71,7 +71,7 @@ class IndexConfig(_Strict):
     reordering_candidates: int = Field(500, ge=1)  # re-scored exactly (at least top_k)
 
 
-class RetrievalTraining(_Strict):
+class RetrievalTraining(Strict):
     batch_size: int = Field(256, ge=2)
     epochs: int = Field(10, ge=1)
     learning_rate: float = Field(0.05, gt=0)
@@ -79,7 +79,7 @@ class RetrievalTraining(_Strict):
     seed: int = 0
 
 
-class RetrievalConfig(_Strict):
+class RetrievalConfig(Strict):
     name: str = "retrieval"
     data: RetrievalData
     query_features: list[FeatureSpec]
@@ -120,7 +120,7 @@ def parse_retrieval_config(data: dict, source: str = "<dict>") -> RetrievalConfi
     try:
         return RetrievalConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def load_retrieval_config(path: str | Path) -> RetrievalConfig:

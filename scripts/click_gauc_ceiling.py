@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import logit
 
-from ranking.metrics import auc, grouped_auc
+from evaluation.metrics import auc, grouped_auc
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kuairand-pure"
 DAYS = (20220430, 20220429)

@@ -7,12 +7,11 @@ import sys
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from features.spec import read_document
-    from rankstage.cli import _apply_overrides
+    from features.spec import apply_overrides, read_document
     from serving.config import parse_serving_config
     from serving.service import serve
 
-    data = _apply_overrides(read_document(args.config, "serving config file") or {}, args.set)
+    data = apply_overrides(read_document(args.config, "serving config file") or {}, args.set)
     serve(parse_serving_config(data, args.config), ready_file=args.ready_file)
 
 
@@ -62,26 +61,12 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 
 def cmd_requests(args: argparse.Namespace) -> None:
-    from rankstage.cli import load_cli_config
+    from features.spec import load_config
     from serving.client import dump_requests, logged_requests
 
-    config = load_cli_config(args.config, args.set, None)
+    config = load_config(args.config, args.set, None)
     for path in dump_requests(logged_requests(config, args.n, args.data, top_k=args.top_k), args.out):
         print(path)
-
-
-def model_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``rankstage model-server``."""
-    parser.add_argument("--model-base-path", required=True, help="directory of integer version subdirectories")
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: a free one, printed); default 8500")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    parser.add_argument("--model-name", help="served model name (default: model_name of the newest version)")
-    parser.add_argument("--poll-interval-s", type=float, default=1.0, help="how often to look for new versions")
-    parser.add_argument("--num-versions", type=int, default=2, help="versions kept loaded (newest serves)")
-    parser.add_argument("--max-workers", type=int, default=8, help="gRPC serving threads")
-    parser.add_argument("--grace-s", type=float, default=10.0, help="drain time for in-flight calls on shutdown")
-    parser.add_argument("--load-duty", type=float, default=0.25,
-                        help="a new version loads beside the serving one using at most this fraction of the time")
 
 
 def cmd_model_server(args: argparse.Namespace) -> None:
@@ -128,5 +113,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_requests)
 
     p = sub.add_parser("model-server", help="serve exported SavedModels over TF Serving's gRPC API")
+    from serving.config import model_server_arguments
+
     model_server_arguments(p)
     p.set_defaults(func=cmd_model_server)

@@ -12,19 +12,16 @@ Paths are relative to the working directory (the project root), like the trainin
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from features.spec import ConfigError, read_document
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from features.spec import ConfigError, Strict, format_validation_error, read_document
 
 
-class ModelSource(_Strict):
+class ModelSource(Strict):
     base_path: str  # <base_path>/<version>/ as exported; also where metadata is read for the TF Serving backend
     backend: Literal["in_process", "tf_serving"] = "in_process"
     # rank_candidates: user side once per request (falls back to serving_default when a version lacks it); the
@@ -32,25 +29,25 @@ class ModelSource(_Strict):
     signature: Literal["rank_candidates", "serving_default"] = "rank_candidates"
 
 
-class TFServingConfig(_Strict):
+class TFServingConfig(Strict):
     address: str = "localhost:8500"
     model_name: str | None = None  # default: the model name in the exported metadata
     version_label: str | None = None  # route by label instead of pinning the version the service checked
     timeout_ms: float = Field(200.0, gt=0)  # per Predict call, capped by the caller's remaining deadline
 
 
-class Limits(_Strict):
+class Limits(Strict):
     max_candidates: int = Field(2000, ge=1)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     default_top_k: int = Field(0, ge=0)  # 0 = all candidates when the request says 0
 
 
-class TLSConfig(_Strict):
+class TLSConfig(Strict):
     cert: str
     key: str
 
 
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics over HTTP; None = off
@@ -62,21 +59,21 @@ class ServerConfig(_Strict):
     tls: TLSConfig | None = None
 
 
-class RetrievalSource(_Strict):
+class RetrievalSource(Strict):
     """The retrieval index ``Recommend`` draws candidates from (``rankstage retrieval export``), hot-reloaded."""
 
     base_path: str
     num_candidates: int = Field(100, ge=1)  # when the request says 0
 
 
-class ReloadConfig(_Strict):
+class ReloadConfig(Strict):
     interval_s: float = Field(2.0, gt=0)
     # in-process backend: a new version loads beside the serving one using at most this fraction of the time
     # (ranking.servable.paced_load); 0.25 kept the p99 during a swap near 1.4x steady at 4x the load time
     load_duty: float = Field(0.25, gt=0, le=1)
 
 
-class ServingConfig(_Strict):
+class ServingConfig(Strict):
     model: ModelSource
     tf_serving: TFServingConfig = TFServingConfig()
     fusion: str  # fusion config YAML; its `calibration` (if any) is the post-hoc calibration artifact
@@ -101,13 +98,22 @@ def parse_serving_config(data: dict, source: str = "<dict>") -> ServingConfig:
     try:
         return ServingConfig.model_validate(data)
     except ValidationError as err:
-        lines = [f"invalid serving config {source}:"]
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            got = f" (got {e['input']!r})" if e["type"] not in ("value_error", "missing") and "input" in e else ""
-            lines.append(f"  {loc or '<root>'}: {e['msg'].removeprefix('Value error, ')}{got}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(err, source, "serving config")) from None
 
 
 def load_serving_config(path: str | Path) -> ServingConfig:
     return parse_serving_config(read_document(path, "serving config file"), str(path))
+
+
+def model_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``rankstage model-server``."""
+    parser.add_argument("--model-base-path", required=True, help="directory of integer version subdirectories")
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: a free one, printed); default 8500")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    parser.add_argument("--model-name", help="served model name (default: model_name of the newest version)")
+    parser.add_argument("--poll-interval-s", type=float, default=1.0, help="how often to look for new versions")
+    parser.add_argument("--num-versions", type=int, default=2, help="versions kept loaded (newest serves)")
+    parser.add_argument("--max-workers", type=int, default=8, help="gRPC serving threads")
+    parser.add_argument("--grace-s", type=float, default=10.0, help="drain time for in-flight calls on shutdown")
+    parser.add_argument("--load-duty", type=float, default=0.25,
+                        help="a new version loads beside the serving one using at most this fraction of the time")

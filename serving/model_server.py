@@ -610,7 +610,7 @@ def run(base_path: str | Path, port: int, host: str = "127.0.0.1", model_name: s
 
 
 def _cli() -> int:
-    from serving.commands import model_server_arguments
+    from serving.config import model_server_arguments
 
     parser = argparse.ArgumentParser(prog="rankstage model-server", description=__doc__.split("\n")[0])
     model_server_arguments(parser)

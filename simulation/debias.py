@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from scipy.stats import spearmanr
 
+from evaluation import metrics
+from evaluation.lists import group_lists, list_ndcg
 from features.logs import raw_inputs, read_table
 from features.spec import RankstageConfig, load_config
-from ranking import metrics
 from ranking.train import LoadedRun, load_run, predict, train
 from simulation.simulator import SimulationConfig, write_simulation
 
@@ -115,14 +116,10 @@ def bias_agreement(learned: dict[str, list[float]], planted: dict[str, list[floa
 
 
 def ndcg_per_list(lists: np.ndarray, score: np.ndarray, gain: np.ndarray) -> np.ndarray:
-    """NDCG of ordering each list by ``score`` with graded relevance ``gain`` (>= 0); one value per list id."""
-    df = pd.DataFrame({"list": lists, "score": score, "gain": gain})
-    df["rank"] = df.groupby("list")["score"].rank(method="first", ascending=False)
-    df["ideal"] = df.groupby("list")["gain"].rank(method="first", ascending=False)
-    discount = lambda r: 1.0 / np.log2(r + 1.0)  # noqa: E731
-    df["dcg"], df["idcg"] = df["gain"] * discount(df["rank"]), df["gain"] * discount(df["ideal"])
-    sums = df.groupby("list")[["dcg", "idcg"]].sum()
-    return (sums["dcg"] / sums["idcg"]).to_numpy()
+    """NDCG of ordering each list by ``score`` with graded relevance ``gain`` (>= 0), whole list; one value per
+    list id in sorted id order (ties: ``evaluation.lists``' rule)."""
+    grouped = group_lists([np.asarray(lists)], np.arange(len(lists)))
+    return list_ndcg(grouped, np.asarray(score, np.float64), np.asarray(gain, np.float64))
 
 
 def served_click(run: LoadedRun, frame: pd.DataFrame) -> np.ndarray:

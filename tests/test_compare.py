@@ -10,8 +10,8 @@ import pytest
 import synthetic
 from conftest import TRUTH
 
+from evaluation import metrics
 from features.spec import load_config
-from ranking import metrics
 from ranking.compare import compare, compare_runs
 from ranking.train import PREDICTIONS, load_judged
 

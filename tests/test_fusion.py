@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from features.spec import ConfigError
+from features.spec import ConfigError, load_config
 from fusion.config import dump_fusion_config, load_fusion_config, parse_fusion_config
 from fusion.formulas import click_multiplier, fuse, weighted_product, weighted_sum
 
 ROOT = Path(__file__).resolve().parents[1]
+TASKS = [t.name for t in load_config(ROOT / "configs" / "kuairand.yaml").tasks]  # the spec says which exist
 TERMS = {"click": np.array([0.5, 0.2]), "like": np.array([0.1, 0.5]), "watch_time": np.array([10.0, 30.0])}
 
 
@@ -65,7 +66,7 @@ def test_raising_one_probability_never_lowers_a_score_with_positive_weights(form
 
 @pytest.mark.parametrize("name", ["fusion.yaml", "fusion_tuned.yaml"])
 def test_shipped_fusion_config_loads_and_profiles_score(name):
-    config = load_fusion_config(ROOT / "configs" / name)
+    config = load_fusion_config(ROOT / "configs" / name, TASKS)
     assert config.version and config.default_profile in config.profiles
     terms = {t: np.array([0.3, 0.6]) for t in ("click", "like", "long_view", "completion")}
     terms["watch_time"] = np.array([5.0, 50.0])
@@ -76,9 +77,9 @@ def test_shipped_fusion_config_loads_and_profiles_score(name):
 
 
 def test_config_round_trips_through_yaml(tmp_path):
-    config = load_fusion_config(ROOT / "configs" / "fusion.yaml")
+    config = load_fusion_config(ROOT / "configs" / "fusion.yaml", TASKS)
     (tmp_path / "f.yaml").write_text(dump_fusion_config(config))
-    assert load_fusion_config(tmp_path / "f.yaml") == config
+    assert load_fusion_config(tmp_path / "f.yaml", TASKS) == config
 
 
 def _profile(**changes):
@@ -103,7 +104,7 @@ def _profile(**changes):
 ])
 def test_bad_configs_are_rejected_naming_field_and_value(data, field, value):
     with pytest.raises(ConfigError) as err:
-        parse_fusion_config(data, "f.yaml")
+        parse_fusion_config(data, "f.yaml", TASKS)
     msg = str(err.value)
     assert "f.yaml" in msg and f"{field}:" in msg and value in msg, msg
 
@@ -114,9 +115,9 @@ def test_task_names_are_checked_against_the_models_tasks_and_files_name_their_pa
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nprofiles: [")
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
-        load_fusion_config(bad)
+        load_fusion_config(bad, TASKS)
     with pytest.raises(ConfigError, match="not found"):
-        load_fusion_config(tmp_path / "absent.yaml")
-    config = parse_fusion_config(_profile(), "f.yaml")
+        load_fusion_config(tmp_path / "absent.yaml", TASKS)
+    config = parse_fusion_config(_profile(), "f.yaml", TASKS)
     with pytest.raises(ConfigError, match="--profile: 'tab2'"):
         config.profile("tab2")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ranking import metrics
+from evaluation import metrics
 
 
 def test_gauc_by_hand_excludes_a_user_with_one_outcome():

@@ -1,4 +1,4 @@
-"""Replay (fusion/lists.py, fusion/replay.py): grouping into lists, NDCG@K and top-K sums worked out by hand on a
+"""Replay (evaluation/lists.py, fusion/replay.py): grouping into lists, NDCG@K and top-K sums worked out by hand on a
 tiny log, bootstrap over lists, chunked reading and per-chunk side-table joins equal to ``read_log``."""
 
 from __future__ import annotations
@@ -7,11 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.logs import join_side_tables, load_side_tables, read_log
+from evaluation.lists import group_lists, list_metrics, ndcg_at_k, paired_difference, summarise
+from evaluation.scoring import ScoredLog
+from features.logs import iter_log_chunks, join_side_tables, load_side_tables, read_log
 from features.spec import DataConfig, JoinSpec
 from fusion.config import FusionProfile
-from fusion.lists import group_lists, list_metrics, ndcg_at_k, paired_difference, summarise
-from fusion.replay import CLICK_ONLY, ScoredLog, evaluate, iter_log_chunks
+from fusion.replay import CLICK_ONLY, evaluate
 
 # A tiny log: user 1 on day 1 sees rows 0, 1, 3 (logged order by time: 1, 3, 0); user 2 on day 1 sees rows 2, 4, 5
 # (order 4, 2, 5); user 3 on day 1 sees one row (6); user 1 on day 2 sees rows 7, 8.
@@ -21,12 +22,14 @@ TIME = np.array([30, 10, 50, 20, 40, 60, 0, 70, 80])
 CLICK = np.array([1, 0, 0, 0, 0, 1, 1, 1, 0], dtype=float)
 LIKE = np.array([0, 0, 0, 0, 0, 1, 0, 0, 0], dtype=float)
 WATCH = np.array([40, 5, 2, 3, 1, 30, 9, 10, 20], dtype=float)
+TYPES = {"click": "binary", "like": "binary", "watch_time": "watch_time"}  # the model metadata's task types
 P_CLICK = np.array([0.9, 0.1, 0.3, 0.2, 0.1, 0.8, 0.5, 0.4, 0.6])
 
 
 def _scored() -> ScoredLog:
     return ScoredLog(USER, DAY, TIME, {"click": P_CLICK, "watch_time": WATCH / 2},
-                     {"click": CLICK, "like": LIKE, "watch_time": WATCH}, {"tasks": ["click", "watch_time"]})
+                     {"click": CLICK, "like": LIKE, "watch_time": WATCH},
+                     {"tasks": ["click", "watch_time"], "task_types": TYPES})
 
 
 def test_group_lists_orders_by_logged_time_and_drops_short_lists():
@@ -62,10 +65,18 @@ def test_list_metrics_by_hand_logged_order_vs_click_score():
     np.testing.assert_allclose(by_click["watch_time/top@2"], [43, 30, 32])
 
 
-def test_ties_keep_the_logged_order():
+def test_ties_count_at_their_expected_value_not_the_logged_order():
+    # the one tie rule (evaluation/lists.py): a constant score ranks every order of a list equally likely, so each
+    # position holds the list's mean gain; the logged order (NDCG 0, 1, 0 here) must not leak through a tie
     lists = group_lists([USER, DAY], TIME, min_len=2)
-    flat = list_metrics(lists, np.zeros(len(USER)), {"click": CLICK}, 2, ["click"], [])
-    np.testing.assert_allclose(flat["click/ndcg@2"], [0, 1, 0])
+    flat = list_metrics(lists, np.zeros(len(USER)), {"click": CLICK, "watch_time": WATCH}, 2, ["click"],
+                        ["watch_time"])
+    d2 = 1 + 1 / np.log2(3)  # DCG@2 of a gain of 1 at both positions
+    np.testing.assert_allclose(flat["click/ndcg@2"], [d2 / 3, d2 / 2, d2 / 3])  # ideal DCG@2 is 1 in each list
+    np.testing.assert_allclose(flat["watch_time/top@2"], [2 * 48 / 3, 30, 2 * 33 / 3])  # 2 x mean watch
+    # a partial tie: in list A rows 0 and 3 tie above row 1 -> the click (row 0) is first or second, 1/2 each
+    partial = list_metrics(lists, np.array([1, 0, 0, 1, 0, 0, 0, 0, 0.0]), {"click": CLICK}, 2, ["click"], [])
+    assert partial["click/ndcg@2"][0] == pytest.approx(d2 / 2)
 
 
 def test_evaluate_counts_means_and_paired_differences_by_hand():
@@ -123,9 +134,10 @@ def test_chunked_reading_and_per_chunk_joins_equal_read_log(tmp_path):
 
 
 def test_replay_with_the_exported_model_does_not_depend_on_the_chunk_size(tmp_path, exported, synthetic_log):
-    from fusion.replay import score_log
+    from evaluation.scoring import score_log
+    from ranking.servable import load_servable
 
-    model, log = exported[0], synthetic_log
+    model, log = load_servable(exported[0]), synthetic_log
     pd.read_csv(log, nrows=400).to_csv(tmp_path / "log.csv", index=False)
     one = score_log(model, tmp_path / "log.csv", verbose=False)
     many = score_log(model, tmp_path / "log.csv", chunk_mb=0.005, verbose=False)
@@ -157,11 +169,11 @@ def _synthetic_scored(lists: int, seed: int) -> ScoredLog:
     preds = {"click": np.clip(click * 0.4 + rng.uniform(0, 0.6, n), 0, 1),
              "watch_time": watch * rng.lognormal(0, 0.5, n)}
     return ScoredLog(np.repeat(np.arange(lists), 8), np.zeros(n, int), np.tile(np.arange(8), lists), preds,
-                     {"click": click, "watch_time": watch}, {"tasks": ["click", "watch_time"]})
+                     {"click": click, "watch_time": watch}, {"tasks": ["click", "watch_time"], "task_types": TYPES})
 
 
 def test_fusion_search_is_reproducible_from_its_seed_and_keeps_the_click_constraint():
-    from fusion.lists import list_metrics
+    from evaluation.lists import list_metrics
     from fusion.tune import search_fusion
 
     scored = _synthetic_scored(300, seed=0)

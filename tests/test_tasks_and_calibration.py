@@ -1,5 +1,5 @@
 """Task targets and losses (ranking/tasks.py), down-sampling correction (calibration/downsampling.py) and offline
-metrics (ranking/metrics.py): hand-worked values and numpy / scikit-learn references. N rows throughout."""
+metrics (evaluation/metrics.py): hand-worked values and numpy / scikit-learn references. N rows throughout."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from calibration.downsampling import apply_downsampling, correct_downsampling
+from evaluation.metrics import auc, grouped_auc
 from features.spec import TaskSpec
-from ranking.metrics import auc, grouped_auc
 from ranking.tasks import (
     MAX_WATCH_SECONDS,
     ServedValue,

@@ -17,10 +17,10 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from evaluation import metrics
 from features.logs import evaluation_labels, raw_inputs, read_log, task_labels, time_split
 from features.spec import RankstageConfig, TaskSpec
 from features.vocab import match_counts
-from ranking import metrics
 from ranking.train import PREDICTIONS, early_stopping_monitor, judge, judged_report, save_judged
 
 EARLY_STOPPING_ROUNDS = 50  # trees without a better validation loss before stopping

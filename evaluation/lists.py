@@ -1,8 +1,11 @@
 """Logged impressions grouped into lists, re-ranked by a score, and listwise metrics per list.
 
 N rows, L lists, M = longest list (shorter lists padded with row index -1), K = cut-off.
-Within a list, columns are in logged order (KuaiRand: time order), so a stable sort by score breaks ties by the
-logged order and the identity permutation *is* the logged order.
+Within a list, columns are in logged order (KuaiRand: time order); a ``None`` score is the logged order itself.
+
+The one tie rule of every listwise metric here (NDCG, top-K sums): rows tied in score share their mean value, i.e.
+the metric is its expectation over every order of the tie. A constant score therefore earns the metric of a random
+order, never the logged one (which would leak the logged ranking into a model that cannot tell rows apart).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ranking.metrics import bootstrap_ci
+from evaluation.bootstrap import bootstrap_ci
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,33 @@ def group_lists(keys: list[np.ndarray], order: np.ndarray, min_len: int = 1) -> 
 
 
 def rank(lists: Lists, score: np.ndarray | None) -> np.ndarray:
-    """(L, M) permutation of each list's positions by descending score (ties: logged order); None = logged order."""
+    """(L, M) permutation of each list's positions by descending score (NaN last); None = logged order."""
     if score is None:
         return np.broadcast_to(np.arange(lists.index.shape[1]), lists.index.shape)
+    return np.argsort(-_list_scores(lists, score), axis=1, kind="stable")
+
+
+def _list_scores(lists: Lists, score: np.ndarray) -> np.ndarray:
+    """(N,) scores -> (L, M) per list position; NaN and padding become -inf."""
     s = lists.gather(np.asarray(score, dtype=np.float64), fill=-np.inf)
-    s = np.where(np.isnan(s), -np.inf, s)
-    return np.argsort(-s, axis=1, kind="stable")
+    return np.where(np.isnan(s), -np.inf, s)
+
+
+def ranked_values(lists: Lists, score: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    """(N,) per-row values -> (L, M) in ranked order, each tie group of equal scores holding its mean value (the
+    expectation over the tie's orders); padding holds 0 and never ties with a row. ``score`` None: logged order."""
+    rel = lists.gather(np.asarray(values, np.float64))
+    perm = rank(lists, score)
+    ranked = np.take_along_axis(rel, perm, axis=1)
+    if score is None:
+        return ranked
+    s = np.take_along_axis(_list_scores(lists, score), perm, axis=1)
+    real = np.take_along_axis(lists.mask, perm, axis=1)
+    new_tie = np.ones_like(real)
+    new_tie[:, 1:] = (s[:, 1:] != s[:, :-1]) | (real[:, 1:] != real[:, :-1])
+    tie = (np.cumsum(new_tie, axis=1) - 1 + np.arange(len(s))[:, None] * s.shape[1]).ravel()  # (L*M,) group id
+    mean = np.bincount(tie, weights=ranked.ravel()) / np.maximum(np.bincount(tie), 1)
+    return mean[tie].reshape(s.shape)
 
 
 def _discounts(k: int) -> np.ndarray:
@@ -79,17 +103,20 @@ def top_k_sum(values_ranked: np.ndarray, k: int) -> np.ndarray:
     return values_ranked[:, :k].sum(axis=1)
 
 
+def list_ndcg(lists: Lists, score: np.ndarray | None, gain: np.ndarray, k: int | None = None) -> np.ndarray:
+    """(L,) NDCG@k (k None: whole list) of ranking each list by ``score``; NaN for a list without a positive gain."""
+    rel = lists.gather(np.asarray(gain, np.float64))
+    return ndcg_at_k(ranked_values(lists, score, gain), rel, k or rel.shape[1])
+
+
 def list_metrics(lists: Lists, score: np.ndarray | None, labels: dict[str, np.ndarray], k: int,
                  ndcg_tasks: list[str], sum_tasks: list[str]) -> dict[str, np.ndarray]:
     """Per-list metrics (L,) for one ranking: ``<task>/ndcg@k`` (binary labels) and ``<task>/top@k`` (sums)."""
-    perm = rank(lists, score)
     out = {}
     for task in ndcg_tasks:
-        rel = lists.gather(labels[task])
-        out[f"{task}/ndcg@{k}"] = ndcg_at_k(np.take_along_axis(rel, perm, axis=1), rel, k)
+        out[f"{task}/ndcg@{k}"] = list_ndcg(lists, score, labels[task], k)
     for task in sum_tasks:
-        val = lists.gather(np.nan_to_num(labels[task]))
-        out[f"{task}/top@{k}"] = top_k_sum(np.take_along_axis(val, perm, axis=1), k)
+        out[f"{task}/top@{k}"] = top_k_sum(ranked_values(lists, score, np.nan_to_num(labels[task])), k)
     return out
 
 

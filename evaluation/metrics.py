@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata, spearmanr
 
+from evaluation.bootstrap import UNIT_REPS, bootstrap_ci, mean_over_units
+from evaluation.lists import group_lists, list_ndcg
+
 NDCG_K = 5  # cut-off of list NDCG in reports
 MIN_LIST = 5  # shortest user-day list NDCG counts
-UNIT_REPS = 1000  # bootstrap resamples over users / lists (cheap: per-unit values are computed once)
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -51,63 +53,15 @@ def grouped_auc(y: np.ndarray, score: np.ndarray, groups: np.ndarray) -> tuple[f
 def per_list_ndcg(gain: np.ndarray, score: np.ndarray, users: np.ndarray, days: np.ndarray, k: int = NDCG_K,
                   min_len: int = MIN_LIST) -> np.ndarray:
     """NDCG@k (L,) of every user-day list of >= ``min_len`` rows, ranked by descending ``score``; NaN for a list
-    without a positive gain. Rows tied in score share their mean gain: the expected DCG over every order of the tie,
-    so a constant score earns the NDCG of a random order, not of the logged one."""
-    from fusion.lists import group_lists, ndcg_at_k, rank  # here: fusion.lists imports this module
-
+    without a positive gain. Ties follow ``evaluation.lists``' one rule (tied rows share their mean gain)."""
     lists = group_lists([users, days], np.arange(len(gain)), min_len)
     if not len(lists.lengths):
         return np.zeros(0)
-    perm = rank(lists, score)  # (L, M)
-    rel = lists.gather(np.asarray(gain, np.float64))
-    rel_ranked = np.take_along_axis(rel, perm, axis=1)
-    s = np.take_along_axis(lists.gather(np.nan_to_num(np.asarray(score, np.float64), nan=-np.inf), -np.inf),
-                           perm, axis=1)
-    real = np.take_along_axis(lists.mask, perm, axis=1)
-    new_tie = np.ones_like(real)
-    new_tie[:, 1:] = (s[:, 1:] != s[:, :-1]) | (real[:, 1:] != real[:, :-1])  # padding never ties with a row
-    tie = (np.cumsum(new_tie, axis=1) - 1 + np.arange(len(s))[:, None] * s.shape[1]).ravel()  # (L*M,) tie-group id
-    mean_gain = np.bincount(tie, weights=rel_ranked.ravel()) / np.maximum(np.bincount(tie), 1)
-    return ndcg_at_k(mean_gain[tie].reshape(s.shape), rel, k)
+    return list_ndcg(lists, score, gain, k)
 
 
 def spearman(y: np.ndarray, score: np.ndarray) -> float:
     return float(spearmanr(y, score).statistic)
-
-
-def bootstrap_ci(metric, *arrays: np.ndarray, reps: int = 200, seed: int = 0, level: float = 0.95
-                 ) -> tuple[float, float]:
-    """Percentile interval of ``metric(*arrays)`` over resamples of the arrays' rows (NaN resamples dropped).
-    The rows are the unit resampled: impressions, users or lists, whatever the arrays hold one value per."""
-    rng = np.random.default_rng(seed)
-    n = len(arrays[0])
-    vals = []
-    for _ in range(reps):
-        idx = rng.integers(0, n, n)
-        vals.append(metric(*(a[idx] for a in arrays)))
-    vals = np.asarray(vals, dtype=float)
-    vals = vals[np.isfinite(vals)]
-    if not len(vals):
-        return float("nan"), float("nan")
-    lo = (1 - level) / 2
-    return float(np.quantile(vals, lo)), float(np.quantile(vals, 1 - lo))
-
-
-def _weighted_mean(v: np.ndarray, w: np.ndarray) -> float:
-    return float(np.dot(v, w) / w.sum()) if len(v) else float("nan")
-
-
-def mean_over_units(values: np.ndarray, weights: np.ndarray | None = None, reps: int = UNIT_REPS, seed: int = 0
-                    ) -> tuple[float, list[float], int]:
-    """(Weighted) mean of per-unit values (U,) over the finite ones, its 95% interval over unit resamples, and U."""
-    values = np.asarray(values, np.float64)
-    w = np.ones(len(values)) if weights is None else np.asarray(weights, np.float64)
-    ok = np.isfinite(values)
-    v, w = values[ok], w[ok]
-    if not len(v):
-        return float("nan"), [float("nan"), float("nan")], 0
-    lo, hi = bootstrap_ci(_weighted_mean, v, w, reps=reps, seed=seed)
-    return _weighted_mean(v, w), [lo, hi], int(len(v))
 
 
 def paired_difference(metric, y: np.ndarray, a: np.ndarray, b: np.ndarray, reps: int = 200, seed: int = 0
