@@ -62,11 +62,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from calibration.fit import calibrate_command
+    from fusion.calibrate import calibrate_command, calibrate_from_run
 
     if args.from_run:
-        from calibration.fit import calibrate_from_run
-
         if args.fit_day:
             raise ConfigError("--fit-day and --from-run: give one (--from-run fits on the run's validation days)")
         calibrate_from_run(args.from_run, args.model_base_path, args.logs, args.eval_day, args.method, args.tasks,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from calibration import posthoc
-from calibration.fit import calibrate_from_run
 from features.spec import ConfigError
+from fusion.calibrate import calibrate_from_run
 from ranking.servable import load_metadata
 from ranking.train import PREDICTIONS, load_judged
 
