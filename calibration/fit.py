@@ -27,6 +27,20 @@ def fit_tasks(predictions: dict[str, np.ndarray], labels: dict[str, np.ndarray],
     return params
 
 
+def trained_days(training_window: dict | None) -> set[str]:
+    """The days a version trained on, as strings, from its metadata's ``training_window``: ``periods``, which a
+    refit run's window already extends with ``validation_periods`` (listed again here for older metadata)."""
+    window = training_window or {}
+    days = [*window.get("periods", []), *(window.get("validation_periods", []) if window.get("refit") else [])]
+    return {str(d) for d in days}
+
+
+def in_sample_days(days: list, training_window: dict | None) -> list:
+    """The ``days`` a version with this ``training_window`` trained on: its predictions there are in sample."""
+    trained = trained_days(training_window)
+    return sorted(d for d in days if str(d) in trained)
+
+
 def task_units(task_types: dict[str, str]) -> dict[str, str | None]:
     """The unit of each task's served value: None for probabilities (binary tasks, completion ratio), else seconds."""
     return {t: "seconds" if kind == "watch_time" else None for t, kind in task_types.items()}

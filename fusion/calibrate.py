@@ -10,93 +10,95 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from calibration import posthoc
-from calibration.fit import diagnose, fit_tasks, format_diagnostics, task_units
+from calibration.fit import diagnose, fit_tasks, format_diagnostics, in_sample_days, task_units, trained_days
 from features.spec import ConfigError
 from fusion.replay import score_log
 
 
-def calibrate_command(model_base_path, log, fit_days, eval_days, method, tasks, out, chunk_mb=8.0) -> dict:
+def _version(model_base_path: str | Path) -> tuple[Path, dict]:
+    """(version directory, metadata) of ``--model-base-path``: the version itself or the newest under it."""
+    from ranking.servable import load_metadata, resolve_version
+
+    version_dir = resolve_version(model_base_path)
+    return version_dir, load_metadata(version_dir)
+
+
+def _check_tasks(tasks: list[str] | None, meta: dict) -> list[str]:
+    """``--tasks`` checked against the version's outputs; default: its binary tasks."""
+    types = {o["task"]: o["type"] for o in meta["outputs"]}
+    tasks = tasks or [t for t, kind in types.items() if kind == "binary"]
+    unknown = [t for t in tasks if t not in types]
+    if unknown:
+        raise ConfigError(f"--tasks: {unknown} not tasks of the model (tasks: {list(types)})")
+    return tasks
+
+
+def calibrate_command(model_base_path, log, fit_days, eval_days, method, tasks, out, chunk_mb=8.0,
+                      fitted_on: dict | None = None) -> dict:
+    """Score the version on ``fit_days`` and ``eval_days`` (default: the fit days), fit on the first, judge on the
+    second, write the artifact (for that version) and the diagnostics into ``out``. Fit days the version trained on
+    are refused: its predictions there are in sample, and a map fitted on them corrects nothing it will serve."""
+    version_dir, meta = _version(model_base_path)
+    window = meta.get("training_window")
+    inside = in_sample_days(list(fit_days), window)
+    if inside:
+        raise ConfigError(f"--fit-day {inside}: model version {version_dir} trained on these days (training window "
+                          f"{sorted(trained_days(window))}); fit on days after its window")
+    tasks = _check_tasks(tasks, meta)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     eval_days = eval_days or fit_days
-    scored = score_log(model_base_path, log, days=sorted({*fit_days, *eval_days}), chunk_mb=chunk_mb)
-    tasks = tasks or [t for t, kind in scored.model["task_types"].items() if kind == "binary"]
-    unknown = [t for t in tasks if t not in scored.model["task_types"]]
-    if unknown:
-        raise ConfigError(f"--tasks: {unknown} not tasks of the model (tasks: {list(scored.model['task_types'])})")
+    scored = score_log(version_dir, log, days=sorted({*fit_days, *eval_days}), chunk_mb=chunk_mb)
     units = task_units(scored.model["task_types"])
     fit_part, eval_part = scored.days(fit_days), scored.days(eval_days)
     params = fit_tasks(fit_part.predictions, fit_part.labels, tasks, method, units)
     artifact = posthoc.make_artifact(
         params, model={k: scored.model[k] for k in ("name", "version", "path")},
         fitted_on={"log": scored.model["log"], "days": list(fit_days), "rows": len(fit_part), "method": method,
-                   "applied_after": "correct_downsampling"})
+                   "predictions": f"model {scored.model['name']} version {scored.model['version']}, out of sample",
+                   "applied_after": "correct_downsampling", **(fitted_on or {})})
     path = posthoc.save_artifact(artifact, out / "calibration.json")
     rows = diagnose(eval_part.predictions, eval_part.labels, artifact, out, units=units)
-    same = set(eval_days) == set(fit_days)
-    report = format_diagnostics(rows, f"calibration {method} fitted on {list(fit_days)}, judged on {list(eval_days)}"
-                                      f"{' (same days: optimistic)' if same else ''}")
+    notes = [" (same days: optimistic)"] if set(eval_days) == set(fit_days) else []
+    judged_inside = in_sample_days(list(eval_days), window)
+    notes += [f" (days {judged_inside} are in its training window: optimistic)"] if judged_inside else []
+    report = format_diagnostics(rows, f"calibration {method} fitted on {list(fit_days)}, judged on {list(eval_days)} "
+                                      f"with version {scored.model['version']}{''.join(notes)}")
     (out / "calibration.md").write_text(report + "\n" + "\n".join(f"![{t}](reliability_{t}.png)" for t in rows) + "\n")
     (out / "diagnostics.json").write_text(json.dumps(rows, indent=1))
     print(report)
-    print(f"wrote {path} (version {artifact['version']}), calibration.md, reliability_<task>.png")
+    print(f"wrote {path} (version {artifact['version']}, for model {scored.model['name']} "
+          f"v{scored.model['version']}), calibration.md, reliability_<task>.png")
     return {"artifact": artifact, "diagnostics": rows}
 
 
 def calibrate_from_run(run_dir, model_base_path, log, eval_days, method, tasks, out, chunk_mb=8.0) -> dict:
-    """Fit on a training run's validation predictions and ship the artifact with the version exported from it.
+    """Fit on the run's validation days, scored by the version exported from that run, and ship it for that version.
 
-    The run's ``validation_predictions.npz`` holds the non-refit model's predictions of the day after its training
-    days: out of sample, and exactly the "next day" a served model predicts. With ``--refit`` the exported model
-    has also trained on that day, so its own predictions there are in sample and would fit a near-identity map;
-    the non-refit model's next-day error is the one to correct. ``eval_days`` (days after the run's window) are
-    scored by the exported version and judged before / after."""
-    from ranking.servable import load_metadata, resolve_version
-    from ranking.train import PREDICTIONS, load_judged
-
-    run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / PREDICTIONS).exists():
-        raise ConfigError(f"--from-run {run_dir}: no {PREDICTIONS} (not a training run directory?)")
-    version_dir = resolve_version(model_base_path)
-    meta = load_metadata(version_dir)
+    The validation days are the days after the run's training days: a version trained without ``--refit`` never saw
+    them, so its own predictions there are out of sample, and exactly the "next day" a served model predicts. A
+    refit version trained on them too: its predictions there are in sample, and the non-refit model's (the run's
+    ``validation_predictions.npz``) are another model's, so the pair is refused. ``eval_days`` default to the fit
+    days (optimistic)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "artifacts.json").exists():
+        raise ConfigError(f"--from-run {run_dir}: no artifacts.json (not a training run directory?)")
+    version_dir, meta = _version(model_base_path)
     if Path(meta.get("run", "")).resolve() != run_dir.resolve():
         raise ConfigError(f"--from-run {run_dir}: model version {version_dir} was exported from run "
                           f"{meta.get('run')!r}; calibrate the version exported from this run")
-    judged = load_judged(run_dir / PREDICTIONS)
-    task_types = {t["task"]: t["type"] for t in meta["outputs"]}
-    tasks = tasks or [t for t, kind in task_types.items() if kind == "binary"]
-    unknown = [t for t in tasks if t not in judged]
-    if unknown:
-        raise ConfigError(f"--tasks: {unknown} not judged in {run_dir / PREDICTIONS} (has {sorted(judged)})")
-    units = task_units(task_types)
-    params = fit_tasks({t: judged[t][1] for t in tasks}, {t: judged[t][0] for t in tasks}, tasks, method, units)
-    fit_days = sorted({int(d) for t in tasks for d in np.unique(judged[t][3])})
-    artifact = posthoc.make_artifact(
-        params, model={"name": meta["model_name"], "version": int(version_dir.name), "path": str(version_dir)},
-        fitted_on={"run": str(run_dir), "days": fit_days, "rows": {t: len(judged[t][0]) for t in tasks},
-                   "method": method, "predictions": "the non-refit model's validation predictions (next day)",
-                   "applied_after": "correct_downsampling"})
-    out.mkdir(parents=True, exist_ok=True)
-    path = posthoc.save_artifact(artifact, out / "calibration.json")
-    result: dict = {"artifact": artifact, "diagnostics": {}}
-    if eval_days:
-        window = meta.get("training_window", {})
-        trained = {*window.get("periods", []), *(window.get("validation_periods", []) if window.get("refit") else [])}
-        inside = sorted(set(eval_days) & {int(d) for d in trained})
-        scored = score_log(version_dir, log, days=sorted(eval_days), chunk_mb=chunk_mb)
-        part = scored.days(eval_days)
-        rows = diagnose(part.predictions, part.labels, artifact, out, units=units)
-        title = (f"calibration {method} fitted on run {run_dir.name}'s validation predictions of {fit_days}, "
-                 f"judged on {list(eval_days)} with version {version_dir.name}"
-                 f"{f' (days {inside} are in its training window: optimistic)' if inside else ''}")
-        report = format_diagnostics(rows, title)
-        (out / "calibration.md").write_text(report + "\n" + "\n".join(f"![{t}](reliability_{t}.png)" for t in rows)
-                                            + "\n")
-        (out / "diagnostics.json").write_text(json.dumps(rows, indent=1))
-        print(report)
-        result["diagnostics"] = rows
-    print(f"wrote {path} (version {artifact['version']}, for model {meta['model_name']} v{version_dir.name})")
-    return result
+    window = meta.get("training_window") or {}
+    fit_days = sorted(window.get("validation_periods") or [])
+    if not fit_days:
+        raise ConfigError(f"--from-run {run_dir}: model version {version_dir} has no validation days "
+                          f"(training_window {window}); give --fit-day instead")
+    if window.get("refit"):
+        raise ConfigError(
+            f"--from-run {run_dir}: model version {version_dir} was refit on the run's validation days {fit_days} "
+            "(rankstage train --refit), so its predictions there are in sample, and the run's validation "
+            "predictions are those of the non-refit model, which is not the version shipped. Calibrate the refit "
+            "version on days after its window (rankstage calibrate --fit-day D with D later than "
+            f"{max(fit_days)}), or train without --refit and calibrate --from-run that run")
+    return calibrate_command(version_dir, log, fit_days, eval_days, method, tasks, out, chunk_mb,
+                             fitted_on={"run": str(run_dir)})

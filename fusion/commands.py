@@ -107,8 +107,8 @@ def register(sub) -> None:
     p = sub.add_parser("calibrate", help="fit post-hoc calibration per task on held-out days; diagnostics and plots")
     _common(p)
     p.add_argument("--fit-day", type=int, action="append", help="day(s) to fit on (repeatable)")
-    p.add_argument("--from-run", help="fit on this training run's validation predictions (the non-refit model's "
-                   "next day), for the version exported from it; --eval-day then judges later days")
+    p.add_argument("--from-run", help="fit on this training run's validation days as the version exported from it "
+                   "predicts them (refused for a --refit run, which trained on them); --eval-day judges other days")
     p.add_argument("--eval-day", type=int, action="append", help="day(s) to judge on (default: the fit days)")
     p.add_argument("--method", default="platt", choices=["isotonic", "platt"])
     p.add_argument("--tasks", nargs="+", help="tasks to calibrate (default: the binary tasks); watch_time is always "
