@@ -27,12 +27,11 @@ def _lists(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    from fusion.config import load_fusion
-    from fusion.replay import CLICK_ONLY, evaluate, format_report, score_log
+    from fusion.replay import CLICK_ONLY, evaluate, format_report, fusion_for_version, score_log
 
-    scored = score_log(args.model_base_path, args.logs, days=args.day, order_column=args.order_column,
+    version_dir, config, cal = fusion_for_version(args.fusion, args.model_base_path, args.calibration)
+    scored = score_log(version_dir, args.logs, days=args.day, order_column=args.order_column,
                        chunk_mb=args.chunk_mb, list_column=args.list_column, truth_columns=tuple(args.truth_column))
-    config, cal = load_fusion(args.fusion, scored.model["tasks"], args.calibration)
     names = args.profile or list(config.profiles)
     profiles = {"logged_order": None, "click_only": CLICK_ONLY, **{n: config.profile(n) for n in names}}
     result = evaluate(scored, profiles, args.group, args.min_list, args.k, cal, args.reps)

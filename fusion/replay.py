@@ -20,12 +20,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from calibration.outputs import correct_outputs
-from calibration.posthoc import calibrate
+from calibration.posthoc import calibrate, check_artifact
 from features.history import history_lists
 from features.logs import evaluation_labels, join_side_tables, load_side_tables, raw_inputs, read_table
 from features.spec import ConfigError, RankstageConfig
 from features.statistics import join_statistics, statistics_tables
-from fusion.config import FusionProfile
+from fusion.config import FusionConfig, FusionProfile, calibration_path, load_fusion
 from fusion.lists import Lists, group_lists, list_metrics, paired_difference, summarise
 
 GROUPINGS = ("user_day", "user_window", "request")  # request: rows sharing --list-column (e.g. simulator logs)
@@ -83,6 +83,24 @@ class ScoredLog:
 
     def __len__(self) -> int:
         return len(self.user)
+
+
+def fusion_for_version(fusion_path: str | Path, model_base_path: str | Path, calibration: str | Path | None = None
+                       ) -> tuple[Path, FusionConfig, dict | None]:
+    """-> (version directory, fusion config, calibration artifact or None) for replaying that version: the config
+    checked against its tasks and the artifact against its name, version and outputs (``check_artifact``, as
+    serving checks it), before any scoring. Score ``version directory``, not the base path, so a version published
+    meanwhile is not the one scored."""
+    from ranking.servable import load_metadata, resolve_version
+
+    version_dir = resolve_version(model_base_path)
+    meta = load_metadata(version_dir)
+    tasks = [o["task"] for o in meta["outputs"]]
+    config, cal = load_fusion(fusion_path, tasks, calibration)
+    if cal is not None:
+        check_artifact(cal, meta["model_name"], meta["version"], tasks, calibration or calibration_path(config,
+                                                                                                     fusion_path))
+    return version_dir, config, cal
 
 
 def load_model(model_base_path: str | Path):

@@ -18,9 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from features.spec import ConfigError
-from fusion.config import FusionConfig, FusionProfile, dump_fusion_config, load_fusion, load_fusion_config
+from fusion.config import FusionConfig, FusionProfile, dump_fusion_config, load_fusion_config
 from fusion.lists import Lists
-from fusion.replay import CLICK_ONLY, ScoredLog, evaluate, format_report, make_lists, per_list_metrics, score_log
+from fusion.replay import (
+    CLICK_ONLY,
+    ScoredLog,
+    evaluate,
+    format_report,
+    fusion_for_version,
+    make_lists,
+    per_list_metrics,
+    score_log,
+)
 
 WATCH_ONLY = FusionProfile(formula="weighted_sum", weights={"watch_time": 1.0}, description="rank by watch seconds")
 TUNED_TASKS = ("long_view", "watch_time", "completion", "like")  # besides the click anchor
@@ -51,10 +60,10 @@ def tune_fusion(model_base_path, log, fusion_path, hand_profile, tune_days, eval
         raise ConfigError(f"--eval-day {eval_day} is also a --tune-day: the held-out day must not be tuned on")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scored_all = score_log(model_base_path, log, days=[*tune_days, eval_day], order_column=order_column,
+    version_dir, config, cal = fusion_for_version(fusion_path, model_base_path, calibration)
+    scored_all = score_log(version_dir, log, days=[*tune_days, eval_day], order_column=order_column,
                            chunk_mb=chunk_mb, list_column=list_column, truth_columns=truth_columns)
     tasks = scored_all.model["tasks"]
-    config, cal = load_fusion(fusion_path, tasks, calibration)
     hand = config.profile(hand_profile)
     tune_scored, eval_scored = scored_all.days(tune_days), scored_all.days([eval_day])
     lists = make_lists(tune_scored, group, min_list)
