@@ -131,16 +131,19 @@ def logged_requests(config, sizes: list[int], seed: int) -> dict[int, LoggedRequ
 
 
 def train_default_model(workdir: Path, epochs: int) -> Path:
-    """The default KuaiRand config (configs/kuairand.yaml), ``epochs`` epochs, exported under ``workdir`` -> base."""
+    """The default KuaiRand config (configs/kuairand.yaml), ``epochs`` epochs, exported under ``workdir`` -> base;
+    its statistics snapshot is published under ``workdir`` too, never over the one serving reads."""
     import ranking.train
     from features.spec import load_config, parse_config
     from ranking.export import export_run
 
     data = load_config(ROOT / "configs" / "kuairand.yaml").model_dump()
     data["training"].update(epochs=epochs)
+    if data["data"]["statistics"]:  # the snapshot this model is served with: in the bench's own directory
+        data["data"]["statistics"]["path"] = str(workdir / "stats")
     config = parse_config(data, f"configs/kuairand.yaml, training.epochs={epochs}")
     t0 = time.perf_counter()
-    run = ranking.train.train(config, workdir / "runs" / "kuairand", verbose=False)
+    run = ranking.train.train(config, workdir / "runs" / "kuairand", verbose=False, publish_statistics=True)
     base = workdir / "trained" / "ranker"
     export_run(run, base, verbose=False)
     print(f"trained and exported the default KuaiRand model ({epochs} epochs) in {time.perf_counter() - t0:.0f} s",

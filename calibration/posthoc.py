@@ -100,6 +100,22 @@ def save_artifact(artifact: dict, path: str | Path) -> Path:
     return path
 
 
+def check_artifact(artifact: dict, model_name: str, version: int | str, tasks: list[str] | tuple[str, ...],
+                   path: str | Path) -> dict:
+    """``artifact`` if it was fitted for model ``model_name`` version ``version`` and names only its output ``tasks``;
+    else a ConfigError naming the file and both values. The one rule serving, replay and tuning apply."""
+    fitted = artifact.get("model") or {}
+    if str(fitted.get("name")) != str(model_name) or str(fitted.get("version")) != str(version):
+        raise ConfigError(f"calibration artifact {path}: fitted for model {fitted.get('name')!r} version "
+                          f"{fitted.get('version')!r} (model.name, model.version), not for {model_name!r} version "
+                          f"{version}; refit it (rankstage calibrate) for this version")
+    unknown = [t for t in artifact.get("tasks", {}) if t not in tasks]
+    if unknown:
+        raise ConfigError(f"calibration artifact {path}: tasks {unknown} are not outputs of the model "
+                          f"(outputs: {list(tasks)})")
+    return artifact
+
+
 def load_artifact(path: str | Path) -> dict:
     """Read and check a calibration artifact; errors name the field and the value."""
     path = Path(path)

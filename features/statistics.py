@@ -13,15 +13,19 @@ feature's default.
 
 One function (``table_as_of``) computes a table as of a day; training applies it to every day of the log (a loop
 over days, vectorised within a day) and merges by (key, day) (``join_statistics``, per chunk in replay); the
-newest snapshot (as of the day after the last log day) is written as ``<path>/<key>.parquet`` for serving, which
-joins it like a side table (``serving_joins``).
+newest snapshot (as of the day after the last log day) is published as ``<path>/<key>.parquet`` for serving, which
+joins it like a side table (``serving_joins``). Publishing writes each table beside its target and renames it into
+place (``publish_table``), so a reader sees the old table or the new one, never half of one; ``rankstage statistics``
+publishes to ``data.statistics.path``, while training, benchmarks and sweeps write into their own run directories.
 
 Notation: N log rows, K keys of a table, W windows.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +167,8 @@ def snapshot_as_of(path: str | Path) -> str | None:
 
 def write_snapshot(log: pd.DataFrame, data: DataConfig, path: str | Path | None = None,
                    replace_newer: bool = False) -> list[Path]:
-    """Write ``snapshot_tables`` as ``<path>/<key>.parquet`` (default ``data.statistics.path``); the written files.
+    """Publish ``snapshot_tables`` as ``<path>/<key>.parquet`` (default ``data.statistics.path``, the one serving
+    reads), each with ``publish_table``; the written files.
 
     Serving joins these files and reloads them when they change, so an older snapshot (e.g. from a run with an
     earlier ``data.until``) never replaces a newer one unless ``replace_newer``: that table is kept and left out
@@ -182,11 +187,26 @@ def write_snapshot(log: pd.DataFrame, data: DataConfig, path: str | Path | None 
             print(f"statistics snapshot {out / f'{name}.parquet'} kept: it is as of {old_as_of}, newer than this "
                   f"one ({new_as_of}); `rankstage statistics --replace-newer` replaces it", file=sys.stderr)
             continue
-        tmp = out / f".{name}.parquet.tmp"
-        table.to_parquet(tmp, index=False)
-        tmp.replace(out / f"{name}.parquet")  # atomic: a reloading server never reads half a table
-        written.append(out / f"{name}.parquet")
+        written.append(publish_table(table, out / f"{name}.parquet"))
     return written
+
+
+def publish_table(table: pd.DataFrame, target: str | Path) -> Path:
+    """Write ``table`` as Parquet to a temporary file of its own beside ``target``, then rename it onto ``target``
+    (``os.replace``: atomic within a file system). A reader holding or opening ``target`` meanwhile reads the old
+    table or the new one, whole; two publishers never share a temporary file; a failed write leaves ``target`` as
+    it was and no temporary file behind."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
 
 
 def serving_joins(data: DataConfig) -> list[JoinSpec]:

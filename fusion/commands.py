@@ -28,13 +28,12 @@ def _lists(p: argparse.ArgumentParser) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> None:
     from evaluation.scoring import score_log
-    from fusion.config import load_fusion
-    from fusion.replay import CLICK_ONLY, evaluate, format_report
+    from fusion.replay import CLICK_ONLY, evaluate, format_report, fusion_for_version
     from ranking.servable import load_servable
 
-    scored = score_log(load_servable(args.model_base_path), args.logs, days=args.day, order_column=args.order_column,
+    version_dir, config, cal = fusion_for_version(args.fusion, args.model_base_path, args.calibration)
+    scored = score_log(load_servable(version_dir), args.logs, days=args.day, order_column=args.order_column,
                        chunk_mb=args.chunk_mb, list_column=args.list_column, truth_columns=tuple(args.truth_column))
-    config, cal = load_fusion(args.fusion, scored.model["tasks"], args.calibration)
     names = args.profile or list(config.profiles)
     profiles = {"logged_order": None, "click_only": CLICK_ONLY, **{n: config.profile(n) for n in names}}
     result = evaluate(scored, profiles, args.group, args.min_list, args.k, cal, args.reps)
@@ -64,11 +63,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from calibration.fit import calibrate_command
+    from fusion.calibrate import calibrate_command, calibrate_from_run
 
     if args.from_run:
-        from calibration.fit import calibrate_from_run
-
         if args.fit_day:
             raise ConfigError("--fit-day and --from-run: give one (--from-run fits on the run's validation days)")
         calibrate_from_run(args.from_run, args.model_base_path, args.logs, args.eval_day, args.method, args.tasks,
@@ -111,8 +108,8 @@ def register(sub) -> None:
     p = sub.add_parser("calibrate", help="fit post-hoc calibration per task on held-out days; diagnostics and plots")
     _common(p)
     p.add_argument("--fit-day", type=int, action="append", help="day(s) to fit on (repeatable)")
-    p.add_argument("--from-run", help="fit on this training run's validation predictions (the non-refit model's "
-                   "next day), for the version exported from it; --eval-day then judges later days")
+    p.add_argument("--from-run", help="fit on this training run's validation days as the version exported from it "
+                   "predicts them (refused for a --refit run, which trained on them); --eval-day judges other days")
     p.add_argument("--eval-day", type=int, action="append", help="day(s) to judge on (default: the fit days)")
     p.add_argument("--method", default="platt", choices=["isotonic", "platt"])
     p.add_argument("--tasks", nargs="+", help="tasks to calibrate (default: the binary tasks); watch_time is always "

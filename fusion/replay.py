@@ -8,13 +8,15 @@ the others (watch time, completion) the sum of their logged values over the top 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from calibration.posthoc import calibrate
+from calibration.posthoc import calibrate, check_artifact
 from evaluation.lists import Lists, group_lists, list_metrics, paired_difference, summarise
 from evaluation.scoring import ScoredLog
 from features.spec import ConfigError
-from fusion.config import FusionProfile
+from fusion.config import FusionConfig, FusionProfile, calibration_path, load_fusion
 
 GROUPINGS = ("user_day", "user_window", "request")  # request: rows sharing --list-column (e.g. simulator logs)
 CLICK_ONLY = FusionProfile(formula="weighted_sum", weights={"click": 1.0}, description="rank by corrected click")
@@ -38,6 +40,24 @@ def ndcg_tasks(scored: ScoredLog) -> list[str]:
 def sum_tasks(scored: ScoredLog) -> list[str]:
     """Non-binary tasks (watch time, completion) with labels: judged by the top-K sum of their logged values."""
     return [t for t, kind in task_types(scored).items() if kind != "binary"]
+
+
+def fusion_for_version(fusion_path: str | Path, model_base_path: str | Path, calibration: str | Path | None = None
+                       ) -> tuple[Path, FusionConfig, dict | None]:
+    """-> (version directory, fusion config, calibration artifact or None) for replaying that version: the config
+    checked against its tasks and the artifact against its name, version and outputs (``check_artifact``, as
+    serving checks it), before any scoring. Score ``version directory``, not the base path, so a version published
+    meanwhile is not the one scored."""
+    from ranking.servable import load_metadata, resolve_version
+
+    version_dir = resolve_version(model_base_path)
+    meta = load_metadata(version_dir)
+    tasks = [o["task"] for o in meta["outputs"]]
+    config, cal = load_fusion(fusion_path, tasks, calibration)
+    if cal is not None:
+        check_artifact(cal, meta["model_name"], meta["version"], tasks, calibration or calibration_path(config,
+                                                                                                     fusion_path))
+    return version_dir, config, cal
 
 
 # ---------------------------------------------------------------- evaluation

@@ -20,8 +20,8 @@ import numpy as np
 from evaluation.lists import Lists
 from evaluation.scoring import ScoredLog, score_log
 from features.spec import ConfigError
-from fusion.config import FusionConfig, FusionProfile, dump_fusion_config, load_fusion, load_fusion_config
-from fusion.replay import CLICK_ONLY, evaluate, format_report, make_lists, per_list_metrics
+from fusion.config import FusionConfig, FusionProfile, dump_fusion_config, load_fusion_config
+from fusion.replay import CLICK_ONLY, evaluate, format_report, fusion_for_version, make_lists, per_list_metrics
 
 WATCH_ONLY = FusionProfile(formula="weighted_sum", weights={"watch_time": 1.0}, description="rank by watch seconds")
 TUNED_TASKS = ("long_view", "watch_time", "completion", "like")  # besides the click anchor
@@ -54,10 +54,10 @@ def tune_fusion(model_base_path, log, fusion_path, hand_profile, tune_days, eval
     out.mkdir(parents=True, exist_ok=True)
     from ranking.servable import load_servable
 
-    scored_all = score_log(load_servable(model_base_path), log, days=[*tune_days, eval_day], order_column=order_column,
+    version_dir, config, cal = fusion_for_version(fusion_path, model_base_path, calibration)
+    scored_all = score_log(load_servable(version_dir), log, days=[*tune_days, eval_day], order_column=order_column,
                            chunk_mb=chunk_mb, list_column=list_column, truth_columns=truth_columns)
     tasks = scored_all.model["tasks"]
-    config, cal = load_fusion(fusion_path, tasks, calibration)
     hand = config.profile(hand_profile)
     tune_scored, eval_scored = scored_all.days(tune_days), scored_all.days([eval_day])
     lists = make_lists(tune_scored, group, min_list)

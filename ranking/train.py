@@ -334,24 +334,29 @@ def fit(config: RankstageConfig, frame: pd.DataFrame, stats: dict[str, FeatureSt
 
 
 def write_statistics_snapshot(config: RankstageConfig, log: str | Path | None = None,
-                              replace_newer: bool = False) -> list[Path]:
+                              replace_newer: bool = False, path: str | Path | None = None) -> list[Path]:
     """Write ``data.statistics``' newest snapshot (as of the day after the last log day up to ``data.until``) to
-    ``data.statistics.path``; the written files (none without statistics). A newer snapshot already there is kept
-    unless ``replace_newer`` (``features.statistics.write_snapshot``)."""
+    ``path`` (default ``data.statistics.path``, the one serving reads: ``rankstage statistics``); the written files
+    (none without statistics). A newer snapshot already there is kept unless ``replace_newer``
+    (``features.statistics.write_snapshot``, which publishes each table by rename)."""
     if config.data.statistics is None:
         return []
     window = read_log(config.data, log, statistics=False)
     if config.data.until is not None:
         window = window[window[config.data.time_column] <= config.data.until]
-    return write_snapshot(window, config.data, replace_newer=replace_newer)
+    return write_snapshot(window, config.data, path=path, replace_newer=replace_newer)
 
 
 PREDICTIONS = "validation_predictions.npz"  # the non-refit model's judged validation predictions
+STATISTICS = "statistics"  # the run's statistics snapshot, <key>.parquet (not the one serving reads)
 
 
 def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None = None, refit: bool = False,
-          verbose: bool = True) -> Path:
-    """Train, validate on the last period(s), optionally refit on the whole window; write the run directory."""
+          verbose: bool = True, publish_statistics: bool = False) -> Path:
+    """Train, validate on the last period(s), optionally refit on the whole window; write the run directory.
+
+    The newest statistics snapshot goes into the run directory (``statistics/``), never over the one a running
+    service reads, unless ``publish_statistics`` (then to ``data.statistics.path``, as ``rankstage statistics``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -380,7 +385,7 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         history["refit_loss"] = refit_history["loss"]
     models.train.save_weights(out / "model.weights.h5")
     save_stats(stats, out / "stats.json")
-    written = write_statistics_snapshot(config, log)  # the newest statistics snapshot, which serving joins
+    written = write_statistics_snapshot(config, log, path=None if publish_statistics else out / STATISTICS)
     if verbose and written:
         print(f"statistics snapshot written: {', '.join(map(str, written))}", flush=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))

@@ -54,8 +54,9 @@ def _task(data: dict, name: str, **fields: object) -> dict:
 
 
 def _statistics(data: dict, towers: list[str] | None = None) -> dict:
-    """``data`` plus configs/kuairand_stats.yaml's statistics features (snapshots under stats/sweep, away from the
-    path serving reads), routed to ``towers`` (None: the shared bottom, as that config has them)."""
+    """``data`` plus configs/kuairand_stats.yaml's statistics features, routed to ``towers`` (None: the shared bottom,
+    as that config has them). Each run's snapshot goes into its run directory (``rankstage train`` never publishes);
+    the path is stats/sweep all the same, away from the one serving reads, should a sweep config be published."""
     out = copy.deepcopy(data)
     stats = yaml.safe_load((ROOT / "configs" / "kuairand_stats.yaml").read_text())["data"]["statistics"]
     out["data"]["statistics"] = {**stats, "path": "stats/sweep", **({} if towers is None else {"towers": towers})}
@@ -63,8 +64,8 @@ def _statistics(data: dict, towers: list[str] | None = None) -> dict:
 
 
 def _stat_towers(data: dict, towers: list[str]) -> dict:
-    """``data`` (a config with a statistics block) with the statistics routed to ``towers``, snapshots under
-    stats/sweep."""
+    """``data`` (a config with a statistics block) with the statistics routed to ``towers``; its path stats/sweep
+    (see ``_statistics``)."""
     out = copy.deepcopy(data)
     out["data"]["statistics"] = {**out["data"]["statistics"], "path": "stats/sweep", "towers": towers}
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.posthoc import load_artifact
+from calibration.posthoc import check_artifact, load_artifact
 from features.spec import ConfigError, FeatureSpec
 from fusion.config import FusionConfig, calibration_path, load_fusion_config
 from ranking.servable import version_stamp
@@ -48,17 +48,8 @@ class Snapshot:
 
 
 def check_calibration(artifact: dict, model: ModelVersion, path: Path) -> dict:
-    """An artifact is applied only to the model version it was fitted for."""
-    fitted = artifact.get("model") or {}
-    if str(fitted.get("name")) != model.name or str(fitted.get("version")) != str(model.version):
-        raise ConfigError(f"calibration artifact {path}: fitted for model {fitted.get('name')!r} version "
-                          f"{fitted.get('version')!r}, but {model.name!r} version {model.version} is serving; "
-                          "refit it (rankstage calibrate) for this version")
-    unknown = [t for t in artifact.get("tasks", {}) if t not in model.tasks]
-    if unknown:
-        raise ConfigError(f"calibration artifact {path}: tasks {unknown} are not outputs of the model "
-                          f"(outputs: {model.tasks})")
-    return artifact
+    """An artifact is applied only to the model version it was fitted for (``calibration.posthoc.check_artifact``)."""
+    return check_artifact(artifact, model.name, model.version, model.tasks, path)
 
 
 class Reloader:

@@ -129,7 +129,8 @@ def kuairand_model(tmp_path_factory):
         if data["data"]["statistics"]:  # the snapshot training writes and serving joins, outside the checkout
             data["data"]["statistics"]["path"] = str(tmp_path_factory.mktemp("stats"))
         config = parse_config(data, "kuairand tiny")
-        run = ranking.train.train(config, tmp_path_factory.mktemp("runs") / "kuairand", verbose=False)
+        run = ranking.train.train(config, tmp_path_factory.mktemp("runs") / "kuairand", verbose=False,
+                                  publish_statistics=True)  # to the tmp path above, which the tests serve from
         base = tmp_path_factory.mktemp("models") / "kuairand"
         export_run(run, base, verbose=False)
     finally:

@@ -1,5 +1,6 @@
-"""``rankstage calibrate --from-run``: post-hoc calibration fitted on a run's next-day (validation) predictions and
-shipped for the version exported from that run."""
+"""``rankstage calibrate --from-run``: post-hoc calibration fitted on the run's next-day (validation) rows as the
+version exported from that run predicts them, and shipped for that version; a refit version (which trained on those
+days) is refused, as is any fit day inside a version's training window."""
 
 from __future__ import annotations
 
@@ -8,12 +9,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import synthetic
 
+import ranking.train
 from calibration import posthoc
-from calibration.fit import calibrate_from_run
 from features.spec import ConfigError
+from fusion.calibrate import calibrate_command, calibrate_from_run
 from ranking.servable import load_metadata
 from ranking.train import PREDICTIONS, load_judged
+
+
+@pytest.fixture(scope="module")
+def refit_version(tmp_path_factory, synthetic_log) -> tuple[Path, Path]:
+    """A real refit run on the synthetic log (1 epoch, segment -> click), exported -> (run dir, base path)."""
+    from ranking.export import export_run
+
+    config = synthetic.config(synthetic_log, ["segment"], ["click"], epochs=1, batch_size=2048)
+    run = ranking.train.train(config, tmp_path_factory.mktemp("runs") / "refit", refit=True, verbose=False)
+    base = tmp_path_factory.mktemp("models") / "refit"
+    export_run(run, base, verbose=False)
+    return run, base
 
 
 def test_level_fitted_on_the_next_day_predictions_fixes_the_level(kuairand_model, tmp_path):
@@ -26,6 +41,7 @@ def test_level_fitted_on_the_next_day_predictions_fixes_the_level(kuairand_model
     art = posthoc.load_artifact(tmp_path / "calibration.json")
     assert art["model"]["name"] == config.name and art["model"]["version"] == 1
     assert art["fitted_on"]["days"] == [day] and art["fitted_on"]["run"] == str(run)
+    assert art["fitted_on"]["predictions"] == f"model {config.name} version 1, out of sample"
     assert art["tasks"]["watch_time"]["method"] == "isotonic" and art["tasks"]["click"]["method"] == "platt"
     # on the fitted predictions themselves a Platt map with an intercept matches the mean exactly
     y, p = judged["click"][0], judged["click"][1]
@@ -47,13 +63,39 @@ def test_a_version_exported_from_another_run_is_refused(kuairand_model, tmp_path
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("tensorboard*"))
     with pytest.raises(ConfigError, match="--from-run .*other_run: model version .* was exported from run"):
         calibrate_from_run(other, base, None, None, "platt", None, tmp_path / "out")
-    with pytest.raises(ConfigError, match="--from-run .*: no validation_predictions.npz"):
+    with pytest.raises(ConfigError, match="--from-run .*: no artifacts.json"):
         calibrate_from_run(tmp_path, base, None, None, "platt", None, tmp_path / "out")
 
 
 def test_unknown_task_is_named(kuairand_model, tmp_path):
     _, base = kuairand_model
     run = Path(load_metadata(base / "1")["run"])
-    with pytest.raises(ConfigError, match=r"--tasks: \['clicks'\] not judged"):
+    with pytest.raises(ConfigError, match=r"--tasks: \['clicks'\] not tasks of the model"):
         calibrate_from_run(run, base, None, None, "platt", ["clicks"], tmp_path)
+    assert not (tmp_path / "calibration.json").exists()
+
+
+def test_a_refit_version_is_refused_and_told_what_to_run(refit_version, tmp_path):
+    """The refit version trained on the validation day: neither its predictions there (in sample) nor the non-refit
+    model's (another model) may fit the map it ships with."""
+    run, base = refit_version
+    window = load_metadata(base / "1")["training_window"]
+    assert window["refit"] and window["validation_periods"]
+    with pytest.raises(ConfigError, match=r"--from-run .*refit on the run's validation days \[\d+\].* in sample.*"
+                                          r"rankstage calibrate --fit-day D .*or train without --refit"):
+        calibrate_from_run(run, base, None, None, "platt", None, tmp_path)
+    assert not (tmp_path / "calibration.json").exists()
+
+
+def test_fit_days_inside_the_training_window_are_refused(kuairand_model, refit_version, tmp_path):
+    """--fit-day on a day the version trained on is refused, for a refit version's validation day as for any
+    training day; the message names the days."""
+    _, base = kuairand_model
+    trained = load_metadata(base / "1")["training_window"]["periods"]
+    with pytest.raises(ConfigError, match=rf"--fit-day \[{trained[-1]}\]: model version .* trained on these days"):
+        calibrate_command(base, None, [trained[-1]], None, "platt", None, tmp_path)
+    _, refit_base = refit_version
+    val = load_metadata(refit_base / "1")["training_window"]["validation_periods"]
+    with pytest.raises(ConfigError, match=rf"--fit-day \[{val[0]}\]: model version .* trained on these days"):
+        calibrate_command(refit_base, None, val, None, "platt", None, tmp_path)
     assert not (tmp_path / "calibration.json").exists()

@@ -175,7 +175,39 @@ def test_statistics_features_are_generated_once_and_round_trip(config):
         parse_config(clash, "clash")
 
 
+def reference_statistics(log: pd.DataFrame, rows: pd.DataFrame, config: RankstageConfig) -> dict[str, np.ndarray]:
+    """The statistics features of ``rows`` (N,) computed from ``log`` (joined with the videos) without
+    ``features.statistics``: per row, key and window w, a plain loop over the log rows of the w calendar days before
+    the row's day with that key; rates smoothed toward the same days' global rate, mean watch seconds likewise. A
+    key with no impression in any window is absent from the table: every column missing."""
+    stats = config.data.statistics
+    m = stats.prior_strength
+    dates = pd.to_datetime(log["date"].astype(str), format="%Y%m%d")
+    values: dict[str, list[float]] = {}
+    for key in stats.keys:
+        for row in rows.to_dict("records"):
+            day = pd.to_datetime(str(int(row["date"])), format="%Y%m%d")
+            cells = {}
+            for w in stats.windows:
+                past = log[(dates >= day - pd.Timedelta(days=w)) & (dates < day)]  # days d - w .. d - 1
+                mine = past[np.logical_and.reduce([past[c] == row[c] for c in key.columns])]
+                n = len(mine)
+                cells[f"impressions_{w}d"] = float(n)
+                for event, column in stats.events.items():
+                    k, prior = mine[column].sum(), past[column].sum() / len(past)
+                    cells[f"{event}_{w}d"] = float(k)
+                    cells[f"{event}_rate_{w}d"] = (k + m * prior) / (n + m) if n else np.nan
+                secs, prior = mine["play_time_ms"].sum() / 1000, past["play_time_ms"].sum() / 1000 / len(past)
+                cells[f"watch_s_{w}d"] = (secs + m * prior) / (n + m) if n else np.nan
+            absent = all(cells[f"impressions_{w}d"] == 0 for w in stats.windows)
+            for name, value in cells.items():
+                values.setdefault(f"stat_{key.name}_{name}", []).append(np.nan if absent else value)
+    return {name: np.asarray(v) for name, v in values.items()}
+
+
 def test_training_features_equal_the_serving_join(tmp_path, config):
+    """Training's statistics of a day and the ones serving joins from that day's snapshot both equal the statistics
+    counted by hand from the log (``reference_statistics``): a shared error in ``table_as_of`` cannot pass."""
     log = make_log(seed=3)
     log.to_csv(tmp_path / "log.csv", index=False)
     videos().to_csv(tmp_path / "videos.csv", index=False)
@@ -193,7 +225,11 @@ def test_training_features_equal_the_serving_join(tmp_path, config):
                                     {"video_id": group["video_id"].to_numpy()}, len(group))
         for name in served:
             served[name][group.index] = cand[name] if name in cand else np.repeat(req[name], len(group))
+    by_hand = reference_statistics(log.merge(videos(), on="video_id", how="left"), training, config)
+    assert sorted(by_hand) == sorted(served)
     for name, values in served.items():
+        np.testing.assert_allclose(values, by_hand[name], rtol=1e-6, err_msg=f"served {name}")
+        np.testing.assert_allclose(expected[name], by_hand[name], rtol=1e-6, err_msg=f"training {name}")
         np.testing.assert_array_equal(values, expected[name], err_msg=name)
     assert np.isfinite(served["stat_user_author_click_rate_3d"]).sum() > 10  # the composite join matched rows
     assert np.isnan(served["stat_user_author_click_rate_3d"]).any()  # and left unknown pairs missing

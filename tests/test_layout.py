@@ -1,0 +1,41 @@
+"""The layout's import rules, read from the source with ``ast`` (scripts/import_graph.py): no cycle among the
+top-level packages or among modules, and the stage order of the data's path holds (a lower stage never imports a
+higher one)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
+import_graph = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(import_graph)
+
+# each package may import only packages listed before it (rankstage.v1, the generated contract, imports nothing)
+ORDER = ["features", "calibration", "evaluation", "ranking", "fusion", "simulation", "rankstage.v1", "serving",
+         "retrieval", "rankstage"]
+
+
+def package_edges() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for src, dsts in import_graph.graph().items():
+        for dst in dsts:
+            a, b = import_graph.package_of(src), import_graph.package_of(dst)
+            if a != b:
+                out.setdefault(a, set()).add(b)
+    return out
+
+
+def test_no_import_cycles_among_packages_or_modules():
+    assert import_graph.cycles(package_edges()) == []
+    assert import_graph.cycles(import_graph.graph()) == []
+
+
+def test_packages_import_only_earlier_stages():
+    upward = [(a, b) for a, dsts in package_edges().items() for b in dsts if ORDER.index(b) > ORDER.index(a)]
+    assert upward == [], f"imports against the stage order {ORDER}: {upward}"
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert import_graph.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
