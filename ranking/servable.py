@@ -305,24 +305,26 @@ def run_warmup(servable: Servable, pause_s: float = 0.0, flat_calls: bool = Fals
 
 
 @contextlib.contextmanager
-def paced_load(duty: float = 1.0, slice_s: float = 0.001) -> Iterator[None]:
+def paced_load(duty: float = 1.0, slice_s: float = 0.001, clock: Callable[[], float] = time.perf_counter,
+               sleep: Callable[[float], None] = time.sleep) -> Iterator[None]:
     """Load (and warm) a version beside one that is serving, in this thread, without starving the serving threads.
 
     Loading a SavedModel is ~2 s of Python holding the GIL on these machines; unpaced, the p99 of the calls served
     meanwhile rose ~5x (max 300 ms with a full garbage collection of the loader's objects). Here the loading thread
     runs at most ``duty`` of the time (it sleeps ``slice_s * (1 - duty) / duty`` after each ``slice_s`` of Python,
     checked from a profile hook on this thread only), Python switches threads every 0.5 ms instead of 5 ms, and
-    the cyclic garbage collector is off until the load ends. ``duty=1`` keeps only the last two."""
+    the cyclic garbage collector is off until the load ends. ``duty=1`` keeps only the last two. ``clock`` (seconds)
+    and ``sleep`` are the pacer's time source and pause; tests pass fakes to check the accounting."""
     if not 0 < duty <= 1:
         raise ConfigError(f"load duty: must be in (0, 1], got {duty}")
     old_interval, gc_was_enabled, old_profile = sys.getswitchinterval(), gc.isenabled(), sys.getprofile()
-    rest_s, state = slice_s * (1 - duty) / duty, {"t": time.perf_counter(), "n": 0}
+    rest_s, state = slice_s * (1 - duty) / duty, {"t": clock(), "n": 0}
 
     def pacer(frame, event, arg) -> None:
         state["n"] += 1
-        if state["n"] % 64 == 0 and time.perf_counter() - state["t"] > slice_s:
-            time.sleep(rest_s)
-            state["t"] = time.perf_counter()
+        if state["n"] % 64 == 0 and clock() - state["t"] > slice_s:
+            sleep(rest_s)
+            state["t"] = clock()
 
     sys.setswitchinterval(0.0005)
     gc.disable()

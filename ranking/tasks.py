@@ -100,9 +100,3 @@ class ServedValue(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "task_type": self.task_type}
 
-
-def serve_transform_np(task: TaskSpec, logit: np.ndarray) -> np.ndarray:
-    """numpy twin of ``serve_transform`` for offline evaluation: (N,) logit -> (N,)."""
-    if task.type == "watch_time":
-        return np.exp(np.minimum(logit, MAX_WATCH_LOGIT))
-    return 1.0 / (1.0 + np.exp(-logit))

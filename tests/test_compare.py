@@ -12,18 +12,63 @@ from conftest import TRUTH
 
 from evaluation import metrics
 from features.spec import load_config
-from ranking.compare import compare, compare_runs
+from ranking.compare import compare, compare_runs, paired_differences
 from ranking.train import PREDICTIONS, load_judged
 
 
 def test_paired_difference_by_hand():
     y = np.array([0, 0, 1, 1, 0, 1, 0, 1], float)
     perfect, reversed_ = y + 0.1 * np.arange(8), -y
-    same = metrics.paired_difference(metrics.auc, y, perfect, perfect, reps=50)
-    assert same == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    # one misordered pair: the positive at row 2 (1.2) drops just below the top negative (row 6, 0.6), above the
+    # others -> 15 of 16 pairs ordered, AUC 15/16 against 1
+    one_swap = perfect.copy()
+    one_swap[2] = perfect[6] - 0.05
+    d = metrics.paired_difference(metrics.auc, y, perfect, one_swap, reps=200)
+    assert d["difference"] == pytest.approx(1 / 16)
+    lo, hi = d["ci95"]
+    assert 0 <= lo <= d["difference"] <= hi  # the swap can only lose: no resample favours one_swap
+    assert metrics.paired_difference(metrics.auc, y, one_swap, perfect, reps=200)["difference"] == \
+        pytest.approx(-1 / 16)
     d = metrics.paired_difference(metrics.auc, y, perfect, reversed_, reps=200)
     assert d["difference"] == pytest.approx(1.0)
     assert d["ci95"][0] > 0.9  # every resample holding both classes: AUC 1 vs 0
+
+
+def test_paired_differences_are_the_base_minus_each_model_known_worse_by_construction(tmp_path):
+    # three models of the same validation rows: the base sees the labels through a little noise, "noisy" through
+    # more, "blind" not at all; every paired difference (base minus other) equals scikit-learn's and is positive
+    from sklearn.metrics import roc_auc_score
+
+    config = synthetic.config(tmp_path / "log.csv", ["segment"], ["click", "watch_time"])
+    rng = np.random.default_rng(3)
+    n = 3000
+    users, days = rng.integers(0, 150, n), rng.integers(0, 2, n)
+    click = (rng.random(n) < 0.3).astype(float)
+    watch = rng.exponential(10.0, n)
+    noise = rng.random((3, n))
+
+    def judged(sharpness: float) -> dict:
+        return {"click": (click, sharpness * click + noise[0], users, days),
+                "watch_time": (watch, sharpness * np.log1p(watch) + noise[1], users, days)}
+
+    paired = paired_differences(config, {"base": judged(2.0), "noisy": judged(0.3), "blind": judged(0.0)}, "base")
+    assert set(paired) == {"noisy", "blind"}
+    for other, sharpness in (("noisy", 0.3), ("blind", 0.0)):
+        p_click = sharpness * click + noise[0]
+        assert paired[other]["click"]["auc"]["difference"] == pytest.approx(
+            roc_auc_score(click, 2.0 * click + noise[0]) - roc_auc_score(click, p_click), abs=1e-12)
+        for task, names in (("click", ("auc", "gauc", "ndcg@5")), ("watch_time", ("spearman", "ndcg@5"))):
+            assert set(paired[other][task]) == set(names)
+            for name in names:
+                d = paired[other][task][name]
+                assert d["ci95"][0] > 0, (other, task, name)  # the base is better, beyond resampling noise
+    # the blinder model loses more
+    for task, name in (("click", "gauc"), ("watch_time", "spearman"), ("watch_time", "ndcg@5")):
+        assert paired["blind"][task][name]["difference"] > paired["noisy"][task][name]["difference"], (task, name)
+    with pytest.raises(ValueError, match="'click': base and other were judged on different rows"):
+        other = judged(1.0)
+        other["click"] = (click[::-1], *other["click"][1:])
+        paired_differences(config, {"base": judged(2.0), "other": other}, "base")
 
 
 @pytest.fixture(scope="module")

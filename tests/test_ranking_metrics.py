@@ -79,16 +79,44 @@ def test_ndcg_ties_count_at_their_expected_gain():
     assert nd[0] == pytest.approx((1 + 1 / np.log2(3)) / 2)
 
 
-def test_paired_difference_of_a_model_with_itself_is_zero():
+def test_paired_differences_equal_independent_sklearn_computations():
+    # two different models of the same rows: a knows the labels a little, b is noise rounded to tenths (ties);
+    # each difference is recomputed with scikit-learn, GAUC as the impression-weighted mean over users holding
+    # both outcomes of per-user roc_auc_score differences, NDCG@5 per user-day list of >= 5 rows with a positive
+    from sklearn.metrics import ndcg_score, roc_auc_score
+
     rng = np.random.default_rng(0)
     n = 600
     users, days = rng.integers(0, 30, n), rng.integers(0, 2, n)
     y = (rng.random(n) < 0.3).astype(float)
-    p = rng.random(n)
-    d = metrics.paired_report(y, p, p, users, days, binary=True, reps=50)
+    a, b = 0.5 * y + rng.random(n), np.round(rng.random(n), 1)
+    d = metrics.paired_report(y, a, b, users, days, binary=True, reps=50)
+
+    assert d["auc"]["difference"] == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
+    diff, weight = [], []
+    for u in np.unique(users):
+        m = users == u
+        if 0 < y[m].sum() < m.sum():
+            diff.append(roc_auc_score(y[m], a[m]) - roc_auc_score(y[m], b[m]))
+            weight.append(m.sum())
+    assert d["gauc"]["users"] == len(diff) > 20
+    assert d["gauc"]["difference"] == pytest.approx(np.average(diff, weights=weight), abs=1e-12)
+    per_list = []
+    for u, day in sorted(set(zip(users, days))):
+        m = (users == u) & (days == day)
+        if m.sum() >= 5 and y[m].any():
+            per_list.append(ndcg_score([y[m]], [a[m]], k=5) - ndcg_score([y[m]], [b[m]], k=5))  # ties averaged
+    assert d["ndcg@5"]["lists"] == len(per_list) > 20
+    assert d["ndcg@5"]["difference"] == pytest.approx(np.mean(per_list), abs=1e-12)
     for name in ("auc", "gauc", "ndcg@5"):
-        assert d[name]["difference"] == 0.0, name
-        assert d[name]["ci95"] == [0.0, 0.0], name
+        assert d[name]["difference"] > 0.05, name  # a is the better model by construction
+        lo, hi = d[name]["ci95"]
+        assert lo < d[name]["difference"] < hi, name
+    # swapping the models flips every difference and interval
+    r = metrics.paired_report(y, b, a, users, days, binary=True, reps=50)
+    for name in ("auc", "gauc", "ndcg@5"):
+        assert r[name]["difference"] == pytest.approx(-d[name]["difference"], abs=1e-12), name
+        np.testing.assert_allclose(r[name]["ci95"], [-d[name]["ci95"][1], -d[name]["ci95"][0]], atol=1e-12)
 
 
 def test_paired_difference_resamples_units_jointly():

@@ -186,3 +186,26 @@ def test_fusion_search_is_reproducible_from_its_seed_and_keeps_the_click_constra
     assert np.nanmean(m["click/ndcg@3"]) >= floor == pytest.approx(0.99 * np.nanmean(ref["click/ndcg@3"]))
     assert best.value == pytest.approx(np.mean(m["watch_time/top@3"]))
     assert best.value > np.mean(ref["watch_time/top@3"])  # watch predictions are informative: the search gains
+
+
+def test_the_three_ndcg_entry_points_agree_on_ties_with_the_hand_worked_value():
+    # evaluation.metrics.per_list_ndcg (training reports), evaluation.lists.list_metrics (replay) and
+    # simulation.debias.ndcg_per_list (the debiasing study) once had three tie rules; on one tied input they give
+    # one number, the one rule's (tied rows share their mean gain). Rows of users 1 and 2 interleave.
+    from evaluation.metrics import per_list_ndcg
+    from simulation.debias import ndcg_per_list
+
+    users = np.array([1, 2, 1, 2, 1, 1, 2])
+    gain = np.array([3, 0, 0, 2, 1, 0, 1], float)
+    score = np.array([1, 5, 2, 5, 2, 0, 5], float)
+    # user 1 (rows 0, 2, 4, 5): rows 2 and 4 tie on top (gains 0, 1 -> 1/2 each), then row 0 (3), row 5 (0)
+    #   DCG = 1/2 + 1/2 / log2 3 + 3/2; ideal 3 + 1 / log2 3
+    # user 2 (rows 1, 3, 6): a constant score -> each position holds the mean gain 1
+    #   DCG = 1 + 1 / log2 3 + 1/2; ideal 2 + 1 / log2 3
+    l3 = np.log2(3)
+    expected = [(2 + 0.5 / l3) / (3 + 1 / l3), (1.5 + 1 / l3) / (2 + 1 / l3)]
+    from_metrics = per_list_ndcg(gain, score, users, np.zeros(7), k=4, min_len=3)
+    from_lists = list_metrics(group_lists([users], np.arange(7)), score, {"gain": gain}, 4, ["gain"], [])["gain/ndcg@4"]
+    from_debias = ndcg_per_list(users, score, gain)
+    for name, got in (("per_list_ndcg", from_metrics), ("list_metrics", from_lists), ("ndcg_per_list", from_debias)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, err_msg=name)

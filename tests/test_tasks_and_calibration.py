@@ -11,11 +11,9 @@ from calibration.downsampling import apply_downsampling, correct_downsampling
 from evaluation.metrics import auc, grouped_auc
 from features.spec import TaskSpec
 from ranking.tasks import (
-    MAX_WATCH_SECONDS,
     ServedValue,
     pairwise_bce_from_logits,
     prepare_targets,
-    serve_transform_np,
     watch_time_weight_scale,
     weighted_bce_from_logits,
 )
@@ -156,23 +154,21 @@ def test_watch_time_loss_minimiser_has_odds_equal_to_mean_seconds():
 
 def test_served_value_is_exp_for_watch_time_and_sigmoid_otherwise():
     z = np.array([[-2.0], [0.0], [1.5], [3.0]], np.float32)
-    np.testing.assert_allclose(ServedValue("watch_time")(z), np.exp(z[:, 0]), rtol=1e-6)
+    # e^-2, e^0, e^1.5, e^3 seconds; sigmoid: 1 / (1 + e^2), 1/2, 1 / (1 + e^-1.5), 1 / (1 + e^-3)
+    np.testing.assert_allclose(ServedValue("watch_time")(z), [0.135335, 1.0, 4.481689, 20.085537], rtol=1e-5)
     for task_type in ("binary", "completion"):
-        np.testing.assert_allclose(ServedValue(task_type)(z), 1.0 / (1.0 + np.exp(-z[:, 0])), rtol=1e-6)
-    for task in (CLICK, WATCH, COMPLETION):
-        np.testing.assert_allclose(ServedValue(task.type)(z), serve_transform_np(task, z[:, 0]), rtol=1e-6)
+        np.testing.assert_allclose(ServedValue(task_type)(z), [0.119203, 0.5, 0.817574, 0.952574], rtol=1e-5)
     with pytest.raises(ValueError, match="'ctr'"):
         ServedValue("ctr")
 
 
 def test_huge_watch_time_logit_serves_a_finite_value():
-    """exp(z) of float32 overflows from z ~ 88.7: the served value is clipped at MAX_WATCH_SECONDS (log 1e6 s) in
-    the layer and its numpy twin alike; binary outputs stay sigmoid(z)."""
+    """exp(z) of float32 overflows from z ~ 88.7: the served value is clipped at MAX_WATCH_SECONDS (1e6 s);
+    binary outputs stay sigmoid(z)."""
     z = np.array([[3.0], [13.0], [100.0], [1e30]], np.float32)
     served = np.asarray(ServedValue("watch_time")(z))
     assert np.all(np.isfinite(served))
-    np.testing.assert_allclose(served, [np.exp(3.0), np.exp(13.0), MAX_WATCH_SECONDS, MAX_WATCH_SECONDS], rtol=1e-5)
-    np.testing.assert_allclose(serve_transform_np(WATCH, z[:, 0]), served, rtol=1e-5)
+    np.testing.assert_allclose(served, [20.085537, 442413.39, 1e6, 1e6], rtol=1e-5)  # e^3, e^13, then the ceiling
     np.testing.assert_allclose(np.asarray(ServedValue("binary")(z))[2:], 1.0, rtol=1e-6)
 
 
@@ -196,8 +192,14 @@ def test_correct_downsampling_by_hand(q, a, p):
     assert correct_downsampling(q, a) == pytest.approx(p, rel=1e-12)
 
 
-def test_correct_downsampling_q_half_a_tenth_is_one_eleventh():
-    assert correct_downsampling(np.array([0.5]), 0.1)[0] == pytest.approx(1 / 11, rel=1e-12)
+def test_correction_multiplies_the_odds_by_the_kept_fraction():
+    # keeping a fraction a of the negatives multiplies the odds by 1 / a, so the correction multiplies them by a:
+    # q = 0.8 (odds 4) at a = 0.25 -> odds 1 -> p = 0.5
+    assert correct_downsampling(0.8, 0.25) == pytest.approx(0.5, rel=1e-12)
+    q = np.array([0.5, 0.8, 0.2])
+    odds = lambda x: x / (1 - x)  # noqa: E731
+    for a in (0.05, 0.3, 0.7):
+        np.testing.assert_allclose(odds(correct_downsampling(q, a)), a * odds(q), rtol=1e-12)
 
 
 def test_correct_is_the_inverse_of_apply_over_a_grid():
