@@ -90,7 +90,7 @@ def test_known_users_never_get_a_seen_item_and_still_get_n(recommending, retriev
     events = build_data(config).train_events
     seen = events.groupby(config.data.user_column)[config.data.item_column].unique()
     heavy = seen.map(len).sort_values(ascending=False, kind="stable").index[:5]
-    assert len(seen[heavy[-1]]) >= 30  # enough seen items that an unfiltered top K holds some
+    assert len(seen[heavy[-1]]) >= 15  # enough seen items that an unfiltered top K holds some
     for user in heavy:
         resp = client.recommend({"user_id": int(user)}, {"tab": 1}, num_candidates=k, top_k=k)
         items = response_arrays(resp.ranked)["item_ids"]
