@@ -180,7 +180,7 @@ KUAIRAND = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "
 def test_real_log_rows_of_one_request_share_their_lists_and_never_see_its_clicks():
     """The request boundary is (user, time_ms): the log has no request id, and rows sharing a user and a time_ms are
     the only ones certainly of one request (reports/history_request_boundary.md). On the real KuaiRand log (both
-    files), with the video id as the listed value: every row of a request gets the same lists (15 requests have a
+    files), with the video id as the listed value: every row of a request gets the same lists (32 requests have a
     duplicate row dated the next day at 00:00: they too), so a click on a row of the request never enters another
     row's list unless that video was also clicked in an earlier request."""
     df = pd.concat([pd.read_csv(KUAIRAND / f, usecols=["user_id", "video_id", "date", "time_ms", "is_click"]) for f in
