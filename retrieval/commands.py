@@ -30,13 +30,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         from retrieval.train import evaluate_trained, load_run
 
         trained = load_run(args.run)
+        print(f"split: {trained.config.data.split}")
         print(format_table({args.run: evaluate_trained(trained, build_data(trained.config), args.bootstrap)},
                            with_interval=args.bootstrap > 0))
         return
     from retrieval.ablation import run_ablation
 
     command = "rankstage retrieval evaluate " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-    run_ablation(_config(args), args.out, args.variants, args.bootstrap, args.author_column, command)
+    run_ablation(_config(args), args.out, args.variants, args.bootstrap, args.author_column, command, args.splits)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -68,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    choices=["ids", "features", "history", "logq"])
     p.add_argument("--bootstrap", type=int, default=0)
     p.add_argument("--author-column", help="item column for the most-popular-among-the-user's-authors baseline")
+    p.add_argument("--splits", nargs="+", choices=["leave_last_out", "time_cut"],
+                   help="protocols to report (default: the config's split, then the other where it applies)")
     p.set_defaults(func=cmd_evaluate)
 
     p = rsub.add_parser("export", help="export a run: BruteForce + ScaNN top-K SavedModels, embeddings, metadata")

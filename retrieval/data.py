@@ -170,7 +170,8 @@ def _queries(frame: pd.DataFrame, history_source: pd.DataFrame, config: Retrieva
 
 
 def build_data(config: RetrievalConfig) -> RetrievalData:
-    """Split positives by time (leave-last-out or test period), build training rows and one test query per user."""
+    """Split positives by time (leave-last-out or a global time cut), build training rows and one test query per
+    user. Under ``time_cut`` nothing at or after T reaches the training rows, their history or their popularity."""
     d = config.data
     events, catalog = load_events(config)
     events = events.sort_values([d.user_column, d.time_column, d.item_column], kind="stable").reset_index(drop=True)
@@ -179,15 +180,10 @@ def build_data(config: RetrievalConfig) -> RetrievalData:
         train_ev, test_ev = events[~last], events[last]
         window = {"split": "leave_last_out", "test": "each user's last positive by time"}
     else:
-        col = d.period_column
-        try:
-            if d.until is not None:
-                events = events[events[col] <= d.until]
-            is_test = events[col] >= d.test_from
-        except (KeyError, TypeError) as err:
-            raise ConfigError(f"data.period_column/test_from: {col!r} >= {d.test_from!r} fails: {err}") from None
-        train_ev, test_ev = events[~is_test], events[is_test]
-        window = {"split": "period", "train": [_scalar(train_ev[col].min()), _scalar(train_ev[col].max())],
+        train_ev, test_ev = time_cut(events, d.cut_column, d.test_from, d.until)
+        col = d.cut_column
+        window = {"split": "time_cut", "cut_column": col, "test_from": _scalar(d.test_from),
+                  "train": [_scalar(train_ev[col].min()), _scalar(train_ev[col].max())],
                   "test": [_scalar(test_ev[col].min()), _scalar(test_ev[col].max())]}
     train_ev = train_ev.reset_index(drop=True)
     train = _queries(train_ev, train_ev, config, config.query_features)
@@ -207,8 +203,25 @@ def build_data(config: RetrievalConfig) -> RetrievalData:
     first = first.iloc[keep].reset_index(drop=True)
     test = _queries(first, train_ev, config, config.query_features)
     test.targets, test.seen = targets, seen
-    window.update(train_positives=len(train_ev), test_queries=len(first))
+    window.update(train_positives=len(train_ev), test_queries=len(first),
+                  test_queries_without_training_positives=int((~first[d.user_column].isin(train_ev[d.user_column])
+                                                               ).sum()))
     return RetrievalData(train_ev, train, test, catalog, window)
+
+
+def time_cut(events: pd.DataFrame, column: str, test_from: object, until: object = None
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(events with ``column`` < ``test_from``, events with ``test_from`` <= ``column`` [<= ``until``])."""
+    if column not in events.columns:
+        raise ConfigError(f"data.period_column: {column!r} is not a column of the log (has {list(events.columns)})")
+    try:
+        if until is not None:
+            events = events[events[column] <= until]
+        is_test = (events[column] >= test_from).to_numpy(bool)
+    except TypeError as err:
+        raise ConfigError(f"data.test_from / data.until: {column!r} >= {test_from!r} (until {until!r}) fails: "
+                          f"{err}") from None
+    return events[~is_test], events[is_test]
 
 
 def _scalar(v: object) -> object:

@@ -4,12 +4,16 @@
 
 - ``saved_model.pb``, ``variables/``: BruteForce top-K over the catalog, servable by stock TF Serving. Signature
   ``serving_default``: raw query features (B,) and ``history`` (B, H) int64 item ids (-1 padded, most recent first)
-  -> ``item_ids`` (B, K) int64 and ``scores`` (B, K) float32, best first.
+  -> ``item_ids`` (B, K) int64 and ``scores`` (B, K) float32, best first. Signature ``exclude_seen``: the same
+  inputs plus ``exclude`` (B, S) int64 item ids (-1 padded) -> the top K of the items not in ``exclude`` (it
+  retrieves K + S and drops them; where fewer than K remain, the tail is ``item_ids`` -1, ``scores`` -inf).
 - ``scann/``: the same signature over a ScaNN index (approximate; needs ScaNN's custom ops registered, which stock
   TF Serving lacks).
 - ``assets.extra/item_embeddings.parquet``: ``item_id`` int64 and ``embedding`` list<float32> (E) for other vector
   engines. ``assets.extra/retrieval_metadata.json``: feature spec, training window, test metrics, index settings,
-  popular items (the fallback for unknown users).
+  popular items (the fallback for unknown users). ``assets.extra/query_users.parquet``: per user of the training
+  window its user features, ``history`` (the last H positives) and ``seen`` (every distinct positive item of the
+  window: what Recommend excludes, as the offline evaluation does).
 
 The version is written under a hidden temporary directory beside the versions and renamed into place.
 B queries, K results, I catalog items, E embedding width.
@@ -29,6 +33,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from features.logs import raw_inputs
+from features.spec import ConfigError
 from ranking.servable import staged_version
 from retrieval.data import HISTORY, build_data, history_before
 from retrieval.spec import RetrievalConfig
@@ -39,16 +44,22 @@ METADATA_FILE = "retrieval_metadata.json"
 EMBEDDINGS_FILE = "item_embeddings.parquet"
 USERS_FILE = "query_users.parquet"
 SCANN_DIR = "scann"
+EXCLUDE = "exclude"  # input of the exclude_seen signature: (B, S) int64 item ids, -1 padded
+EXCLUDE_SIGNATURE = "exclude_seen"
+SEEN = "seen"  # column of query_users.parquet: every distinct positive item of the user in the training window
 POPULAR_ITEMS = 500  # kept in the metadata for the unknown-user fallback
 
 
 class IndexModule(tf.Module):
-    """Holds a top-K layer and serves it under a signature of raw query features."""
+    """Holds a top-K layer and serves it under a signature of raw query features; with ``num_items`` (BruteForce
+    only: ScaNN's K is fixed at build) also ``serve_excluding``, the top K of the items not in ``exclude``."""
 
-    def __init__(self, index: tf.keras.layers.Layer, config: RetrievalConfig):
+    def __init__(self, index: tf.keras.layers.Layer, config: RetrievalConfig, num_items: int | None = None):
         super().__init__()
         self.index = index
         spec = query_signature(config)
+        if EXCLUDE in spec:
+            raise ConfigError(f"query_features: the name {EXCLUDE!r} is reserved for the exclude_seen signature")
 
         @tf.function(input_signature=[spec])
         def serve(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -56,6 +67,23 @@ class IndexModule(tf.Module):
             return {"scores": scores, "item_ids": ids}
 
         self.serve = serve
+        if num_items is None:
+            return
+        k = min(config.top_k, num_items)
+
+        @tf.function(input_signature=[{**spec, EXCLUDE: tf.TensorSpec([None, None], tf.int64, EXCLUDE)}])
+        def serve_excluding(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            inputs = dict(inputs)
+            exclude = inputs.pop(EXCLUDE)  # (B, S)
+            wide = tf.minimum(k + tf.shape(exclude)[1], num_items)
+            scores, ids = self.index(inputs, k=wide)  # (B, K + S), (B, K + S)
+            dropped = tf.reduce_any(tf.equal(ids[:, :, None], exclude[:, None, :]), axis=-1)  # (B, K + S)
+            scores = tf.where(dropped, tf.constant(-np.inf, scores.dtype), scores)
+            scores, top = tf.math.top_k(scores, k=k)  # (B, K)
+            ids = tf.gather(ids, top, batch_dims=1)
+            return {"scores": scores, "item_ids": tf.where(tf.math.is_inf(scores), tf.constant(-1, tf.int64), ids)}
+
+        self.serve_excluding = serve_excluding
 
 
 def scann_settings(num_items: int, config: RetrievalConfig) -> dict:
@@ -99,8 +127,10 @@ def export_run(run: str | Path, model_base_path: str | Path, version: int | None
     brute, scann, settings = build_indexes(trained.query_tower, items, catalog.ids, config)
 
     with staged_version(model_base_path, version) as (version, tmp):
-        module = IndexModule(brute, config)
-        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve.get_concrete_function()})
+        module = IndexModule(brute, config, num_items=len(catalog.ids))
+        tf.saved_model.save(module, str(tmp), signatures={
+            "serving_default": module.serve.get_concrete_function(),
+            EXCLUDE_SIGNATURE: module.serve_excluding.get_concrete_function()})
         scann_module = IndexModule(scann, config)
         tf.saved_model.save(scann_module, str(tmp / SCANN_DIR),
                             signatures={"serving_default": scann_module.serve.get_concrete_function()},
@@ -121,6 +151,10 @@ def export_run(run: str | Path, model_base_path: str | Path, version: int | None
                           "inputs": {k: v.dtype.name for k, v in query_signature(config).items()},
                           "outputs": {"item_ids": "int64 (B, K)", "scores": "float32 (B, K)"},
                           "history": "(B, H) int64 item ids, most recent first, -1 padded"},
+            "exclude_signature": {"name": EXCLUDE_SIGNATURE, "input": EXCLUDE,
+                                  "exclude": "(B, S) int64 item ids, -1 padded; the top K of the other items "
+                                             "(item_ids -1 where fewer than K remain)",
+                                  "seen_column": SEEN},
             "indexes": {
                 "brute_force": {"path": ".", "exact": True, "needs_custom_ops": [],
                                 "servable_by": "stock TensorFlow Serving"},
@@ -141,8 +175,9 @@ def export_run(run: str | Path, model_base_path: str | Path, version: int | None
 
 def write_query_users(path: Path, config: RetrievalConfig, train_events) -> None:
     """Parquet, one row per user of the training window: the user id, the query tower's user features (latest
-    row) and ``history`` list<int64>, the last H positives of the window, most recent first. What a server needs to
-    query the index with a user id and a context alone."""
+    row), ``history`` list<int64> (the last H positives of the window, most recent first) and ``seen``
+    list<int64> (every distinct positive item of the window, ascending: the offline evaluation's exclusions). What
+    a server needs to query the index with a user id and a context alone."""
     d = config.data
     last = train_events.sort_values(d.time_column, kind="stable").drop_duplicates(d.user_column, keep="last")
     users = last[d.user_column].to_numpy(np.int64)
@@ -154,6 +189,8 @@ def write_query_users(path: Path, config: RetrievalConfig, train_events) -> None
         hist = history_before(train_events, d.user_column, d.item_column, d.time_column, users, end,
                               config.history.length)
         columns[HISTORY] = pa.array([row[row >= 0].tolist() for row in hist], pa.list_(pa.int64()))
+    seen = train_events.groupby(d.user_column)[d.item_column].unique()
+    columns[SEEN] = pa.array([np.sort(np.asarray(seen[u], np.int64)).tolist() for u in users], pa.list_(pa.int64()))
     pq.write_table(pa.table(columns), path)
 
 

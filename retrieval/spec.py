@@ -13,13 +13,19 @@ from pydantic import Field, ValidationError, model_validator
 
 from features.spec import ConfigError, FeatureSpec, JoinSpec, Strict, format_validation_error, read_config_data
 
+SPLITS = ("leave_last_out", "time_cut")
+
 
 class RetrievalData(Strict):
     """Interactions (one row per event), side tables, which rows are positives and how to split by time.
 
-    ``split: leave_last_out``: each user's last positive (by ``time_column``) is the test query, the rest trains.
-    ``split: period``: rows whose ``period_column`` is >= ``test_from`` are the test window (one query per user
-    at their first test event), earlier rows train."""
+    ``split: leave_last_out``: each user's last positive (by ``time_column``) is the test query, the rest trains
+    (including every other user's later events: popularity, logQ and the fallback see the future).
+    ``split: time_cut``: one global cut T = ``test_from`` on ``period_column`` (default ``time_column``): events
+    before T train (and alone give popularity and logQ), events at or after T test (one query per user at their
+    first test event). ``until`` (time_cut only) drops later events, e.g. to validate on an earlier day.
+    ``rankstage retrieval evaluate`` reports both protocols when it can (leave_last_out beside a time_cut config
+    without ``until``; time_cut beside a leave_last_out config that sets ``test_from``)."""
 
     log: str
     joins: list[JoinSpec] = []
@@ -28,19 +34,46 @@ class RetrievalData(Strict):
     time_column: str  # orders events; history uses events strictly before the query's time
     positive: str | None = None  # pandas expression over columns (e.g. "is_click == 1 or long_view == 1")
     items: JoinSpec  # the catalog: every row is a candidate the index can return
-    split: Literal["leave_last_out", "period"] = "leave_last_out"
-    period_column: str | None = None
-    test_from: int | float | str | None = None
-    until: int | float | str | None = None  # split 'period': drop later rows (validate on an earlier day)
+    split: Literal["leave_last_out", "time_cut"] = "leave_last_out"
+    period_column: str | None = None  # time_cut: the column compared with test_from (default: time_column)
+    test_from: int | float | str | None = None  # time_cut: T (with leave_last_out: T of evaluate's time_cut report)
+    until: int | float | str | None = None  # time_cut only: drop events whose period_column is later
+
+    @model_validator(mode="before")
+    @classmethod
+    def _period_is_time_cut(cls, data: object) -> object:
+        """``split: period`` is the former name of ``time_cut`` (runs saved before the rename still load)."""
+        if isinstance(data, dict) and data.get("split") == "period":
+            return {**data, "split": "time_cut"}
+        return data
 
     @model_validator(mode="after")
     def _check_split(self) -> RetrievalData:
-        if self.split == "period" and (self.period_column is None or self.test_from is None):
-            raise ValueError(f"split 'period' needs 'period_column' and 'test_from' (got {self.period_column!r}, "
-                             f"{self.test_from!r})")
+        if self.split == "time_cut" and self.test_from is None:
+            raise ValueError("data.test_from: split 'time_cut' needs the cut T (events at or after it test), got "
+                             "None")
+        if self.until is not None and self.split != "time_cut":
+            raise ValueError(f"data.until: applies only to split 'time_cut' (got until={self.until!r} with split "
+                             f"{self.split!r}; leave_last_out holds out each user's last event, there is no later "
+                             f"window to drop)")
+        if self.until is not None and _less(self.until, self.test_from):
+            raise ValueError(f"data.until: {self.until!r} is before data.test_from {self.test_from!r} (no test "
+                             f"events would remain)")
         if self.items.key != self.item_column:
             raise ValueError(f"items.key must be the item column {self.item_column!r}, got {self.items.key!r}")
         return self
+
+    @property
+    def cut_column(self) -> str:
+        """The column ``test_from`` and ``until`` compare with."""
+        return self.period_column or self.time_column
+
+
+def _less(a: object, b: object) -> bool:
+    try:
+        return bool(a < b)  # type: ignore[operator]
+    except TypeError:
+        raise ValueError(f"data.until / data.test_from: {a!r} and {b!r} cannot be compared") from None
 
 
 class HistoryConfig(Strict):

@@ -2,8 +2,11 @@
 on them. The index version is hot-reloaded like the ranking model; an unknown user gets the index's popular items.
 
 The index is the BruteForce SavedModel of ``rankstage retrieval export`` (stock TF ops only) with its
-``assets.extra`` tables: ``query_users.parquet`` (user features and recent history per known user) and the metadata
-(signature inputs, popular items). N retrieved candidates, H history length.
+``assets.extra`` tables: ``query_users.parquet`` (user features, recent history and every seen item per known
+user) and the metadata (signature inputs, popular items). A known user's candidates exclude the items they have
+already seen (their positives in the index's training window, the set the offline evaluation excludes): the
+``exclude_seen`` signature retrieves K + S and drops them, so N <= K candidates remain whenever the catalog holds N
+unseen items. N retrieved candidates, H history length, S seen items, K the index's top K.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ log = logging.getLogger("rankstage.serving.recommend")
 METADATA = Path("assets.extra") / "retrieval_metadata.json"
 USERS = Path("assets.extra") / "query_users.parquet"
 HISTORY = "history"
+SEEN = "seen"  # query_users column: every positive item of the user in the index's training window
+EXCLUDE = "exclude"  # input of the exclude_seen signature: (B, S) int64 item ids, -1 padded
+EXCLUDE_SIGNATURE = "exclude_seen"
 MISSING = {"int64": -1, "string": "", "float32": np.nan}
 NUMPY = {"int64": np.int64, "string": object, "float32": np.float32}
 
@@ -62,12 +68,13 @@ class RetrievalIndex:
         return np.asarray(self.metadata["popular_items"], np.int64)
 
     def query(self, user_id: int, inline: dict[str, np.ndarray], context: dict[str, np.ndarray]) -> dict | None:
-        """Raw signature inputs (batch 1) for a known user: the index's tables, overridden by the request's values;
-        missing context features get missing values. None for a user the index does not know."""
+        """Raw ``exclude_seen`` inputs (batch 1) for a known user: the index's tables, overridden by the request's
+        values; missing context features get missing values; ``exclude`` (1, S) the user's seen items. None for a
+        user the index does not know."""
         row = self.user_rows.get(int(user_id))
         if row is None:
             return None
-        out = {}
+        out = {EXCLUDE: np.asarray(self.users[SEEN][row] or [-1], np.int64)[None, :]}  # (1, S)
         for name, dtype in self.inputs.items():
             if name == HISTORY:
                 hist = np.asarray(self.users[HISTORY][row] or [-1], np.int64)
@@ -84,10 +91,12 @@ class RetrievalIndex:
         return out
 
     def top(self, inputs: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """(<= n,) the best item ids not in ``inputs["exclude"]``, best first (fewer only if the catalog runs out)."""
         import tensorflow as tf
 
         out = self.signature(**{k: tf.constant(v) for k, v in inputs.items()})
-        return out["item_ids"].numpy()[0, :n]
+        ids = out["item_ids"].numpy()[0]
+        return ids[ids >= 0][:n]
 
 
 def load_index(path: str | Path) -> RetrievalIndex:
@@ -101,10 +110,16 @@ def load_index(path: str | Path) -> RetrievalIndex:
     except FileNotFoundError:
         raise ConfigError(f"retrieval index {version_dir}: no metadata ({version_dir / METADATA})") from None
     table = pq.read_table(version_dir / USERS).to_pydict()
+    if SEEN not in table:
+        raise ConfigError(f"retrieval index {version_dir}: {USERS} has no {SEEN!r} column (exported before seen "
+                          f"items were excluded); re-export it")
     user_col = meta["feature_spec"]["data"]["user_column"]
     rows = {int(u): i for i, u in enumerate(table[user_col])}
     loaded = tf.saved_model.load(str(version_dir))
-    index = RetrievalIndex(version_dir, int(version_dir.name), meta, loaded, loaded.signatures["serving_default"],
+    if EXCLUDE_SIGNATURE not in loaded.signatures:
+        raise ConfigError(f"retrieval index {version_dir}: no {EXCLUDE_SIGNATURE!r} signature (has "
+                          f"{sorted(loaded.signatures)}); re-export it")
+    index = RetrievalIndex(version_dir, int(version_dir.name), meta, loaded, loaded.signatures[EXCLUDE_SIGNATURE],
                            rows, table)
     if rows:  # warm up (the first call traces and allocates)
         first = next(iter(rows))
@@ -158,7 +173,8 @@ class Recommender:
             self._thread.join(timeout=5)
 
     def candidates(self, request: pb.RecommendRequest) -> tuple[np.ndarray, str, RetrievalIndex]:
-        """(N,) candidate item ids and their source ("retrieval" or "popular_fallback")."""
+        """(N,) candidate item ids and their source ("retrieval" or "popular_fallback"). A known user's exclude
+        their seen items."""
         index = self.index
         if index is None:
             raise BackendError(grpc.StatusCode.FAILED_PRECONDITION, "no retrieval index is loaded")

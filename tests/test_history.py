@@ -4,6 +4,8 @@ for real on the synthetic log."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -170,3 +172,43 @@ def test_the_service_takes_the_list_once_in_the_context(history_run, tmp_path):
         client.close()
     finally:
         svc.stop(1)
+
+
+KUAIRAND = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "kuairand-pure"
+
+
+def test_real_log_rows_of_one_request_share_their_lists_and_never_see_its_clicks():
+    """The request boundary is (user, time_ms): the log has no request id, and rows sharing a user and a time_ms are
+    the only ones certainly of one request (reports/history_request_boundary.md). On the real KuaiRand log (both
+    files), with the video id as the listed value: every row of a request gets the same lists (32 requests have a
+    duplicate row dated the next day at 00:00: they too), so a click on a row of the request never enters another
+    row's list unless that video was also clicked in an earlier request."""
+    df = pd.concat([pd.read_csv(KUAIRAND / f, usecols=["user_id", "video_id", "date", "time_ms", "is_click"]) for f in
+                    ("log_standard_pure_20220425_to_20220430.csv", "log_standard_pure_20220501_to_20220504.csv")],
+                   ignore_index=True)
+    data = parse_config({
+        "data": {"log": "unused.csv", "time_column": "date", "user_column": "user_id", "item_column": "video_id",
+                 "history": {"order": "time_ms", "max_len": 1000, "lists": [
+                     {"name": "seen", "column": "video_id"}, {"name": "clicked", "column": "video_id",
+                                                               "where": "is_click"}]}},
+        "features": [{"name": "video_id", "kind": "categorical", "vocab": {}}],
+        "tasks": [{"name": "click", "type": "binary", "label": "is_click"}]}).data
+    df = df.assign(**history_lists(df, data))
+    request = df.groupby(["user_id", "time_ms"])
+    multi = request["video_id"].transform("size").to_numpy() > 1
+    assert multi.sum() > 10_000 and (multi & (df["is_click"].to_numpy() > 0)).sum() > 1_000  # not vacuous
+    for name in ("seen", "clicked"):
+        differ = int((request[name].transform("nunique") > 1).sum())
+        assert differ == 0, f"{name}: {differ} rows hold a list another row of their request does not"
+    clicks = df[df["is_click"] > 0]
+    clicked_by_user = {u: (g["time_ms"].to_numpy(), g["video_id"].astype(str).to_numpy())
+                       for u, g in clicks.groupby("user_id")}
+    in_request = clicks.groupby(["user_id", "time_ms"])["video_id"].agg(lambda v: set(v.astype(str)))
+    rows = df[multi & (df["clicked"] != "")]
+    checked = 0
+    for user, t, listed in rows[["user_id", "time_ms", "clicked"]].itertuples(index=False):
+        own = in_request.get((user, t), set())
+        times, videos = clicked_by_user[user]
+        assert own & set(listed.split(",")) <= set(videos[times < t]), (user, t)  # only clicks of earlier requests
+        checked += bool(own)
+    assert checked > 100

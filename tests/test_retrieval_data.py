@@ -34,7 +34,11 @@ def test_shipped_configs_load(name):
     (lambda d: d["query_features"][0].update(group="item"), "query_features[0] 'user_id': group must be 'user' or "
                                                             "'context', got 'item'"),
     (lambda d: d["candidate_features"].pop(0), "the item id 'item_id' must be a categorical feature"),
-    (lambda d: d["data"].update(split="period"), "split 'period' needs 'period_column' and 'test_from'"),
+    (lambda d: d["data"].update(split="time_cut", test_from=None), "data.test_from: split 'time_cut' needs the cut"),
+    (lambda d: d["data"].update(split="timecut"), "data.split"),
+    (lambda d: d["data"].update(until=888710400), "data.until: applies only to split 'time_cut' (got until=888710400 "
+                                                  "with split 'leave_last_out'"),
+    (lambda d: d["data"].update(split="time_cut", until=5), "data.until: 5 is before data.test_from 888710400"),
     (lambda d: d["training"].update(optimizer="sgdd"), "training.optimizer"),
     (lambda d: d["model"].update(mixed_negatives="many"), "model.mixed_negatives"),
 ])

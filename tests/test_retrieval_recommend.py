@@ -1,6 +1,7 @@
 """Recommend over real loopback gRPC: a small real KuaiRand retrieval index (Apr 25-29, 1 epoch) feeds the small
-real KuaiRand ranker; a known user's candidates are the index's top N and are ranked exactly as Rank ranks them;
-an unknown user gets the popular-items fallback; a new index version is picked up while serving."""
+real KuaiRand ranker; a known user's candidates are the index's top N of the items they have not seen and are
+ranked exactly as Rank ranks them; an unknown user gets the popular-items fallback; a new index version is picked
+up while serving."""
 
 from __future__ import annotations
 
@@ -76,6 +77,26 @@ def test_known_user_gets_index_top_n_ranked_as_rank_would(recommending):
     direct = client.rank({"user_id": user}, expected, context, top_k=10)  # the Rank path on the same candidates
     np.testing.assert_array_equal(ranked["item_ids"], response_arrays(direct)["item_ids"])
     np.testing.assert_allclose(ranked["scores"], response_arrays(direct)["scores"], rtol=1e-6)
+
+
+def test_known_users_never_get_a_seen_item_and_still_get_n(recommending, retrieval_run):
+    """The users with the most positives in the index's training window (their seen set, rebuilt from the log, not
+    read from the index's table) get K candidates, all ranked and returned (top_k = K), none of them seen."""
+    from retrieval.data import build_data
+
+    svc, client, _ = recommending
+    config = retrieval_run[1]
+    k = svc.recommender.index.metadata["k"]
+    events = build_data(config).train_events
+    seen = events.groupby(config.data.user_column)[config.data.item_column].unique()
+    heavy = seen.map(len).sort_values(ascending=False, kind="stable").index[:5]
+    assert len(seen[heavy[-1]]) >= 15  # enough seen items that an unfiltered top K holds some
+    for user in heavy:
+        resp = client.recommend({"user_id": int(user)}, {"tab": 1}, num_candidates=k, top_k=k)
+        items = response_arrays(resp.ranked)["item_ids"]
+        assert resp.candidate_source == "retrieval" and resp.num_candidates == k and len(items) == k
+        assert len(set(items.tolist())) == k
+        assert not set(items.tolist()) & set(seen[user].tolist()), f"user {user}: seen items returned"
 
 
 def test_unknown_user_gets_popular_items(recommending):
