@@ -4,7 +4,7 @@ The log has no request or page id. This counts, on both files (Apr 25 - May 4), 
 ``time_ms`` (the only rows that are certainly one request; the history lists already keep them apart), and the
 rows whose clicked list holds a click made within W before the row (same user, same day): the rows that could see
 a click from their own page if a page spanned W. Run from the project root:
-``python reports/history_request_boundary.py``.
+``.venv/bin/python scripts/history_request_boundary.py``.
 """
 
 from __future__ import annotations
