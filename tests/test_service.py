@@ -189,6 +189,11 @@ def test_bad_input_is_invalid_argument_naming_field_and_value(running, logged):
     r = ids_request(rows)
     r.top_k = -1
     cases["top_k: must be >= 0, got -1"] = r
+    r = ids_request(rows)
+    token = column(np.array(["12", "3,4"], dtype=object))  # one row of two tokens, the second holding a ","
+    token.row_lengths.append(2)
+    r.context_features["authors_seen_today"].CopyFrom(token)
+    cases["context_features[authors_seen_today]: value '3,4' (list token 1) contains the separator ','"] = r
     for expected, req in cases.items():
         code, details = _code(client, req)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (expected, code, details)
