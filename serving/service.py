@@ -81,6 +81,8 @@ class Metrics:
                                     ["fusion_version", "calibration_version"], registry=r)
         self.reloads = Counter("rankstage_reloads", "Reloads by kind and outcome (applied / refused)",
                                ["kind", "outcome"], registry=r)
+        self.statistics_age = Gauge("rankstage_statistics_age_seconds", "Age of the statistics snapshot in use: now "
+                                    "minus its as_of day (midnight UTC); NaN without statistics", registry=r)
         self.recommend_requests = Counter("rankstage_recommend_requests", "Recommend calls by gRPC status code",
                                           ["code"], registry=r)
         self.recommend_sources = Counter("rankstage_recommend_candidates", "Recommend answers by candidate source "
@@ -213,6 +215,7 @@ class RankingService:
         self.recommender = recommender  # serves Recommend (retrieve -> rank); None: Recommend is refused
         self.metrics = Metrics()
         self.reloader = Reloader(config, self.backend, self._event)
+        self.metrics.statistics_age.set_function(self._statistics_age)
         self.snapshot: Snapshot | None = None
         self.health = health.HealthServicer()
         self._stop = threading.Event()
@@ -229,6 +232,11 @@ class RankingService:
         self.metrics.reloads.labels(kind, outcome).inc()
         (log.info if outcome == "applied" else log.error)(f"{kind} reload {outcome}: {detail}",
                                                           extra={"reload": kind, "outcome": outcome})
+
+    def _statistics_age(self) -> float:
+        snap = self.snapshot
+        when = None if snap is None else snap.tables.as_of_time
+        return float("nan") if when is None else time.time() - when
 
     def _set_health(self, status) -> None:
         self.serving_status = health_pb2.HealthCheckResponse.ServingStatus.Name(status)

@@ -296,6 +296,20 @@ def test_corrupt_model_and_invalid_configs_are_refused_while_the_old_ones_serve(
     assert resp.fusion_version == "f4" and resp.calibration_version == "c1"
 
 
+def test_statistics_snapshot_age_is_a_metric(running, kuairand_model):
+    """/metrics reports now minus the statistics snapshot's as_of day (midnight UTC), read here from its table."""
+    import datetime as dt
+
+    import pandas as pd
+
+    svc = running[0]
+    as_of = pd.read_parquet(Path(kuairand_model[0].data.statistics.path) / "user.parquet")["as_of"].iloc[0]
+    day = dt.datetime.strptime(str(as_of), "%Y%m%d").replace(tzinfo=dt.UTC)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).read().decode()
+    line = next(x for x in text.splitlines() if x.startswith("rankstage_statistics_age_seconds "))
+    assert float(line.split()[1]) == pytest.approx(time.time() - day.timestamp(), abs=60)
+
+
 def test_reflection_lists_the_ranking_service(running):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
