@@ -165,6 +165,15 @@ def snapshot_day(joins: list[JoinSpec], sides: list[pd.DataFrame]) -> str | None
     return found[0] if found else None
 
 
+def table_sources(config: RankstageConfig) -> tuple:
+    """Everything ``FeatureTables.load`` builds a config's tables from: the joins it reads (side tables, then the
+    statistics snapshots with the statistics config), the log's key columns, and the features (which columns are
+    converted, which names read a column). Two configs with equal sources can share one ``FeatureTables``."""
+    data = config.data
+    return (tuple(serving_joins(data)), data.statistics, data.user_column, data.item_column,
+            tuple((f.name, f.source, f.raw_dtype) for f in config.features))
+
+
 @dataclass(frozen=True)
 class FeatureTables:
     """Immutable snapshot of every side table of a config (``data.joins``, then the newest statistics snapshots of

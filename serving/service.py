@@ -81,6 +81,10 @@ class Metrics:
                                     ["fusion_version", "calibration_version"], registry=r)
         self.reloads = Counter("rankstage_reloads", "Reloads by kind and outcome (applied / refused)",
                                ["kind", "outcome"], registry=r)
+        self.refusals = Counter("rankstage_reload_refusals", "Refused reloads by kind and reason (the error's type)",
+                                ["kind", "reason"], registry=r)
+        self.refused_versions = Gauge("rankstage_model_versions_refused", "Model versions refused and waiting for a "
+                                      "retry (backoff, or a change of their files)", registry=r)
         self.statistics_age = Gauge("rankstage_statistics_age_seconds", "Age of the statistics snapshot in use: now "
                                     "minus its as_of day (midnight UTC); NaN without statistics", registry=r)
         self.recommend_requests = Counter("rankstage_recommend_requests", "Recommend calls by gRPC status code",
@@ -215,6 +219,7 @@ class RankingService:
         self.recommender = recommender  # serves Recommend (retrieve -> rank); None: Recommend is refused
         self.metrics = Metrics()
         self.reloader = Reloader(config, self.backend, self._event)
+        self.metrics.refused_versions.set_function(lambda: len(self.reloader.refused))
         self.metrics.statistics_age.set_function(self._statistics_age)
         self.snapshot: Snapshot | None = None
         self.health = health.HealthServicer()
@@ -228,8 +233,10 @@ class RankingService:
 
     # ------------------------------------------------------------------ state
 
-    def _event(self, kind: str, outcome: str, detail: str) -> None:
+    def _event(self, kind: str, outcome: str, detail: str, reason: str = "") -> None:
         self.metrics.reloads.labels(kind, outcome).inc()
+        if outcome == "refused":
+            self.metrics.refusals.labels(kind, reason or "unknown").inc()
         (log.info if outcome == "applied" else log.error)(f"{kind} reload {outcome}: {detail}",
                                                           extra={"reload": kind, "outcome": outcome})
 
@@ -263,7 +270,7 @@ class RankingService:
                         self._install(snap)
             except Exception as err:  # the loop must survive anything; the running snapshot keeps serving
                 self._event("model" if self.snapshot is None else "snapshot", "refused",
-                            f"{type(err).__name__}: {err}")
+                            f"{type(err).__name__}: {err}", type(err).__name__)
             self._stop.wait(interval)
 
     # ------------------------------------------------------------------ the call
