@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from calibration.outputs import calibrated_outputs
 from features.spec import ConfigError
+from fusion.config import FusionProfile
 from rankstage.v1 import ranking_pb2 as pb
 from rankstage.v1 import ranking_pb2_grpc as pb_grpc
 from serving.backends import GRPC_OPTIONS, BackendError, InProcessBackend, ModelBackend, TFServingBackend
@@ -306,9 +307,15 @@ class RankingService:
         if timeout <= 0:
             raise BackendError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"deadline exceeded before the model call ({(t2 - t0) * 1e3:.1f} ms spent)")
-        raw = self.backend.predict(snap.model, request_inputs, candidate_inputs, n, timeout)
+        raw, answered = self.backend.predict(snap.model, request_inputs, candidate_inputs, n, timeout)
+        if answered != snap.model.version:  # routed by a version label: correct with the version that answered
+            snap, profile = self._answered_by(snap, answered, name)
         t3 = time.perf_counter()
         tasks = snap.model.tasks
+        missing = [t for t in tasks if t not in raw]
+        if missing:
+            raise BackendError(grpc.StatusCode.INTERNAL, f"model version {answered} answered without outputs "
+                                                         f"{missing}")
         outputs = calibrated_outputs({t: raw[t] for t in tasks}, snap.sampling, snap.calibration)
         finite_outputs(outputs, tasks)
         t4 = time.perf_counter()
@@ -329,6 +336,24 @@ class RankingService:
             self.metrics.stage.labels(stage).observe(seconds)
         self.metrics.candidates.observe(n)
         return resp
+
+    def _answered_by(self, snap: Snapshot, version: int, profile: str) -> tuple[Snapshot, FusionProfile]:
+        """The snapshot of the version the backend answered from (its down-sampling rates, calibration and
+        fusion), and its fusion ``profile``; UNAVAILABLE if the service does not hold that version."""
+        held = snap.of_version(version)
+        if held is None:
+            versions = [s.model.version for s in (snap, snap.previous) if s is not None]
+            raise BackendError(grpc.StatusCode.UNAVAILABLE,
+                               f"model version {version} answered (tf_serving.version_label "
+                               f"{getattr(self.backend, 'version_label', None)!r}), but the service holds versions "
+                               f"{versions}: without that version's metadata and calibration its outputs cannot be "
+                               "corrected; retry once the service has loaded it")
+        if profile not in held.fusion.profiles:
+            raise BackendError(grpc.StatusCode.UNAVAILABLE,
+                               f"model version {version} answered, but fusion_profile {profile!r} is not a profile "
+                               f"of its fusion config {held.fusion.version} "
+                               f"(profiles: {', '.join(held.fusion.profiles)})")
+        return held, held.fusion.profiles[profile]
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -1,22 +1,29 @@
 """Snapshot reloads on the small real KuaiRand model: a version that cannot be built is refused while the old
 snapshot serves and is retried with backoff (a fake clock, no sleeps); side tables are rebuilt when what they are
-built from differs; a model and its calibration artifact swap as a pair.
+built from differs; a model and its calibration artifact swap as a pair; with a version label, the version that
+answered decides the correction (real `rankstage model-server` over loopback gRPC).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import yaml
 from model_versions import add_version
 
 from features.statistics import serving_joins
+from ranking.servable import load_servable
 from serving.backends import InProcessBackend
+from serving.client import RankingClient, build_request
+from serving.codec import response_arrays
 from serving.config import parse_serving_config
+from serving.service import RankingService
 from serving.snapshot import Reloader, backoff_s
 
 FUSION = {"version": "f1", "default_profile": "watch",
@@ -163,3 +170,60 @@ def test_a_model_and_its_calibration_swap_as_a_pair(tmp_path, kuairand_model):
     calibration(cal, 2, "c2")
     snap = r.tick(snap)
     assert (snap.model.version, snap.calibration_version) == (2, "c2"), events
+
+
+def test_version_label_corrects_with_the_version_that_answered(tmp_path, kuairand_model):
+    """TF Serving routed by label answers from version 2, whose statistics the service cannot load yet: the call
+    is refused (UNAVAILABLE, naming the versions) instead of reporting version 1 and correcting version 2's outputs
+    with version 1's rates. Once version 2 is loaded, its answers carry its version and its own predictions."""
+    from serving.model_server import ModelServer
+
+    base, _, cfg = env(tmp_path, kuairand_model, retry_initial_s=0.5, retry_max_s=0.5)
+    ms = ModelServer(base, poll_interval_s=0.2)
+    ms_port = ms.start(0)
+    assert ms.wait_until_ready(60)
+    cfg["model"]["backend"] = "tf_serving"
+    cfg["tf_serving"] = {"address": f"127.0.0.1:{ms_port}", "timeout_ms": 5000, "version_label": "stable"}
+    svc = RankingService(parse_serving_config(cfg))
+    client = RankingClient(f"127.0.0.1:{svc.start()}", timeout_s=10)
+    try:
+        assert svc.wait_until_ready(60)
+        stats2 = tmp_path / "stats-v2"
+        add_version(base, 2, seed=2, metadata=moved_statistics(str(stats2)))
+        assert wait_for(lambda: ms.snapshot.newest is not None and ms.snapshot.newest.version == 2), ms.statuses()
+        assert wait_for(lambda: svc.metrics.reloads.labels("model", "refused")._value.get() >= 1)
+        assert svc.snapshot.model.version == 1
+        req = build_request({"user_id": 1}, np.arange(1, 11, dtype=np.int64), {"tab": 1, "hourmin": 1200},
+                            return_predictions=True)
+        with pytest.raises(grpc.RpcError) as err:
+            client.send(req)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "model version 2 answered" in err.value.details() and "holds versions [1]" in err.value.details()
+
+        shutil.copytree(stats_path(kuairand_model), stats2)
+        assert wait_for(lambda: svc.snapshot.model.version == 2)
+        resp = client.send(req)
+        assert resp.model.version == 2
+        sv2, sv1 = load_servable(base / "2"), load_servable(base / "1")
+        request, candidates = svc.snapshot.tables.assemble(
+            sv2.config.serving_features, {"user_id": np.array([1]), "tab": np.array([1]), "hourmin": np.array([1200])},
+            {"video_id": np.arange(1, 11, dtype=np.int64)}, 10)
+        x = {**{k: np.repeat(v, 10) for k, v in request.items()}, **candidates}  # serving_default: (C,) each
+        got = response_arrays(resp)
+        order = got["candidate_indices"]
+        want2, want1 = sv2.predict(x)["watch_time"][order], sv1.predict(x)["watch_time"][order]
+        np.testing.assert_allclose(got["watch_time"], want2, rtol=2e-4)
+        assert not np.allclose(got["watch_time"], want1, rtol=1e-2)
+    finally:
+        client.close()
+        svc.stop(0)
+        ms.stop(0)
+
+
+def wait_for(predicate, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
