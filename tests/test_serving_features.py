@@ -260,7 +260,6 @@ def test_statistics_tables_of_different_as_of_are_refused(config, tmp_path):
     """One snapshot, one day: the user table rewritten as of another day (a half-published snapshot) is refused,
     the error naming each table with its as_of; a consistent snapshot loads and reports its day."""
     stats = Path(config.data.statistics.path)
-    assert FeatureTables.load(config).as_of == "20220430"
     moved = tmp_path / "stats"
     shutil.copytree(stats, moved)
     user = pd.read_parquet(moved / "user.parquet")
@@ -272,3 +271,4 @@ def test_statistics_tables_of_different_as_of_are_refused(config, tmp_path):
     assert f"{moved / 'user.parquet'} as of 20220429" in message, message
     assert f"{moved / 'item.parquet'} as of 20220430" in message, message
     assert f"{moved / 'user_author.parquet'} as of 20220430" in message, message
+    assert FeatureTables.load(config).as_of == "20220430"
