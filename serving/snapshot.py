@@ -174,7 +174,7 @@ class Reloader:
         except Exception as err:  # any load / warm / validation failure keeps the running version
             self._refuse(version, inputs, err)
             return None
-        self.refused.pop(version, None)
+        self.refused = {v: r for v, r in self.refused.items() if v > version}  # older ones will not be newest
         if snap is None:
             self.on_event("model", "applied", f"version {version}")
             return new

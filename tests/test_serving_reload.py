@@ -138,11 +138,9 @@ def calibration(path: Path, version: int, name: str, a: float = 1.0, b: float = 
                                 "tasks": {"click": {"method": "platt", "a": a, "b": b}}}))
 
 
-def test_a_model_and_its_calibration_swap_as_a_pair(tmp_path, kuairand_model):
-    """Version 1 serves with c1 (fitted for it). Version 2 arrives while the artifact is still c1: refused, the
-    pair (1, c1) keeps serving. A malformed artifact (KeyError) is refused on both paths. c2, fitted for version 2,
-    arrives: the change retries version 2 at once (no backoff wait) and the pair (2, c2) swaps in. At start, a
-    malformed artifact refuses the first version (no exception out of ``initial``) until it is repaired."""
+def test_a_malformed_calibration_artifact_at_start_is_refused_not_raised(tmp_path, kuairand_model):
+    """Nothing serves yet and the artifact is malformed (KeyError): the first version is refused, no exception out
+    of ``initial``; the repaired artifact retries it at once (no backoff wait)."""
     cal = tmp_path / "calibration.json"
     calibration(cal, 1, "c1")
     good = cal.read_text()
@@ -156,12 +154,27 @@ def test_a_model_and_its_calibration_swap_as_a_pair(tmp_path, kuairand_model):
     cal.write_text(good)
     snap = r.initial()
     assert (snap.model.version, snap.calibration_version) == (1, "c1")
+
+
+def test_a_model_and_its_calibration_swap_as_a_pair(tmp_path, kuairand_model):
+    """Version 1 serves with c1 (fitted for it). Version 2 arrives while the artifact is still c1: refused, the
+    pair (1, c1) keeps serving. A malformed artifact (KeyError) is refused on both paths. c2, fitted for version 2,
+    arrives: the change retries version 2 at once (no backoff wait) and the pair (2, c2) swaps in."""
+    cal = tmp_path / "calibration.json"
+    calibration(cal, 1, "c1")
+    base, _, cfg = env(tmp_path, kuairand_model, {**FUSION, "calibration": str(cal)})
+    events, clock = [], Clock()
+    r = reloader(cfg, base, events, clock)
+    snap = r.initial()
+    assert (snap.model.version, snap.calibration_version) == (1, "c1")
     add_version(base, 2)
 
     snap = r.tick(snap)
     assert (snap.model.version, snap.calibration_version) == (1, "c1"), events
     assert "fitted for model 'ranker' version 1" in refusals(events)[-1]
 
+    art = json.loads(cal.read_text())
+    del art["tasks"]["click"]["b"]  # malformed: load_artifact raises KeyError
     cal.write_text(json.dumps({**art, "version": "c2", "model": {"name": "ranker", "version": 2}}))
     snap = r.tick(snap)
     assert (snap.model.version, snap.calibration_version) == (1, "c1"), events
