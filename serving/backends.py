@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import grpc
 import numpy as np
@@ -90,6 +90,13 @@ def signature_inputs(mv: ModelVersion, request_inputs: dict[str, np.ndarray],
     return {**{k: np.repeat(v, n) for k, v in request_inputs.items()}, **candidate_inputs}
 
 
+class Prediction(NamedTuple):
+    """A backend's answer: {task: (C,)} raw model outputs and the model version that computed them."""
+
+    outputs: dict[str, np.ndarray]
+    version: int
+
+
 class ModelBackend(Protocol):
     kind: str
 
@@ -98,7 +105,10 @@ class ModelBackend(Protocol):
     def load(self, version: int) -> ModelVersion: ...
 
     def predict(self, mv: ModelVersion, request_inputs: dict[str, np.ndarray],
-                candidate_inputs: dict[str, np.ndarray], n: int, timeout_s: float) -> dict[str, np.ndarray]: ...
+                candidate_inputs: dict[str, np.ndarray], n: int, timeout_s: float) -> Prediction:
+        """Score with ``mv`` (or, routed by a version label, whatever version the backend picks: the answer says
+        which)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -126,8 +136,9 @@ class InProcessBackend:
         self._loaded_once = True
         return model_version(sv.metadata, sv.version, self.signature, set(sv.signatures), sv, prefer_packed=True)
 
-    def predict(self, mv, request_inputs, candidate_inputs, n, timeout_s):
-        return mv.servable.predict(signature_inputs(mv, request_inputs, candidate_inputs, n), mv.signature)
+    def predict(self, mv, request_inputs, candidate_inputs, n, timeout_s) -> Prediction:
+        return Prediction(mv.servable.predict(signature_inputs(mv, request_inputs, candidate_inputs, n), mv.signature),
+                          mv.version)
 
     def close(self) -> None:
         pass
@@ -166,7 +177,9 @@ class TFServingBackend:
     """TF Serving (or ``rankstage model-server``) over gRPC with the official stubs; a deadline on every call.
 
     Metadata (feature spec, down-sampling rates) is read from the same model base path TF Serving serves, for the
-    exact version the model server reports AVAILABLE; calls pin that version unless ``version_label`` is set."""
+    exact version the model server reports AVAILABLE; calls pin that version unless ``version_label`` is set. With a
+    label TF Serving picks the version, and ``predict`` returns the one it reports (``PredictResponse.model_spec``)
+    so the service corrects and calibrates with that version's metadata; warmup calls always pin the version."""
 
     kind = "tf_serving"
 
@@ -213,16 +226,19 @@ class TFServingBackend:
         for req in warm:  # one end-to-end call through the model server before this version takes traffic
             import tensorflow as tf
 
-            self._call(mv, {k: tf.make_ndarray(v) for k, v in req.inputs.items()}, max(self.timeout_s, 5.0))
+            self._call(mv, {k: tf.make_ndarray(v) for k, v in req.inputs.items()}, max(self.timeout_s, 5.0),
+                       pin=True)
         return mv
 
-    def _call(self, mv: ModelVersion, inputs: dict[str, np.ndarray], timeout_s: float) -> dict[str, np.ndarray]:
+    def _call(self, mv: ModelVersion, inputs: dict[str, np.ndarray], timeout_s: float, pin: bool = False
+              ) -> Prediction:
+        """One Predict; ``pin``: ask for ``mv.version`` even when a version label routes the traffic."""
         from tensorflow_serving.apis import predict_pb2
 
         req = predict_pb2.PredictRequest()
         req.model_spec.name = self._name()
         req.model_spec.signature_name = mv.signature
-        if self.version_label:
+        if self.version_label and not pin:
             req.model_spec.version_label = self.version_label
         else:
             req.model_spec.version.value = mv.version
@@ -235,12 +251,15 @@ class TFServingBackend:
             if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 code = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.INTERNAL
             raise BackendError(code, f"TF Serving at {self.address}: {err.code().name}: {err.details()}") from None
-        return {k: tensor_array(v) for k, v in resp.outputs.items()}
+        if not resp.model_spec.HasField("version"):
+            raise BackendError(grpc.StatusCode.INTERNAL, f"TF Serving at {self.address} answered without "
+                                                         "model_spec.version: which version scored is unknown")
+        return Prediction({k: tensor_array(v) for k, v in resp.outputs.items()}, int(resp.model_spec.version.value))
 
-    def predict(self, mv, request_inputs, candidate_inputs, n, timeout_s):
+    def predict(self, mv, request_inputs, candidate_inputs, n, timeout_s) -> Prediction:
         t0 = time.perf_counter()
         out = self._call(mv, signature_inputs(mv, request_inputs, candidate_inputs, n), min(self.timeout_s, timeout_s))
-        missing = [t for t in mv.tasks if t not in out]
+        missing = [t for t in mv.tasks if t not in out.outputs]
         if missing:
             raise BackendError(grpc.StatusCode.INTERNAL, f"TF Serving answered without outputs {missing} "
                                                          f"({(time.perf_counter() - t0) * 1e3:.1f} ms)")

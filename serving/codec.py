@@ -55,7 +55,13 @@ def decode_column(column: pb.FeatureColumn, where: str, separator: str = ",") ->
     ends = np.cumsum(lengths).tolist()
     starts = [0, *ends[:-1]]
     # one join per row over a Python list (slicing numpy object arrays is ~6x slower): list-valued features only
-    return np.array([separator.join(tokens[a:b]) for a, b in zip(starts, ends)], dtype=object)
+    joined = [separator.join(tokens[a:b]) for a, b in zip(starts, ends)]
+    # a row of L tokens joins with L - 1 separators; more means a token holds one and would split into two values
+    if separator and sum(s.count(separator) for s in joined) != int(np.maximum(lengths - 1, 0).sum()):
+        i, token = next((i, t) for i, t in enumerate(tokens) if separator in t)
+        raise RequestError(f"{where}: value {token!r} (list token {i}) contains the separator {separator!r} of this "
+                           "list feature; send one token per value")
+    return np.array(joined, dtype=object)
 
 
 def column(values: np.ndarray | list) -> pb.FeatureColumn:

@@ -5,7 +5,7 @@
     fusion:  configs/fusion.yaml
     limits:  {max_candidates: 2000, max_message_bytes: 4194304, default_top_k: 50}
     server:  {port: 50051, metrics_port: 9090, drain_s: 10}
-    reload:  {interval_s: 2}
+    reload:  {interval_s: 2, retry_initial_s: 10, retry_max_s: 600}
 
 Paths are relative to the working directory (the project root), like the training configs.
 """
@@ -71,6 +71,17 @@ class ReloadConfig(Strict):
     # in-process backend: a new version loads beside the serving one using at most this fraction of the time
     # (ranking.servable.paced_load); 0.25 kept the p99 during a swap near 1.4x steady at 4x the load time
     load_duty: float = Field(0.25, gt=0, le=1)
+    # a model version whose snapshot could not be built is retried at once when its directory, the fusion config or
+    # the calibration artifact changes, else after retry_initial_s, doubling per failure up to retry_max_s
+    retry_initial_s: float = Field(10.0, gt=0)
+    retry_max_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _retry(self) -> ReloadConfig:
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError(f"reload.retry_max_s: {self.retry_max_s} is below retry_initial_s "
+                             f"{self.retry_initial_s}")
+        return self
 
 
 class ServingConfig(Strict):

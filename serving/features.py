@@ -32,7 +32,7 @@ import pandas as pd
 
 from features.logs import MISSING_INT, MISSING_STRING, load_side_tables, raw_column
 from features.spec import ConfigError, FeatureSpec, JoinSpec, RankstageConfig
-from features.statistics import serving_joins
+from features.statistics import AS_OF, serving_joins
 
 REQUEST_GROUPS = ("user", "context")  # (1,) inputs; every other group is per candidate, (C,)
 
@@ -150,6 +150,30 @@ class _Input(NamedTuple):
     group: str
 
 
+def snapshot_day(joins: list[JoinSpec], sides: list[pd.DataFrame]) -> str | None:
+    """The one ``as_of`` day of a statistics snapshot's per-key tables; ConfigError naming each table and its as_of
+    if they differ (tables of different days in one snapshot would mix features of different times)."""
+    days = {}
+    for join, side in zip(joins, sides):
+        values = side[AS_OF].dropna().astype(str).unique().tolist() if AS_OF in side.columns else []
+        days[join.path] = values
+    found = sorted({d for values in days.values() for d in values})
+    if len(found) > 1 or any(len(v) != len(found) for v in days.values()):
+        listed = ", ".join(f"{path} as of {'/'.join(v) or '(none)'}" for path, v in days.items())
+        raise ConfigError(f"data.statistics: the snapshot's tables are of different as_of days ({listed}); "
+                          "write them together (rankstage statistics) before serving them")
+    return found[0] if found else None
+
+
+def table_sources(config: RankstageConfig) -> tuple:
+    """Everything ``FeatureTables.load`` builds a config's tables from: the joins it reads (side tables, then the
+    statistics snapshots with the statistics config), the log's key columns, and the features (which columns are
+    converted, which names read a column). Two configs with equal sources can share one ``FeatureTables``."""
+    data = config.data
+    return (tuple(serving_joins(data)), data.statistics, data.user_column, data.item_column,
+            tuple((f.name, f.source, f.raw_dtype) for f in config.features))
+
+
 @dataclass(frozen=True)
 class FeatureTables:
     """Immutable snapshot of every side table of a config (``data.joins``, then the newest statistics snapshots of
@@ -158,6 +182,8 @@ class FeatureTables:
     tables: tuple[SideTable, ...]
     provider: Mapping[str, int]  # column -> index of the table it is taken from
     aliases: Mapping[str, tuple[str, ...]]  # source column -> names of the features reading it (key lookups)
+    as_of: str | None = None  # the statistics snapshot's day (data.statistics.date_format), None without one
+    as_of_time: float | None = None  # that day's midnight UTC, in seconds since the epoch
     _plans: dict[tuple[int, ...], tuple[tuple[_Input, ...], list[FeatureSpec]]] = field(
         default_factory=dict, repr=False, compare=False)  # per feature list (by identity): what fills each input
 
@@ -192,7 +218,15 @@ class FeatureTables:
         for f in config.features:
             if f.source != f.name:
                 aliases[f.source] = (*aliases.get(f.source, ()), f.name)
-        return cls(tuple(tables), provider, aliases)
+        as_of = snapshot_day(joins[len(data.joins):], [side for _, side in sides[len(data.joins):]])
+        as_of_time = None
+        if as_of is not None:
+            day = pd.to_datetime(as_of, format=data.statistics.date_format, errors="coerce")
+            if pd.isna(day):
+                raise ConfigError(f"data.statistics: snapshot as_of {as_of!r} does not parse with date_format "
+                                  f"{data.statistics.date_format!r}")
+            as_of_time = (day if day.tzinfo else day.tz_localize("UTC")).timestamp()
+        return cls(tuple(tables), provider, aliases, as_of, as_of_time)
 
     def fingerprint(self) -> tuple:
         """((path, mtime_ns, size), ...) per table, as they were when loaded."""

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from calibration.outputs import calibrated_outputs
 from features.spec import ConfigError
+from fusion.config import FusionProfile
 from rankstage.v1 import ranking_pb2 as pb
 from rankstage.v1 import ranking_pb2_grpc as pb_grpc
 from serving.backends import GRPC_OPTIONS, BackendError, InProcessBackend, ModelBackend, TFServingBackend
@@ -81,6 +82,12 @@ class Metrics:
                                     ["fusion_version", "calibration_version"], registry=r)
         self.reloads = Counter("rankstage_reloads", "Reloads by kind and outcome (applied / refused)",
                                ["kind", "outcome"], registry=r)
+        self.refusals = Counter("rankstage_reload_refusals", "Refused reloads by kind and reason (the error's type)",
+                                ["kind", "reason"], registry=r)
+        self.refused_versions = Gauge("rankstage_model_versions_refused", "Model versions refused and waiting for a "
+                                      "retry (backoff, or a change of their files)", registry=r)
+        self.statistics_age = Gauge("rankstage_statistics_age_seconds", "Age of the statistics snapshot in use: now "
+                                    "minus its as_of day (midnight UTC); NaN without statistics", registry=r)
         self.recommend_requests = Counter("rankstage_recommend_requests", "Recommend calls by gRPC status code",
                                           ["code"], registry=r)
         self.recommend_sources = Counter("rankstage_recommend_candidates", "Recommend answers by candidate source "
@@ -213,6 +220,8 @@ class RankingService:
         self.recommender = recommender  # serves Recommend (retrieve -> rank); None: Recommend is refused
         self.metrics = Metrics()
         self.reloader = Reloader(config, self.backend, self._event)
+        self.metrics.refused_versions.set_function(lambda: len(self.reloader.refused))
+        self.metrics.statistics_age.set_function(self._statistics_age)
         self.snapshot: Snapshot | None = None
         self.health = health.HealthServicer()
         self._stop = threading.Event()
@@ -225,10 +234,17 @@ class RankingService:
 
     # ------------------------------------------------------------------ state
 
-    def _event(self, kind: str, outcome: str, detail: str) -> None:
+    def _event(self, kind: str, outcome: str, detail: str, reason: str = "") -> None:
         self.metrics.reloads.labels(kind, outcome).inc()
+        if outcome == "refused":
+            self.metrics.refusals.labels(kind, reason or "unknown").inc()
         (log.info if outcome == "applied" else log.error)(f"{kind} reload {outcome}: {detail}",
                                                           extra={"reload": kind, "outcome": outcome})
+
+    def _statistics_age(self) -> float:
+        snap = self.snapshot
+        when = None if snap is None else snap.tables.as_of_time
+        return float("nan") if when is None else time.time() - when
 
     def _set_health(self, status) -> None:
         self.serving_status = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
@@ -255,7 +271,7 @@ class RankingService:
                         self._install(snap)
             except Exception as err:  # the loop must survive anything; the running snapshot keeps serving
                 self._event("model" if self.snapshot is None else "snapshot", "refused",
-                            f"{type(err).__name__}: {err}")
+                            f"{type(err).__name__}: {err}", type(err).__name__)
             self._stop.wait(interval)
 
     # ------------------------------------------------------------------ the call
@@ -291,9 +307,15 @@ class RankingService:
         if timeout <= 0:
             raise BackendError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"deadline exceeded before the model call ({(t2 - t0) * 1e3:.1f} ms spent)")
-        raw = self.backend.predict(snap.model, request_inputs, candidate_inputs, n, timeout)
+        raw, answered = self.backend.predict(snap.model, request_inputs, candidate_inputs, n, timeout)
+        if answered != snap.model.version:  # routed by a version label: correct with the version that answered
+            snap, profile = self._answered_by(snap, answered, name)
         t3 = time.perf_counter()
         tasks = snap.model.tasks
+        missing = [t for t in tasks if t not in raw]
+        if missing:
+            raise BackendError(grpc.StatusCode.INTERNAL, f"model version {answered} answered without outputs "
+                                                         f"{missing}")
         outputs = calibrated_outputs({t: raw[t] for t in tasks}, snap.sampling, snap.calibration)
         finite_outputs(outputs, tasks)
         t4 = time.perf_counter()
@@ -314,6 +336,24 @@ class RankingService:
             self.metrics.stage.labels(stage).observe(seconds)
         self.metrics.candidates.observe(n)
         return resp
+
+    def _answered_by(self, snap: Snapshot, version: int, profile: str) -> tuple[Snapshot, FusionProfile]:
+        """The snapshot of the version the backend answered from (its down-sampling rates, calibration and
+        fusion), and its fusion ``profile``; UNAVAILABLE if the service does not hold that version."""
+        held = snap.of_version(version)
+        if held is None:
+            versions = [s.model.version for s in (snap, snap.previous) if s is not None]
+            raise BackendError(grpc.StatusCode.UNAVAILABLE,
+                               f"model version {version} answered (tf_serving.version_label "
+                               f"{getattr(self.backend, 'version_label', None)!r}), but the service holds versions "
+                               f"{versions}: without that version's metadata and calibration its outputs cannot be "
+                               "corrected; retry once the service has loaded it")
+        if profile not in held.fusion.profiles:
+            raise BackendError(grpc.StatusCode.UNAVAILABLE,
+                               f"model version {version} answered, but fusion_profile {profile!r} is not a profile "
+                               f"of its fusion config {held.fusion.version} "
+                               f"(profiles: {', '.join(held.fusion.profiles)})")
+        return held, held.fusion.profiles[profile]
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from model_versions import add_version
 
-from calibration.outputs import calibrated_outputs
 from features.history import attach_history
 from features.logs import join_side_tables, load_side_tables, raw_inputs, read_table
 from features.statistics import serving_joins
@@ -84,22 +84,59 @@ def running(tmp_path, kuairand_model):
     svc.stop(1)
 
 
-def offline_ranking(version_dir, rows, profile: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The offline path replay uses: serving_default on logged rows -> correction -> fusion score -> order."""
-    sv = load_servable(version_dir)
+def logged_inputs(sv, rows, **inline: float) -> dict[str, np.ndarray]:
+    """serving_default inputs of logged rows as training builds them, with the request's one context (the first
+    impression's) and ``inline`` features set to one value for every row."""
     x = raw_inputs(rows, sv.config.serving_features)
-    for name in ("tab", "hourmin", *HISTORY_LISTS):  # the request carries one context: the first impression's
+    for name in ("tab", "hourmin", *HISTORY_LISTS):
         x[name][:] = x[name][0]
-    out = calibrated_outputs(sv.predict(x), sv.sampling)
-    fusion = load_fusion_config_dict(FUSION, sv.tasks)
-    score = fusion.profiles[profile].score(out)
-    return np.argsort(-score, kind="stable"), out
+    for name, value in inline.items():
+        x[name][:] = value
+    return x
 
 
-def load_fusion_config_dict(data: dict, tasks):
-    from fusion.config import parse_fusion_config
+def corrected(sv, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The down-sampling correction written out here, not the service's code: p = a q / ((1 - q) + a q) with a the
+    kept fraction of negatives, for the tasks the metadata marks; other outputs unchanged."""
+    out = {}
+    for task, q in raw.items():
+        q = np.asarray(q, dtype=np.float64)
+        rule = sv.sampling.get(task, {})
+        if rule.get("method") == "correct_downsampling":
+            a = rule["kept_fraction"]
+            q = a * q / ((1.0 - q) + a * q)
+        out[task] = q
+    return out
 
-    return parse_fusion_config(data, "test", tasks)
+
+def fused(out: dict[str, np.ndarray], profile: str) -> np.ndarray:
+    """The FUSION profiles by hand: mix = prod_i (1 + w_i max(x_i, 0)) ** e_i, watch = sum_i w_i x_i."""
+    spec = FUSION["profiles"][profile]
+    if spec["formula"] == "weighted_product":
+        score = np.ones(len(next(iter(out.values()))))
+        for task, w in spec["weights"].items():
+            score = score * (1.0 + w * np.maximum(out[task], 0.0)) ** spec.get("exponents", {}).get(task, 1.0)
+        return score
+    assert spec["formula"] == "weighted_sum"
+    return sum(w * out[task] for task, w in spec["weights"].items())
+
+
+def offline_ranking(version_dir, rows, profile: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """An oracle independent of the service's correction and fusion code: serving_default on logged rows, then
+    ``corrected`` and ``fused`` -> (fusion score per candidate (C,), corrected outputs)."""
+    sv = load_servable(version_dir)
+    out = corrected(sv, sv.predict(logged_inputs(sv, rows)))
+    return fused(out, profile), out
+
+
+def assert_ranked_as(got: dict[str, np.ndarray], score: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    """The response is every candidate in decreasing oracle score, with the oracle's scores and predictions."""
+    order = got["candidate_indices"]
+    assert sorted(order.tolist()) == list(range(len(score)))
+    np.testing.assert_allclose(score[order], np.sort(score)[::-1], rtol=1e-6)  # the order (robust to exact ties)
+    np.testing.assert_allclose(got["scores"], score[order], rtol=2e-4, atol=1e-7)
+    for task in ("click", "watch_time", "like"):
+        np.testing.assert_allclose(got[task], out[task][order], rtol=2e-4, atol=1e-6)
 
 
 def test_rank_equals_the_offline_path_on_logged_rows(running, logged):
@@ -107,12 +144,10 @@ def test_rank_equals_the_offline_path_on_logged_rows(running, logged):
     for rows in logged:
         for profile in ("mix", "watch"):
             resp = client.send(ids_request(rows, profile=profile))
-            want_order, want = offline_ranking(base / "1", rows, profile)
+            score, want = offline_ranking(base / "1", rows, profile)
             got = response_arrays(resp)
-            np.testing.assert_array_equal(got["candidate_indices"], want_order)
-            np.testing.assert_array_equal(got["item_ids"], rows["video_id"].to_numpy()[want_order])
-            for task in ("click", "watch_time", "like"):
-                np.testing.assert_allclose(got[task], want[task][want_order], rtol=2e-4, atol=1e-6)
+            assert_ranked_as(got, score, want)
+            np.testing.assert_array_equal(got["item_ids"], rows["video_id"].to_numpy()[got["candidate_indices"]])
             assert np.all(np.diff(got["scores"]) <= 0)
     assert resp.model.version == 1 and resp.model.signature == "rank_candidates_packed"  # in-process: packed
     assert resp.fusion_version == "f1" and resp.fusion_profile == "watch" and resp.calibration_version == ""
@@ -122,15 +157,21 @@ def test_rank_equals_the_offline_path_on_logged_rows(running, logged):
 
 
 def test_inline_features_override_the_side_tables(running, logged):
-    _, client, _, _ = running
+    """Values sent inline replace the side tables' for every candidate: the predictions are the model's on the
+    logged rows with those two features set to the sent values."""
+    _, client, base_path, _ = running
     rows = logged[0]
     base = response_arrays(client.send(ids_request(rows)))
     req = ids_request(rows)
     req.user_features["fans_user_num"].CopyFrom(column(np.array([1e6], dtype=np.float32)))
     req.candidates.features["video_duration"].CopyFrom(column(np.full(len(rows), 5000.0, dtype=np.float32)))
     changed = response_arrays(client.send(req))
-    order = np.argsort(base["candidate_indices"])
-    assert not np.allclose(changed["click"][np.argsort(changed["candidate_indices"])], base["click"][order])
+    sv = load_servable(base_path / "1")
+    want = corrected(sv, sv.predict(logged_inputs(sv, rows, fans_user_num=1e6, video_duration=5000.0)))
+    order = changed["candidate_indices"]
+    for task in ("click", "watch_time", "like"):
+        np.testing.assert_allclose(changed[task], want[task][order], rtol=2e-4, atol=1e-6)
+    assert not np.allclose(changed["click"], base["click"][np.argsort(base["candidate_indices"])][order])
 
 
 def test_unknown_user_and_items_are_served_not_refused(running):
@@ -189,6 +230,11 @@ def test_bad_input_is_invalid_argument_naming_field_and_value(running, logged):
     r = ids_request(rows)
     r.top_k = -1
     cases["top_k: must be >= 0, got -1"] = r
+    r = ids_request(rows)
+    token = column(np.array(["12", "3,4"], dtype=object))  # one row of two tokens, the second holding a ","
+    token.row_lengths.append(2)
+    r.context_features["authors_seen_today"].CopyFrom(token)
+    cases["context_features[authors_seen_today]: value '3,4' (list token 1) contains the separator ','"] = r
     for expected, req in cases.items():
         code, details = _code(client, req)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (expected, code, details)
@@ -204,16 +250,6 @@ def _hammer(client, request, stop: threading.Event, seen: dict, errors: list) ->
             seen[(resp.model.version, resp.fusion_version)] += 1
         except grpc.RpcError as err:
             errors.append(f"{err.code().name}: {err.details()}")
-
-
-def add_version(base: Path, version: int) -> Path:
-    """A new version the way export publishes one: written aside, then renamed into place."""
-    tmp = base / f".tmp-{version}"
-    shutil.copytree(base / "1", tmp)
-    meta = tmp / "assets.extra" / "rankstage_metadata.json"
-    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": version}))
-    tmp.rename(base / str(version))
-    return base / str(version)
 
 
 def wait_for(predicate, timeout_s: float = 30.0) -> bool:
@@ -235,7 +271,7 @@ def test_model_and_fusion_swapped_under_traffic_with_zero_failed_calls(running, 
     try:
         time.sleep(0.3)
         t0 = time.monotonic()
-        add_version(base, 2)
+        add_version(base, 2, seed=2)  # other weights: which version answered shows in the predictions
         # a paced load (reload.load_duty 0.25) beside two hammering clients on 2 cores: ~15-40 s for this model
         swapped = wait_for(lambda: svc.snapshot.model.version == 2, timeout_s=120)
         assert swapped, f"no swap in {time.monotonic() - t0:.0f} s"
@@ -249,6 +285,12 @@ def test_model_and_fusion_swapped_under_traffic_with_zero_failed_calls(running, 
             t.join()
     assert errors == []
     assert (1, "f1") in seen and (2, "f1") in seen and (2, "f2") in seen, seen
+    got = response_arrays(client.send(ids_request(logged[0])))
+    score2, want2 = offline_ranking(base / "2", logged[0], "mix")
+    assert_ranked_as(got, score2, want2)
+    _, want1 = offline_ranking(base / "1", logged[0], "mix")
+    order = got["candidate_indices"]
+    assert not np.allclose(got["watch_time"], want1["watch_time"][order], rtol=1e-2)  # version 1 would fail
 
 
 def test_corrupt_model_and_invalid_configs_are_refused_while_the_old_ones_serve(running, logged):
@@ -289,6 +331,20 @@ def test_corrupt_model_and_invalid_configs_are_refused_while_the_old_ones_serve(
     assert wait_for(lambda: svc.snapshot.calibration_version == "c1")
     resp = client.send(ids_request(logged[0]))
     assert resp.fusion_version == "f4" and resp.calibration_version == "c1"
+
+
+def test_statistics_snapshot_age_is_a_metric(running, kuairand_model):
+    """/metrics reports now minus the statistics snapshot's as_of day (midnight UTC), read here from its table."""
+    import datetime as dt
+
+    import pandas as pd
+
+    svc = running[0]
+    as_of = pd.read_parquet(Path(kuairand_model[0].data.statistics.path) / "user.parquet")["as_of"].iloc[0]
+    day = dt.datetime.strptime(str(as_of), "%Y%m%d").replace(tzinfo=dt.UTC)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).read().decode()
+    line = next(x for x in text.splitlines() if x.startswith("rankstage_statistics_age_seconds "))
+    assert float(line.split()[1]) == pytest.approx(time.time() - day.timestamp(), abs=60)
 
 
 def test_reflection_lists_the_ranking_service(running):

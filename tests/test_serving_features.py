@@ -6,6 +6,7 @@ Training's inputs for a logged row are ``raw_inputs`` of the log left-joined wit
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,21 @@ def test_chained_join_and_duplicate_keys_match_training(config, raw_day, tmp_pat
     _, cand = tables.assemble(cfg.serving_features, {"user_id": rows["user_id"].to_numpy()[:1]},
                               {"video_id": np.array([10**12])}, 1)
     assert cand["author_level"].tolist() == [""] and np.isnan(cand["author_fans"]).all()
+
+
+def test_statistics_tables_of_different_as_of_are_refused(config, tmp_path):
+    """One snapshot, one day: the user table rewritten as of another day (a half-published snapshot) is refused,
+    the error naming each table with its as_of; a consistent snapshot loads and reports its day."""
+    stats = Path(config.data.statistics.path)
+    moved = tmp_path / "stats"
+    shutil.copytree(stats, moved)
+    user = pd.read_parquet(moved / "user.parquet")
+    user.assign(as_of="20220429").to_parquet(moved / "user.parquet", index=False)
+    cfg = with_data(config, statistics={**config.data.statistics.model_dump(), "path": str(moved)})
+    with pytest.raises(ConfigError) as err:
+        FeatureTables.load(cfg)
+    message = str(err.value)
+    assert f"{moved / 'user.parquet'} as of 20220429" in message, message
+    assert f"{moved / 'item.parquet'} as of 20220430" in message, message
+    assert f"{moved / 'user_author.parquet'} as of 20220430" in message, message
+    assert FeatureTables.load(config).as_of == "20220430"
