@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.posthoc import check_artifact, load_artifact
-from features.spec import ConfigError, FeatureSpec
+from features.spec import FeatureSpec
 from fusion.config import FusionConfig, calibration_path, load_fusion_config
 from ranking.servable import version_stamp
 from serving.backends import ModelBackend, ModelVersion
