@@ -90,17 +90,18 @@ def _relocate(loc: str, msg: str) -> tuple[str, str]:
     return loc, msg
 
 
-def parse_fusion_config(data: dict, source: str, tasks: tuple[str, ...] | list[str]) -> FusionConfig:
-    """Validate a fusion config mapping against the task names ``tasks``; raises ConfigError naming the field."""
+def parse_fusion_config(data: dict, source: str, tasks: tuple[str, ...] | list[str] | None) -> FusionConfig:
+    """Validate a fusion config mapping against the task names ``tasks`` (a model's outputs; None: not checked
+    against a model, e.g. to read which calibration artifact it names); raises ConfigError naming the field."""
     if not isinstance(data, dict):
         raise ConfigError(f"fusion config {source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        return FusionConfig.model_validate(data, context={"tasks": tuple(tasks)})
+        return FusionConfig.model_validate(data, context={"tasks": None if tasks is None else tuple(tasks)})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source, "fusion config", _relocate)) from None
 
 
-def load_fusion_config(path: str | Path, tasks: tuple[str, ...] | list[str]) -> FusionConfig:
+def load_fusion_config(path: str | Path, tasks: tuple[str, ...] | list[str] | None) -> FusionConfig:
     """Read and validate a fusion config YAML file."""
     return parse_fusion_config(read_document(path, "fusion config file"), str(path), tasks)
 

@@ -132,7 +132,7 @@ class Reloader:
             fusion = snap.fusion
         else:  # nothing serves yet: the artifact the fusion config names, if it parses
             try:
-                fusion = load_fusion_config(self.config.fusion)
+                fusion = load_fusion_config(self.config.fusion, None)  # no model yet to check tasks against
             except Exception:
                 fusion = None
         return (self._version_stamp(version), stamp_of(self.config.fusion), stamp_of(self._calibration_file(fusion)))

@@ -153,6 +153,7 @@ def test_a_malformed_calibration_artifact_at_start_is_refused_not_raised(tmp_pat
     assert r.initial() is None and "KeyError" in refusals(events)[-1], events
     cal.write_text(good)
     snap = r.initial()
+    assert snap is not None, events
     assert (snap.model.version, snap.calibration_version) == (1, "c1")
 
 
