@@ -105,8 +105,9 @@ def calibrate_from_run(run_dir, model_base_path, log, eval_days, method, tasks, 
     the non-refit model's next-day error is the one to correct. ``eval_days`` (days after the run's window) are
     scored by the exported version and judged before / after."""
     from evaluation.scoring import score_log
+    from ranking.judging import load_judged
+    from ranking.runs import PREDICTIONS
     from ranking.servable import load_metadata, load_servable, resolve_version
-    from ranking.train import PREDICTIONS, load_judged
 
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / PREDICTIONS).exists():

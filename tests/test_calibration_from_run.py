@@ -12,8 +12,9 @@ import pytest
 from calibration import posthoc
 from calibration.fit import calibrate_from_run
 from features.spec import ConfigError
+from ranking.judging import load_judged
+from ranking.runs import PREDICTIONS
 from ranking.servable import load_metadata
-from ranking.train import PREDICTIONS, load_judged
 
 
 def test_level_fitted_on_the_next_day_predictions_fixes_the_level(kuairand_model, tmp_path):

@@ -21,8 +21,10 @@ from tensorflow_serving.config import model_server_config_pb2
 
 import ranking.export
 from features.logs import raw_inputs
-from ranking.export import check_export, export_run, input_signature
-from ranking.train import load_run
+from ranking.export import check_export, export_run
+from ranking.runs import load_run
+from ranking.signatures import input_signature
+from ranking.warmup import WARMUP_SIZES, predict_request
 
 TASKS = {"click", "like", "watch_time"}
 
@@ -80,8 +82,8 @@ def test_warmup_requests_match_the_signature(exported, full_run, signature_def):
     assert {r.model_spec.signature_name for r in requests} == {"serving_default", "rank_candidates",
                                                                "rank_candidates_packed"}  # every signature warmed
     default = [r for r in requests if r.model_spec.signature_name == "serving_default"]
-    assert len(default) == len(ranking.export.WARMUP_SIZES)
-    for request, size in zip(default, ranking.export.WARMUP_SIZES):  # rank_candidates: tests/test_user_signature.py
+    assert len(default) == len(WARMUP_SIZES)
+    for request, size in zip(default, WARMUP_SIZES):  # rank_candidates: tests/test_user_signature.py
         assert request.model_spec.name == full_run.config.name
         assert set(request.inputs) == set(signature.inputs)
         for name, tensor in request.inputs.items():
@@ -180,7 +182,7 @@ def test_warmup_rows_come_from_kept_days_and_encode_non_ascii_strings(tmp_path):
     import synthetic
 
     from features.spec import parse_config
-    from ranking.export import WARMUP_SIZES, warmup_rows, write_warmup
+    from ranking.warmup import warmup_rows, write_warmup
 
     frame = synthetic.generate_log(8000, synthetic.PlantedTruth(), seed=5)  # ~1000 rows a day
     last = frame["day"].max()
@@ -224,7 +226,7 @@ def test_refit_metadata_says_whose_metrics_it_carries(full_run):
 
 
 def test_predict_request_sends_non_ascii_strings_as_utf8():
-    request = ranking.export.predict_request({"segment": np.array(["música", "news", ""], dtype=object),
+    request = predict_request({"segment": np.array(["música", "news", ""], dtype=object),
                                               "quality": np.array([0.5, 1.0, 2.0], np.float32)}, "m")
     assert tf.make_ndarray(request.inputs["segment"]).tolist() == ["música".encode(), b"news", b""]
     np.testing.assert_array_equal(tf.make_ndarray(request.inputs["quality"]), [0.5, 1.0, 2.0])

@@ -15,8 +15,9 @@ from features.history import history_lists
 from features.logs import raw_inputs, read_log
 from features.spec import ConfigError, FeatureSpec, parse_config
 from features.vocab import match_counts
-from ranking.export import RANK_CANDIDATES, SERVING_DEFAULT, export_run, split_request
+from ranking.export import export_run
 from ranking.servable import load_servable
+from ranking.signatures import RANK_CANDIDATES, SERVING_DEFAULT, split_request
 
 HISTORY = {"order": "ts", "max_len": 3, "lists": [{"name": "seen", "column": "author"},
                                                    {"name": "clicked", "column": "author", "where": "click"}]}

@@ -39,8 +39,9 @@ from tensorflow_serving.apis import (
 )
 
 from features.logs import raw_inputs
-from ranking.export import export_run, predict_request
+from ranking.export import export_run
 from ranking.servable import WARMUP_FILE, load_servable, read_warmup_requests
+from ranking.warmup import predict_request
 from serving.model_server import GRPC_OPTIONS, ModelServer
 
 REPO = Path(__file__).resolve().parents[1]

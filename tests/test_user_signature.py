@@ -21,23 +21,20 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from features.logs import raw_inputs, read_log
 from features.spec import ConfigError, RankstageConfig, parse_config
-from ranking.export import (
+from ranking.export import check_export, endpoints, export_run
+from ranking.flops import matmul_flops
+from ranking.model import build_models
+from ranking.runs import load_run
+from ranking.servable import RANK_CANDIDATES_PACKED, load_servable, pack_inputs, read_warmup_requests, run_warmup
+from ranking.signatures import (
     RANK_CANDIDATES,
-    RANK_CANDIDATES_PACKED,
     SERVING_DEFAULT,
-    UserSide,
-    check_export,
-    endpoints,
-    export_run,
-    matmul_flops,
     packed_layout,
     rank_candidates_signature,
     request_features,
     split_request,
 )
-from ranking.model import build_models
-from ranking.servable import load_servable, pack_inputs, read_warmup_requests, run_warmup
-from ranking.train import load_run
+from ranking.user_side import UserSide
 
 ROOT = Path(__file__).resolve().parent.parent
 
