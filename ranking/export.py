@@ -117,8 +117,11 @@ def metadata(run: LoadedRun, version: int, run_dir: Path) -> dict:
 
 
 def export_run(run_dir: str | Path, model_base_path: str | Path, version: int | None = None,
-               log: str | None = None, verbose: bool = True) -> Path:
-    """Export ``run_dir`` to ``model_base_path/<version>``; returns the version directory."""
+               log: str | None = None, verbose: bool = True, warmup: list[dict[str, np.ndarray]] | None = None
+               ) -> Path:
+    """Export ``run_dir`` to ``model_base_path/<version>``; returns the version directory. ``warmup``: the warmup
+    batches (raw serving inputs, (C,) per feature; the last one checks the export) as ``ranking.warmup`` builds
+    them, so a caller holding the log need not have it read again; None reads them from ``log`` (else ``data.log``)."""
     run_dir, base = Path(run_dir), Path(model_base_path)
     run = load_run(run_dir)
     serve = run.models.serve
@@ -130,7 +133,7 @@ def export_run(run_dir: str | Path, model_base_path: str | Path, version: int | 
         archive.add_endpoint(name, fn, input_signature=[spec])
     with staged_version(base, version) as (version, tmp):
         archive.write_out(str(tmp), verbose=False)
-        batches = warmup_rows(run, log)
+        batches = warmup_rows(run, log) if warmup is None else warmup
         write_warmup(tmp / "assets.extra" / WARMUP_FILE, batches, run.config.name, run.config)
         (tmp / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata(run, version, run_dir), indent=2))
         check_export(tmp, serve, batches[-1], run.config)

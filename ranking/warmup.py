@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
@@ -44,10 +45,15 @@ def _utf8(arr: np.ndarray) -> np.ndarray:
 
 def warmup_rows(run: LoadedRun, log: str | None = None, sizes=WARMUP_SIZES) -> list[dict[str, np.ndarray]]:
     """Real logged rows of the newest period ``data.until`` keeps (never a held-out day), as raw serving inputs, one
-    batch per size."""
-    cfg = run.config
+    batch per size; the log read from ``log`` (else ``data.log``)."""
+    return warmup_batches(run.config, read_log(run.config.data, log), sizes)
+
+
+def warmup_batches(cfg: RankstageConfig, frame: pd.DataFrame, sizes=WARMUP_SIZES) -> list[dict[str, np.ndarray]]:
+    """``warmup_rows`` of a log already read (``features.logs.read_log``): C = min(size, rows) rows of the newest
+    period ``data.until`` keeps, sampled with seed i for the i-th size, as raw serving inputs (C,) per feature."""
     col = cfg.data.time_column
-    _, newest = time_split(read_log(cfg.data, log), cfg)  # the validation periods: the newest kept ones
+    _, newest = time_split(frame, cfg)  # the validation periods: the newest kept ones
     last = newest[newest[col] == newest[col].max()]
     batches = []
     for i, n in enumerate(sizes):

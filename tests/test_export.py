@@ -160,7 +160,7 @@ def test_check_export_rejects_a_model_that_disagrees(exported, full_run, validat
         check_export(exported[1], other.serve, rows)
 
 
-def test_failed_export_never_replaces_a_good_version(exported, full_run, tmp_path, monkeypatch):
+def test_failed_export_never_replaces_a_good_version(exported, full_run, tmp_path, monkeypatch, synthetic_warmup):
     base = copy_base(exported, tmp_path)
     before = sorted(p.name for p in base.iterdir())
     config_text = (base / "models.config").read_bytes()
@@ -170,10 +170,29 @@ def test_failed_export_never_replaces_a_good_version(exported, full_run, tmp_pat
 
     monkeypatch.setattr(ranking.export, "check_export", bad_check)
     with pytest.raises(RuntimeError, match="planted"):
-        export_run(full_run.run_dir, base, verbose=False)
+        export_run(full_run.run_dir, base, verbose=False, warmup=synthetic_warmup)
     assert sorted(p.name for p in base.iterdir()) == before == ["1", "models.config"]
     assert not list(base.glob(".tmp-*"))
     assert (base / "models.config").read_bytes() == config_text
+
+
+def test_warmup_handed_to_export_equals_the_rows_it_would_read(exported, full_run, synthetic_warmup):
+    """``export_run(..., warmup=warmup_batches(config, frame))`` writes what reading the log writes: the same rows."""
+    from ranking.warmup import warmup_rows
+
+    read = warmup_rows(SimpleNamespace(config=full_run.config))
+    assert len(read) == len(synthetic_warmup) == len(WARMUP_SIZES)
+    for got, want in zip(synthetic_warmup, read, strict=True):
+        assert set(got) == set(want) == {f.name for f in full_run.config.serving_features}
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in
+               tf.data.TFRecordDataset(str(exported[1] / "assets.extra" / "tf_serving_warmup_requests"))]
+    first = records[len(WARMUP_SIZES) - 1].predict_log.request.inputs  # serving_default, the largest batch
+    for name, values in read[-1].items():
+        sent = tf.make_ndarray(first[name])
+        np.testing.assert_array_equal(sent, np.array([v.encode() for v in values]) if values.dtype == object
+                                      else values, err_msg=name)
 
 
 def test_warmup_rows_come_from_kept_days_and_encode_non_ascii_strings(tmp_path):
