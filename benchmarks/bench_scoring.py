@@ -47,7 +47,7 @@ from _report import cpu_model, write_report
 
 from features.logs import raw_inputs, read_log
 from features.spec import RankstageConfig
-from ranking.export import matmul_flops
+from ranking.flops import matmul_flops
 from ranking.layers.mmoe import MMoE
 from ranking.servable import load_servable as load_version
 
@@ -103,7 +103,7 @@ class Servable:
 
 def load_servable(model: str, run: str | None, with_keras: bool = True) -> Servable:
     """Load the SavedModel signature; rebuild the Keras serving model from ``run`` (default: the metadata's run)."""
-    from ranking.train import load_run  # heavy import only when needed
+    from ranking.runs import load_run
 
     sv = load_version(model)
     version_dir, meta, config, loaded = sv.version_dir, sv.metadata, sv.config, sv.loaded

@@ -1,6 +1,6 @@
 """Training throughput of the ranker: examples per second of ``model.fit`` on the prepared KuaiRand training split.
 
-The data is prepared once as ``ranking.train.fit`` prepares it (time split, vocabularies from the training days,
+The data is prepared once as ``ranking.fit.fit`` prepares it (time split, vocabularies from the training days,
 negative sampling, per-task [target, weight] arrays); each variant then builds and compiles a fresh model the way
 ``fit`` does, and the variants train one epoch each in turn (no validation, no TensorBoard), so load from other
 processes on this shared machine hits them alike. Each epoch is timed by a callback; the first (tracing) is dropped
@@ -31,9 +31,11 @@ from _report import write_report
 from features.logs import raw_inputs, read_log, task_labels, time_split
 from features.spec import RankstageConfig, load_config, parse_config
 from features.vocab import FeatureStats, build_stats
+from ranking.datasets import make_dataset
+from ranking.fit import compile_model
 from ranking.model import build_models
+from ranking.sampling import initial_logits, sample_negatives, targets
 from ranking.tasks import watch_time_weight_scale
-from ranking.train import compile_model, initial_logits, make_dataset, sample_negatives, targets
 
 VARIANTS: dict[str, Callable[[RankstageConfig], dict[str, object]]] = {  # name -> config -> overrides
     "default": lambda c: {},
@@ -106,7 +108,7 @@ class Trainee:
 
 
 def build_trainee(config: RankstageConfig, data: Prepared) -> Trainee:
-    """Build and compile a fresh model for ``config`` as ``ranking.train.fit`` does, with its shuffled dataset."""
+    """Build and compile a fresh model for ``config`` as ``ranking.fit.fit`` does, with its shuffled dataset."""
     keras.utils.set_random_seed(config.training.seed)
     ds = make_dataset(data.x, data.y, config.training.batch_size, shuffle=True, seed=config.training.seed)
     models = build_models(config, data.stats)

@@ -5,7 +5,7 @@ values) and C real logged items of that day (side tables joined). ``serving_defa
 repeated C times, ``rank_candidates`` gets them once as (1,) tensors. Reported per C:
     FLOPs per candidate   MatMul/Einsum multiply-adds of each signature's function traced at C (from the run's
                           Keras serving model; gathers and lookups not counted)
-    request bytes         size of the PredictRequest built by ``ranking.export.predict_request`` (packed
+    request bytes         size of the PredictRequest built by ``ranking.warmup.predict_request`` (packed
                           tensor_content for numbers, string_val for strings)
     p50 / p99 ms          in-process signature calls on tensors built once, outputs fetched to numpy; warmed up,
                           then timed round-robin in blocks so machine load hits both alike
@@ -32,16 +32,11 @@ from _report import write_report
 
 from features.logs import raw_inputs, read_log
 from features.spec import RankstageConfig, load_config, parse_config
-from ranking.export import (
-    RANK_CANDIDATES,
-    SERVING_DEFAULT,
-    endpoints,
-    export_run,
-    matmul_flops,
-    predict_request,
-    split_request,
-)
+from ranking.export import endpoints, export_run
+from ranking.flops import matmul_flops
 from ranking.servable import Servable, load_servable
+from ranking.signatures import RANK_CANDIDATES, SERVING_DEFAULT, split_request
+from ranking.warmup import predict_request
 
 ROOT = Path(__file__).resolve().parent.parent
 SIGNATURES = (SERVING_DEFAULT, RANK_CANDIDATES)
@@ -90,7 +85,7 @@ def request_batches(config: RankstageConfig, sizes: list[int], seed: int) -> dic
 
 
 def flops_per_candidate(run: Path, config: RankstageConfig, n: int) -> dict[str, float]:
-    from ranking.train import load_run
+    from ranking.runs import load_run
 
     out = {}
     for name, (fn, spec) in endpoints(load_run(run).models.serve, config).items():

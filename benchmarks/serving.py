@@ -93,7 +93,7 @@ def logged_requests(config, sizes: list[int], seed: int) -> dict[int, LoggedRequ
     from features.history import attach_history
     from features.logs import join_side_tables, load_side_tables, raw_inputs, read_table
     from features.statistics import serving_joins
-    from ranking.export import split_request
+    from ranking.signatures import split_request
 
     d = config.data
     df = read_table(d.log)

@@ -20,16 +20,9 @@ from evaluation import metrics
 from features.logs import read_log, time_split
 from features.spec import RankstageConfig, load_config
 from ranking.baselines.gbdt import run_gbdt
-from ranking.train import (
-    PREDICTIONS,
-    Judged,
-    judged_predictions,
-    judged_report,
-    load_judged,
-    load_run,
-    save_judged,
-    train,
-)
+from ranking.judging import Judged, judged_predictions, judged_report, load_judged, save_judged
+from ranking.runs import PREDICTIONS, load_run
+from ranking.train import train
 
 NDCG = f"ndcg@{metrics.NDCG_K}"
 

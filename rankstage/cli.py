@@ -57,7 +57,7 @@ def cmd_compare_runs(args: argparse.Namespace) -> None:
 def cmd_gbdt(args: argparse.Namespace) -> None:
     from features.spec import load_config
     from ranking.baselines.gbdt import run_gbdt
-    from ranking.train import format_metrics
+    from ranking.judging import format_metrics
 
     config = load_config(args.config, args.set, args.tasks)
     print(format_metrics(run_gbdt(config, args.out, log=args.data, num_trees=args.trees)))

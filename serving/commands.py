@@ -62,7 +62,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 def cmd_requests(args: argparse.Namespace) -> None:
     from features.spec import load_config
-    from serving.client import dump_requests, logged_requests
+    from serving.requests import dump_requests, logged_requests
 
     config = load_config(args.config, args.set, None)
     for path in dump_requests(logged_requests(config, args.n, args.data, top_k=args.top_k), args.out):

@@ -27,7 +27,9 @@ from evaluation import metrics
 from evaluation.lists import group_lists, list_ndcg
 from features.logs import raw_inputs, read_table
 from features.spec import RankstageConfig, load_config
-from ranking.train import LoadedRun, load_run, predict, train
+from ranking.predict import predict
+from ranking.runs import LoadedRun, load_run
+from ranking.train import train
 from simulation.simulator import SimulationConfig, write_simulation
 
 VARIANTS = ("no_debias", "position_feature", "tower_dropout", "tower_no_dropout")

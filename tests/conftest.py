@@ -14,6 +14,8 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import synthetic
 
@@ -21,6 +23,7 @@ import ranking.train
 from features.logs import read_log
 from features.spec import RankstageConfig
 from ranking.model import RankingModels
+from ranking.warmup import warmup_batches
 
 # ctr high enough that every position x device cell of the bias tower sees a few hundred clicks
 TRUTH = synthetic.PlantedTruth(ctr=(0.2, 0.35, 0.5), watch_mean_s=(5.0, 20.0, 60.0), position_decay=(0.25, 0.1),
@@ -72,10 +75,23 @@ def full_run(tmp_path_factory, synthetic_log) -> Trained:
 
 
 @pytest.fixture(scope="session")
-def validation_frame(synthetic_log):
+def synthetic_frame(synthetic_log) -> pd.DataFrame:
+    """The synthetic log read the way the trainer reads it (every synthetic config has the same ``data``)."""
+    return read_log(synthetic.config(synthetic_log, ["segment"], ["click"]).data)
+
+
+@pytest.fixture(scope="session")
+def validation_frame(synthetic_frame):
     """The validation (last) day of the synthetic log, read the way the trainer reads it."""
-    frame = read_log(synthetic.config(synthetic_log, ["segment"], ["click"]).data)
+    frame = synthetic_frame
     return frame[frame["day"] == frame["day"].max()].reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_warmup(full_run, synthetic_frame) -> list[dict[str, np.ndarray]]:
+    """``full_run``'s warmup batches, for ``export_run(..., warmup=...)`` of it or of a variant with the same serving
+    features, so that each export does not read the log again."""
+    return warmup_batches(full_run.config, synthetic_frame)
 
 
 @pytest.fixture(scope="session")
@@ -95,12 +111,12 @@ def bias_run(tmp_path_factory, synthetic_log) -> Trained:
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory, full_run):
+def exported(tmp_path_factory, full_run, synthetic_warmup):
     """Version 1 of ``full_run`` exported under a fresh model base path -> (base path, version dir)."""
     from ranking.export import export_run
 
     base = tmp_path_factory.mktemp("models") / "synthetic"
-    version_dir = export_run(full_run.run_dir, base, verbose=False)
+    version_dir = export_run(full_run.run_dir, base, verbose=False, warmup=synthetic_warmup)
     return base, version_dir
 
 
@@ -108,31 +124,46 @@ KUAIRAND = Path(__file__).resolve().parent.parent / "configs" / "kuairand.yaml"
 
 
 @pytest.fixture(scope="session")
-def kuairand_model(tmp_path_factory):
-    """A small real ranker: KuaiRand-Pure Apr 25-29 (validated on Apr 30), 1 epoch, narrow layers, exported as
-    version 1 -> (config, base path). Two bottom layers: the rank_candidates cut is exercised below a deeper
-    bottom. Tests that copy the base path may add versions to their copy."""
-    import os
-
+def kuairand_config(tmp_path_factory) -> RankstageConfig:
+    """configs/kuairand.yaml made small: KuaiRand-Pure Apr 25-29 (validated on Apr 30), 1 epoch, narrow layers, two
+    bottom layers (the rank_candidates cut is exercised below a deeper bottom); absolute data paths, statistics
+    snapshots written outside the checkout."""
     from features.spec import load_config, parse_config
-    from ranking.export import export_run
 
     root = KUAIRAND.parent.parent
+    data = load_config(KUAIRAND).model_dump()
+    data["model"].update(bottom_units=[64, 32], num_experts=2, expert_units=[32], tower_units=[16])
+    data["training"].update(epochs=1, batch_size=4096)
+    data["data"] = {**data["data"], "log": str(root / data["data"]["log"]),
+                    "joins": [{**j, "path": str(root / j["path"])} for j in data["data"]["joins"]]}
+    if data["data"]["statistics"]:  # the snapshot training writes and serving joins, outside the checkout
+        data["data"]["statistics"]["path"] = str(tmp_path_factory.mktemp("stats"))
+    return parse_config(data, "kuairand tiny")
+
+
+@pytest.fixture(scope="session")
+def kuairand_frame(kuairand_config) -> pd.DataFrame:
+    """The KuaiRand log with side tables, history lists and statistics joined, as ``read_log`` gives it (read once
+    per session; tests must not modify it)."""
+    return read_log(kuairand_config.data)
+
+
+@pytest.fixture(scope="session")
+def kuairand_model(tmp_path_factory, kuairand_config, kuairand_frame):
+    """``kuairand_config`` trained and exported as version 1 -> (config, base path). Tests that copy the base path
+    may add versions to their copy."""
+    import os
+
+    from ranking.export import export_run
+
+    config = kuairand_config
     cwd = os.getcwd()
-    os.chdir(root)  # the config's paths are relative to the project root
+    os.chdir(KUAIRAND.parent.parent)  # the config's paths are relative to the project root
     try:
-        data = load_config(KUAIRAND).model_dump()
-        data["model"].update(bottom_units=[64, 32], num_experts=2, expert_units=[32], tower_units=[16])
-        data["training"].update(epochs=1, batch_size=4096)
-        data["data"] = {**data["data"], "log": str(root / data["data"]["log"]),
-                        "joins": [{**j, "path": str(root / j["path"])} for j in data["data"]["joins"]]}
-        if data["data"]["statistics"]:  # the snapshot training writes and serving joins, outside the checkout
-            data["data"]["statistics"]["path"] = str(tmp_path_factory.mktemp("stats"))
-        config = parse_config(data, "kuairand tiny")
         run = ranking.train.train(config, tmp_path_factory.mktemp("runs") / "kuairand", verbose=False,
                                   publish_statistics=True)  # to the tmp path above, which the tests serve from
         base = tmp_path_factory.mktemp("models") / "kuairand"
-        export_run(run, base, verbose=False)
+        export_run(run, base, verbose=False, warmup=warmup_batches(config, kuairand_frame))
     finally:
         os.chdir(cwd)
     return config, base

@@ -25,10 +25,12 @@ import tensorflow as tf
 
 from features.logs import raw_inputs
 from features.spec import load_config, parse_config
-from ranking.export import input_signature, rank_candidates_signature
 from ranking.layers.bias_tower import MISSING
+from ranking.predict import predict
+from ranking.runs import LoadedRun, load_run
 from ranking.servable import load_servable
-from ranking.train import LoadedRun, load_run, predict, train
+from ranking.signatures import input_signature, rank_candidates_signature
+from ranking.train import train
 from simulation.simulator import SimulationConfig, make_world, simulate_lists
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "simulated.yaml"

@@ -15,8 +15,9 @@ import ranking.train
 from calibration import posthoc
 from features.spec import ConfigError
 from fusion.calibrate import calibrate_command, calibrate_from_run
+from ranking.judging import load_judged
+from ranking.runs import PREDICTIONS
 from ranking.servable import load_metadata
-from ranking.train import PREDICTIONS, load_judged
 
 
 @pytest.fixture(scope="module")

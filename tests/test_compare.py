@@ -13,7 +13,8 @@ from conftest import TRUTH
 from evaluation import metrics
 from features.spec import load_config
 from ranking.compare import compare, compare_runs, paired_differences
-from ranking.train import PREDICTIONS, load_judged
+from ranking.judging import load_judged
+from ranking.runs import PREDICTIONS
 
 
 def test_paired_difference_by_hand():

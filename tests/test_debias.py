@@ -15,8 +15,10 @@ import tensorflow as tf
 
 from features.logs import raw_inputs, read_table
 from features.spec import load_config, parse_config
-from ranking.export import input_signature
-from ranking.train import load_run, predict, train
+from ranking.predict import predict
+from ranking.runs import load_run
+from ranking.signatures import input_signature
+from ranking.train import train
 from simulation.debias import (
     POSITION_DEFAULT,
     bias_agreement,

@@ -17,7 +17,9 @@ from calibration.outputs import correct_outputs
 from features.logs import raw_inputs, read_log
 from features.spec import parse_config
 from features.vocab import build_stats
-from ranking.train import fit, initial_logits, predict, sample_negatives, targets
+from ranking.fit import fit
+from ranking.predict import predict
+from ranking.sampling import initial_logits, sample_negatives, targets
 
 # segments with different click rates, no position effect: ctr is each segment's click rate everywhere
 TRUTH = synthetic.PlantedTruth(ctr=(0.1, 0.2, 0.4), watch_mean_s=(5.0, 20.0, 60.0), click_watch_lift=1.5, days=2)

@@ -21,8 +21,10 @@ from tensorflow_serving.config import model_server_config_pb2
 
 import ranking.export
 from features.logs import raw_inputs
-from ranking.export import check_export, export_run, input_signature
-from ranking.train import load_run
+from ranking.export import check_export, export_run
+from ranking.runs import load_run
+from ranking.signatures import input_signature
+from ranking.warmup import WARMUP_SIZES, predict_request
 
 TASKS = {"click", "like", "watch_time"}
 
@@ -80,8 +82,8 @@ def test_warmup_requests_match_the_signature(exported, full_run, signature_def):
     assert {r.model_spec.signature_name for r in requests} == {"serving_default", "rank_candidates",
                                                                "rank_candidates_packed"}  # every signature warmed
     default = [r for r in requests if r.model_spec.signature_name == "serving_default"]
-    assert len(default) == len(ranking.export.WARMUP_SIZES)
-    for request, size in zip(default, ranking.export.WARMUP_SIZES):  # rank_candidates: tests/test_user_signature.py
+    assert len(default) == len(WARMUP_SIZES)
+    for request, size in zip(default, WARMUP_SIZES):  # rank_candidates: tests/test_user_signature.py
         assert request.model_spec.name == full_run.config.name
         assert set(request.inputs) == set(signature.inputs)
         for name, tensor in request.inputs.items():
@@ -158,7 +160,7 @@ def test_check_export_rejects_a_model_that_disagrees(exported, full_run, validat
         check_export(exported[1], other.serve, rows)
 
 
-def test_failed_export_never_replaces_a_good_version(exported, full_run, tmp_path, monkeypatch):
+def test_failed_export_never_replaces_a_good_version(exported, full_run, tmp_path, monkeypatch, synthetic_warmup):
     base = copy_base(exported, tmp_path)
     before = sorted(p.name for p in base.iterdir())
     config_text = (base / "models.config").read_bytes()
@@ -168,10 +170,29 @@ def test_failed_export_never_replaces_a_good_version(exported, full_run, tmp_pat
 
     monkeypatch.setattr(ranking.export, "check_export", bad_check)
     with pytest.raises(RuntimeError, match="planted"):
-        export_run(full_run.run_dir, base, verbose=False)
+        export_run(full_run.run_dir, base, verbose=False, warmup=synthetic_warmup)
     assert sorted(p.name for p in base.iterdir()) == before == ["1", "models.config"]
     assert not list(base.glob(".tmp-*"))
     assert (base / "models.config").read_bytes() == config_text
+
+
+def test_warmup_handed_to_export_equals_the_rows_it_would_read(exported, full_run, synthetic_warmup):
+    """``export_run(..., warmup=warmup_batches(config, frame))`` writes what reading the log writes: the same rows."""
+    from ranking.warmup import warmup_rows
+
+    read = warmup_rows(SimpleNamespace(config=full_run.config))
+    assert len(read) == len(synthetic_warmup) == len(WARMUP_SIZES)
+    for got, want in zip(synthetic_warmup, read, strict=True):
+        assert set(got) == set(want) == {f.name for f in full_run.config.serving_features}
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in
+               tf.data.TFRecordDataset(str(exported[1] / "assets.extra" / "tf_serving_warmup_requests"))]
+    first = records[len(WARMUP_SIZES) - 1].predict_log.request.inputs  # serving_default, the largest batch
+    for name, values in read[-1].items():
+        sent = tf.make_ndarray(first[name])
+        np.testing.assert_array_equal(sent, np.array([v.encode() for v in values]) if values.dtype == object
+                                      else values, err_msg=name)
 
 
 def test_warmup_rows_come_from_kept_days_and_encode_non_ascii_strings(tmp_path):
@@ -180,7 +201,7 @@ def test_warmup_rows_come_from_kept_days_and_encode_non_ascii_strings(tmp_path):
     import synthetic
 
     from features.spec import parse_config
-    from ranking.export import WARMUP_SIZES, warmup_rows, write_warmup
+    from ranking.warmup import warmup_rows, write_warmup
 
     frame = synthetic.generate_log(8000, synthetic.PlantedTruth(), seed=5)  # ~1000 rows a day
     last = frame["day"].max()
@@ -224,7 +245,7 @@ def test_refit_metadata_says_whose_metrics_it_carries(full_run):
 
 
 def test_predict_request_sends_non_ascii_strings_as_utf8():
-    request = ranking.export.predict_request({"segment": np.array(["música", "news", ""], dtype=object),
+    request = predict_request({"segment": np.array(["música", "news", ""], dtype=object),
                                               "quality": np.array([0.5, 1.0, 2.0], np.float32)}, "m")
     assert tf.make_ndarray(request.inputs["segment"]).tolist() == ["música".encode(), b"news", b""]
     np.testing.assert_array_equal(tf.make_ndarray(request.inputs["quality"]), [0.5, 1.0, 2.0])

@@ -17,8 +17,10 @@ from features.history import history_lists
 from features.logs import raw_inputs, read_log
 from features.spec import ConfigError, FeatureSpec, parse_config
 from features.vocab import match_counts
-from ranking.export import RANK_CANDIDATES, SERVING_DEFAULT, export_run, split_request
+from ranking.export import export_run
 from ranking.servable import load_servable
+from ranking.signatures import RANK_CANDIDATES, SERVING_DEFAULT, split_request
+from ranking.warmup import warmup_batches
 
 HISTORY = {"order": "ts", "max_len": 3, "lists": [{"name": "seen", "column": "author"},
                                                    {"name": "clicked", "column": "author", "where": "click"}]}
@@ -109,13 +111,23 @@ def history_run(request, tmp_path_factory, synthetic_log):
     return train_run(parse_config(data, "history"), tmp_path_factory.mktemp("hist") / "r")
 
 
-def test_match_feature_trains_exports_and_serves_the_list_sent_once(history_run, tmp_path):
+@pytest.fixture(scope="module")
+def history_export(history_run, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
+    """``history_run``'s log as the trainer reads it (history lists attached) and the base path of its export as
+    version 1 (export_run checks that its signatures agree); read and exported once for both tests that read them."""
+    frame = read_log(history_run.config.data)
+    base = tmp_path_factory.mktemp("hist_models") / "models"
+    export_run(history_run.run_dir, base, verbose=False, warmup=warmup_batches(history_run.config, frame))
+    return frame, base
+
+
+def test_match_feature_trains_exports_and_serves_the_list_sent_once(history_run, history_export):
     config = history_run.config
-    df = read_log(config.data)
+    df, base_path = history_export
     df = df[df["day"] == df["day"].max()]
     user = df[df["segments_clicked"] != ""]["user_id"].value_counts().index[0]
     rows = raw_inputs(df[df["user_id"] == user].reset_index(drop=True), config.serving_features)
-    sv = load_servable(export_run(history_run.run_dir, tmp_path / "models", verbose=False))  # checks signatures agree
+    sv = load_servable(base_path / "1")
     base = sv.predict(rows, SERVING_DEFAULT)["click"]
     fed = sv.predict({**rows, "segments_clicked": np.array([",".join([s] * 5) for s in rows["segment"]],
                                                            dtype=object)}, SERVING_DEFAULT)["click"]
@@ -126,7 +138,7 @@ def test_match_feature_trains_exports_and_serves_the_list_sent_once(history_run,
                                sv.predict(repeated, SERVING_DEFAULT)["click"], rtol=1e-5, atol=1e-6)
 
 
-def test_the_service_takes_the_list_once_in_the_context(history_run, tmp_path):
+def test_the_service_takes_the_list_once_in_the_context(history_export, tmp_path):
     """Over real loopback gRPC: the list sent once in context_features is counted against every candidate, as
     serving_default does with the list repeated per row; a list of numbers is refused naming the field."""
     import grpc
@@ -137,8 +149,8 @@ def test_the_service_takes_the_list_once_in_the_context(history_run, tmp_path):
     from serving.config import parse_serving_config
     from serving.service import RankingService
 
-    base = tmp_path / "models"
-    sv = load_servable(export_run(history_run.run_dir, base, verbose=False))
+    base = history_export[1]
+    sv = load_servable(base / "1")
     fusion = tmp_path / "fusion.yaml"
     fusion.write_text(yaml.safe_dump({"version": "f1", "default_profile": "c", "profiles": {
         "c": {"formula": "weighted_sum", "weights": {"click": 1.0}}}}))

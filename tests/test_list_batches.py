@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ranking.train import list_ids, make_list_dataset
+from ranking.datasets import list_ids, make_list_dataset
 
 
 def test_list_batches_keep_lists_together_and_reshuffle_each_epoch():

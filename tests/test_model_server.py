@@ -39,8 +39,9 @@ from tensorflow_serving.apis import (
 )
 
 from features.logs import raw_inputs
-from ranking.export import export_run, predict_request
+from ranking.export import export_run
 from ranking.servable import WARMUP_FILE, load_servable, read_warmup_requests
+from ranking.warmup import predict_request
 from serving.model_server import GRPC_OPTIONS, ModelServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +271,8 @@ def test_reflection_describes_the_tf_serving_services(served):
     assert client.serving() == SERVING
 
 
-def test_new_versions_swap_in_under_traffic_and_bad_ones_are_refused(exported, full_run, rows, tmp_path):
+def test_new_versions_swap_in_under_traffic_and_bad_ones_are_refused(exported, full_run, rows, tmp_path,
+                                                                     synthetic_warmup):
     """Empty base path -> NOT_SERVING; version 1 appears -> SERVING; version 2 exported while a client hammers
     Predict -> served with zero failed calls; corrupt version 3 and version 4 with a broken warmup record ->
     refused, 2 keeps serving, not retried until its files change; version 3 repaired -> served, 1 unloaded;
@@ -304,7 +306,7 @@ def test_new_versions_swap_in_under_traffic_and_bad_ones_are_refused(exported, f
         thread.start()
         try:
             wait_for(lambda: seen[1] > 0, 30, "calls on version 1")
-            assert export_run(full_run.run_dir, base, verbose=False) == base / "2"
+            assert export_run(full_run.run_dir, base, verbose=False, warmup=synthetic_warmup) == base / "2"
             wait_for(lambda: seen[2] >= 20, 60, "calls answered by version 2")
         finally:
             stop.set()

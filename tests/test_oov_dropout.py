@@ -10,8 +10,9 @@ from conftest import train_run
 
 from features.logs import raw_inputs
 from features.spec import parse_config
-from ranking.export import SERVING_DEFAULT, export_run
+from ranking.export import export_run
 from ranking.servable import load_servable
+from ranking.signatures import SERVING_DEFAULT
 
 UNSEEN = 10**9  # a user id no vocabulary holds
 

@@ -132,15 +132,16 @@ def test_a_ple_ranker_trains_and_exports_both_signatures(tmp_path, synthetic_log
     rank_candidates equals serving_default (export_run raises otherwise)."""
     import synthetic
 
-    import ranking.train
     from ranking.export import export_run
+    from ranking.runs import load_run
     from ranking.servable import load_servable
+    from ranking.train import train
 
     config = synthetic.config(synthetic_log, ["segment", "user_id", "item_id"], ["click", "watch_time"], epochs=1,
                               batch_size=2048).with_model(ple={"task_experts": 1, "shared_experts": 1, "levels": 2})
-    run_dir = ranking.train.train(config, tmp_path / "run", verbose=False)
+    run_dir = train(config, tmp_path / "run", verbose=False)
     version = export_run(run_dir, tmp_path / "models", verbose=False)
     sv = load_servable(version)
     assert sv.config.model.ple is not None and {"serving_default", "rank_candidates"} <= set(sv.signatures)
-    weights = [w.path for w in ranking.train.load_run(run_dir).models.serve.weights]
+    weights = [w.path for w in load_run(run_dir).models.serve.weights]
     assert any("ple" in p and "task_kernel" in p for p in weights)

@@ -160,7 +160,7 @@ def test_early_stopping_metric_names_a_task_and_a_metric_its_type_has(tmp_path):
     import synthetic
 
     from features.spec import ConfigError
-    from ranking.train import early_stopping_monitor
+    from ranking.judging import early_stopping_monitor
 
     config = synthetic.config(tmp_path / "log.csv", ["segment"], ["click", "watch_time"])
     assert early_stopping_monitor(config) == ("val_loss", "min")

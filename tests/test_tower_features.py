@@ -10,8 +10,9 @@ from conftest import train_run
 
 from features.logs import raw_inputs
 from features.spec import ConfigError, parse_config
-from ranking.export import RANK_CANDIDATES, SERVING_DEFAULT, export_run, packed_layout, split_request
+from ranking.export import export_run
 from ranking.servable import RANK_CANDIDATES_PACKED, load_servable, pack_inputs
+from ranking.signatures import RANK_CANDIDATES, SERVING_DEFAULT, packed_layout, split_request
 
 FEATURES = ["segment", "user_id", "item_id", "quality", "tags"]
 TASKS = ["click", "like", "watch_time"]

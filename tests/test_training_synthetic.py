@@ -17,9 +17,12 @@ from calibration.downsampling import correct_downsampling
 from features.logs import raw_inputs, read_log
 from features.spec import parse_config
 from features.vocab import build_stats, load_stats
-from ranking.export import input_signature
+from ranking.fit import fit
 from ranking.layers.bias_tower import MISSING
-from ranking.train import fit, initial_logits, load_run, predict, sample_negatives, targets
+from ranking.predict import predict
+from ranking.runs import load_run
+from ranking.sampling import initial_logits, sample_negatives, targets
+from ranking.signatures import input_signature
 
 
 def per_segment(models, truth: synthetic.PlantedTruth) -> dict[str, np.ndarray]:

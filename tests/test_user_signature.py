@@ -13,31 +13,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 import yaml
 from fresh_process import serve_in_fresh_process
 from tensorflow.core.protobuf import saved_model_pb2
 
-from features.logs import raw_inputs, read_log
+from features.logs import raw_inputs
 from features.spec import ConfigError, RankstageConfig, parse_config
-from ranking.export import (
+from ranking.export import check_export, endpoints, export_run
+from ranking.flops import matmul_flops
+from ranking.model import build_models
+from ranking.runs import load_run
+from ranking.servable import RANK_CANDIDATES_PACKED, load_servable, pack_inputs, read_warmup_requests, run_warmup
+from ranking.signatures import (
     RANK_CANDIDATES,
-    RANK_CANDIDATES_PACKED,
     SERVING_DEFAULT,
-    UserSide,
-    check_export,
-    endpoints,
-    export_run,
-    matmul_flops,
     packed_layout,
     rank_candidates_signature,
     request_features,
     split_request,
 )
-from ranking.model import build_models
-from ranking.servable import load_servable, pack_inputs, read_warmup_requests, run_warmup
-from ranking.train import load_run
+from ranking.user_side import UserSide
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,9 +48,9 @@ class TinyExport:
     rows: dict[str, np.ndarray]  # one logged user's real rows of the newest day (side tables joined), (C,) each
 
 
-def one_users_rows(config: RankstageConfig, min_rows: int = 20) -> dict[str, np.ndarray]:
-    """Raw serving inputs of the newest day's rows of one real user with at least ``min_rows`` impressions."""
-    df = read_log(config.data)
+def one_users_rows(config: RankstageConfig, df: pd.DataFrame, min_rows: int = 20) -> dict[str, np.ndarray]:
+    """Raw serving inputs of the newest day's rows in ``df`` (the log as ``read_log`` gives it) of one real user with
+    at least ``min_rows`` impressions."""
     newest = df[df[config.data.time_column] == df[config.data.time_column].max()]
     counts = newest[config.data.user_column].value_counts()
     user = counts[counts >= min_rows].sort_index().index[0]
@@ -60,11 +58,12 @@ def one_users_rows(config: RankstageConfig, min_rows: int = 20) -> dict[str, np.
 
 
 @pytest.fixture(scope="session")
-def kuairand_tiny_export(kuairand_model) -> TinyExport:
+def kuairand_tiny_export(kuairand_model, kuairand_frame) -> TinyExport:
     """conftest's small real KuaiRand ranker (two bottom layers, 2 experts), plus one logged user's Apr 30 rows."""
     config, base = kuairand_model
     version_dir = base / "1"
-    return TinyExport(config, Path(load_servable(version_dir).metadata["run"]), version_dir, one_users_rows(config))
+    return TinyExport(config, Path(load_servable(version_dir).metadata["run"]), version_dir,
+                      one_users_rows(config, kuairand_frame))
 
 
 def signature_def(version_dir: Path, name: str):
@@ -171,7 +170,8 @@ def test_user_part_is_computed_once(full_run):
     assert ranked < default
 
 
-def test_a_wrong_rank_candidates_is_never_published(exported, full_run, validation_frame, tmp_path, monkeypatch):
+def test_a_wrong_rank_candidates_is_never_published(exported, full_run, validation_frame, tmp_path, monkeypatch,
+                                                     synthetic_warmup):
     """The guard can fail: a rank_candidates graph off by 0.1% is caught against serving_default, nothing is
     published, and the good signature passes the same check."""
     rows = raw_inputs(validation_frame.iloc[:50].reset_index(drop=True), full_run.config.serving_features)
@@ -179,7 +179,7 @@ def test_a_wrong_rank_candidates_is_never_published(exported, full_run, validati
     real = UserSide.__call__
     monkeypatch.setattr(UserSide, "__call__", lambda self, x: {k: v * 1.001 for k, v in real(self, x).items()})
     with pytest.raises(RuntimeError, match="rank_candidates disagrees with serving_default"):
-        export_run(full_run.run_dir, tmp_path / "models", verbose=False)
+        export_run(full_run.run_dir, tmp_path / "models", verbose=False, warmup=synthetic_warmup)
     assert not [p for p in (tmp_path / "models").iterdir() if p.is_dir()]
 
 
@@ -202,9 +202,10 @@ def run_dir_variant(full_run, tmp_path: Path, edit) -> Path:
 @pytest.mark.parametrize("model", [{"num_experts": 0, "bottom_units": [16, 8]},
                                    {"num_experts": 3, "bottom_units": [24, 12, 6], "dropout": 0.2}],
                          ids=["shared_bottom", "mmoe_with_dropout"])
-def test_bottom_shapes_and_shared_bottom(full_run, validation_frame, tmp_path, model):
+def test_bottom_shapes_and_shared_bottom(full_run, validation_frame, tmp_path, model, synthetic_warmup):
     run_dir = run_dir_variant(full_run, tmp_path, lambda d: d["model"].update(model))
-    version_dir = export_run(run_dir, tmp_path / "models", verbose=False)  # check_export compares both signatures
+    # check_export compares both signatures
+    version_dir = export_run(run_dir, tmp_path / "models", verbose=False, warmup=synthetic_warmup)
     config = load_run(run_dir).config
     assert_input_shapes(version_dir, config)
     user = validation_frame["user_id"].value_counts().index[1]
@@ -213,13 +214,14 @@ def test_bottom_shapes_and_shared_bottom(full_run, validation_frame, tmp_path, m
     assert_same(*both_signatures(version_dir, config, rows), config)
 
 
-def test_no_user_or_context_feature_exports_serving_default_only(full_run, tmp_path):
+def test_no_user_or_context_feature_exports_serving_default_only(full_run, tmp_path, synthetic_warmup):
     def all_items(d):
         for f in d["features"]:
             if f.get("group") in ("user", "context"):
                 f["group"] = "item"
 
-    version_dir = export_run(run_dir_variant(full_run, tmp_path, all_items), tmp_path / "models", verbose=False)
+    version_dir = export_run(run_dir_variant(full_run, tmp_path, all_items), tmp_path / "models", verbose=False,
+                             warmup=synthetic_warmup)
     sv = load_servable(version_dir)
     assert set(sv.signatures) == {SERVING_DEFAULT}
     assert set(sv.metadata["signatures"]) == {SERVING_DEFAULT}

@@ -21,7 +21,8 @@ from evaluation import metrics
 from features.logs import evaluation_labels, raw_inputs, read_log, task_labels, time_split
 from features.spec import RankstageConfig, TaskSpec
 from features.vocab import match_counts
-from ranking.train import PREDICTIONS, early_stopping_monitor, judge, judged_report, save_judged
+from ranking.judging import early_stopping_monitor, judge, judged_report, save_judged
+from ranking.runs import PREDICTIONS
 
 EARLY_STOPPING_ROUNDS = 50  # trees without a better validation loss before stopping
 
