@@ -1,4 +1,4 @@
-"""How far can click GAUC go on the KuaiRand log? Features the log allows, judged within users (issue 10).
+"""How far can click GAUC go on the KuaiRand log? Features the log allows, judged within users.
 
 For each held-out day D (Apr 30, Apr 29) and every impression, from events strictly before it:
   stale    as of the start of D's day (what the daily statistics snapshot serves): item, user and user x author
@@ -117,7 +117,7 @@ def main() -> None:
         print(ensemble(args.runs))
         return
     log = load()
-    lines = ["# How far can click GAUC go on this log? (issue 10)", "",
+    lines = ["# How far can click GAUC go on this log?", "",
              "`.venv/bin/python scripts/click_gauc_ceiling.py` wrote this; its docstring defines every feature. "
              "GAUC: impression-weighted mean of per-user AUC on the held-out day (users with both outcomes).", "",
              "## Observed rates per day", "", "| day | impressions | click | like | long view | watch s |",

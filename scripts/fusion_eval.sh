@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's evidence, reproducible: a model that has not seen Apr 30, calibration and fusion tuned on Apr 29,
+# Fusion evidence, reproducible: a model that has not seen Apr 30, calibration and fusion tuned on Apr 29,
 # everything judged on Apr 30.
 #   train Apr 25-28 (validate / early-stop on Apr 29; no refit) -> export -> calibrate (fit Apr 29, judge Apr 30)
 #   -> replay Apr 30 with the hand-set profiles -> tune-fusion on Apr 29, judge on Apr 30.

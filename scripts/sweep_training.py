@@ -1,4 +1,4 @@
-"""Training choices judged by within-user ranking on two held-out days (issue 10).
+"""Training choices judged by within-user ranking on two held-out days.
 
 One change at a time against the base config (batch size, learning rate, embedding sizes, id min counts, click
 loss weight, dropout, early stopping on click GAUC, a second seed for the noise floor). Each variant is trained
