@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the bundled real data: set up; train on KuaiRand Apr 25-29 (validate Apr 30, refit on the whole
-# window); export a versioned SavedModel; start the model server (TF Serving's gRPC API) and the ranking service in
+# window); export a versioned SavedModel; publish the statistics snapshot; start the model server (TF Serving's gRPC API) and the ranking service in
 # front of it; send rank requests of real logged users of the newest day (ids and context only: the service joins
 # the side-table features); print the ranked lists; shut both down with SIGTERM (graceful drain).
 set -euo pipefail
@@ -13,6 +13,7 @@ METRICS_PORT=${METRICS_PORT:-9464}
 BIN=.venv/bin/rankstage
 $BIN train --config configs/kuairand.yaml --out "$RUN" --refit
 $BIN export --run "$RUN" --model-base-path models/ranker
+$BIN statistics --config configs/kuairand.yaml   # publish the statistics snapshot the service joins (train keeps its own)
 
 STATE=$(mktemp -d)
 cleanup() {
