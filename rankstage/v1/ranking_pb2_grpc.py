@@ -62,6 +62,10 @@ class RankingServiceServicer:
         """Retrieve, then rank: the retrieval index's top N for the user and context become the candidates of the Rank
         path, and its top K come back. A user the index does not know is served the index's popular items as
         candidates (candidate_source "popular_fallback"), not an error. FAILED_PRECONDITION when no index is loaded.
+        A known user's candidates never include an item they have already seen: every positive of theirs in the
+        index's training window (query_users.parquet column "seen", the items the offline evaluation excludes; not
+        events after the index was exported). The index retrieves K + S and drops the S seen items, so N candidates
+        come back whenever the catalog holds N unseen items (N <= K).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
