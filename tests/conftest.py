@@ -133,7 +133,9 @@ def kuairand_config(tmp_path_factory) -> RankstageConfig:
     root = KUAIRAND.parent.parent
     data = load_config(KUAIRAND).model_dump()
     data["model"].update(bottom_units=[64, 32], num_experts=2, expert_units=[32], tower_units=[16])
-    data["training"].update(epochs=1, batch_size=4096)
+    # half of click's negatives kept: the served click is corrected (p = a q / ((1 - q) + a q)), so the service tests'
+    # hand-written correction is exercised, not a no-op at a = 1 as in configs/kuairand.yaml
+    data["training"].update(epochs=1, batch_size=4096, negative_sampling={"task": "click", "keep_fraction": 0.5})
     data["data"] = {**data["data"], "log": str(root / data["data"]["log"]),
                     "joins": [{**j, "path": str(root / j["path"])} for j in data["data"]["joins"]]}
     if data["data"]["statistics"]:  # the snapshot training writes and serving joins, outside the checkout

@@ -141,6 +141,8 @@ def assert_ranked_as(got: dict[str, np.ndarray], score: np.ndarray, out: dict[st
 
 def test_rank_equals_the_offline_path_on_logged_rows(running, logged):
     svc, client, base, _ = running
+    rules = load_servable(base / "1").sampling
+    assert rules["click"] == {**rules["click"], "method": "correct_downsampling", "kept_fraction": 0.5}, rules
     for rows in logged:
         for profile in ("mix", "watch"):
             resp = client.send(ids_request(rows, profile=profile))
