@@ -7,6 +7,7 @@ run directory, plus the in-memory models ``fit`` returned (to compare reloads ag
 from __future__ import annotations
 
 import os
+import time
 
 # TFRS (retrieval tests) needs tf-keras, chosen before TensorFlow's first import; Keras 3 is unaffected
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -169,3 +170,13 @@ def kuairand_model(tmp_path_factory, kuairand_config, kuairand_frame):
     finally:
         os.chdir(cwd)
     return config, base
+
+
+def wait_for(predicate, timeout_s: float = 30.0) -> bool:
+    """Poll ``predicate`` every 50 ms until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from conftest import wait_for
 from model_versions import add_version
 
 from features.history import attach_history
@@ -253,14 +254,6 @@ def _hammer(client, request, stop: threading.Event, seen: dict, errors: list) ->
         except grpc.RpcError as err:
             errors.append(f"{err.code().name}: {err.details()}")
 
-
-def wait_for(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_model_and_fusion_swapped_under_traffic_with_zero_failed_calls(running, logged):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import yaml
+from conftest import wait_for
 from model_versions import add_version
 
 from features.statistics import serving_joins
@@ -204,8 +204,8 @@ def test_version_label_corrects_with_the_version_that_answered(tmp_path, kuairan
         assert svc.wait_until_ready(60)
         stats2 = tmp_path / "stats-v2"
         add_version(base, 2, seed=2, metadata=moved_statistics(str(stats2)))
-        assert wait_for(lambda: ms.snapshot.newest is not None and ms.snapshot.newest.version == 2), ms.statuses()
-        assert wait_for(lambda: svc.metrics.reloads.labels("model", "refused")._value.get() >= 1)
+        assert wait_for(lambda: ms.snapshot.newest is not None and ms.snapshot.newest.version == 2, 60), ms.statuses()
+        assert wait_for(lambda: svc.metrics.reloads.labels("model", "refused")._value.get() >= 1, 60)
         assert svc.snapshot.model.version == 1
         req = build_request({"user_id": 1}, np.arange(1, 11, dtype=np.int64), {"tab": 1, "hourmin": 1200},
                             return_predictions=True)
@@ -215,7 +215,7 @@ def test_version_label_corrects_with_the_version_that_answered(tmp_path, kuairan
         assert "model version 2 answered" in err.value.details() and "holds versions [1]" in err.value.details()
 
         shutil.copytree(stats_path(kuairand_model), stats2)
-        assert wait_for(lambda: svc.snapshot.model.version == 2)
+        assert wait_for(lambda: svc.snapshot.model.version == 2, 60)
         resp = client.send(req)
         assert resp.model.version == 2
         sv2, sv1 = load_servable(base / "2"), load_servable(base / "1")
@@ -233,11 +233,3 @@ def test_version_label_corrects_with_the_version_that_answered(tmp_path, kuairan
         svc.stop(0)
         ms.stop(0)
 
-
-def wait_for(predicate, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
