@@ -39,3 +39,15 @@ def test_packages_import_only_earlier_stages():
 
 def test_the_cycle_finder_finds_a_planted_cycle():
     assert import_graph.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_package_is_installed_by_pyproject():
+    """The installed ``rankstage`` command imports from site-packages, not the checkout: a package missing from
+    ``tool.setuptools.packages.find.include`` passes every test here and fails on a user's machine."""
+    import fnmatch
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    missing = [p for p in packages if not any(fnmatch.fnmatch(p, pattern) for pattern in include)]
+    assert set(import_graph.PACKAGES) <= set(packages) and missing == [], missing
