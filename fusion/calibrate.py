@@ -14,13 +14,11 @@ from calibration import posthoc
 from calibration.fit import diagnose, fit_tasks, format_diagnostics, in_sample_days, task_units, trained_days
 from evaluation.scoring import score_log
 from features.spec import ConfigError
-from ranking.servable import load_servable
+from ranking.servable import load_metadata, load_servable, resolve_version
 
 
 def _version(model_base_path: str | Path) -> tuple[Path, dict]:
     """(version directory, metadata) of ``--model-base-path``: the version itself or the newest under it."""
-    from ranking.servable import load_metadata, resolve_version
-
     version_dir = resolve_version(model_base_path)
     return version_dir, load_metadata(version_dir)
 
