@@ -58,10 +58,21 @@ def decode_column(column: pb.FeatureColumn, where: str, separator: str = ",") ->
     joined = [separator.join(tokens[a:b]) for a, b in zip(starts, ends)]
     # a row of L tokens joins with L - 1 separators; more means a token holds one and would split into two values
     if separator and sum(s.count(separator) for s in joined) != int(np.maximum(lengths - 1, 0).sum()):
-        i, token = next((i, t) for i, t in enumerate(tokens) if separator in t)
-        raise RequestError(f"{where}: value {token!r} (list token {i}) contains the separator {separator!r} of this "
-                           "list feature; send one token per value")
+        raise RequestError(f"{where}: {_separator_clash(tokens, starts, ends, separator)}; send one token per value")
     return np.array(joined, dtype=object)
+
+
+def _separator_clash(tokens: list[str], starts: list[int], ends: list[int], separator: str) -> str:
+    """Why a list's joined rows hold more separators than tokens allow: a token holding the separator, or (a
+    multi-character separator) two neighbouring tokens whose ends join into one more."""
+    for i, t in enumerate(tokens):
+        if separator in t:
+            return f"value {t!r} (list token {i}) contains the separator {separator!r} of this list feature"
+    i = next((i for a, b in zip(starts, ends) for i in range(a, b - 1)
+              if (tokens[i] + separator + tokens[i + 1]).count(separator) > 1), None)
+    if i is None:  # only longer runs of short tokens form it
+        return f"its tokens join into more separators {separator!r} than values"
+    return f"list tokens {tokens[i]!r}, {tokens[i + 1]!r} join into more than one separator {separator!r}"
 
 
 def column(values: np.ndarray | list) -> pb.FeatureColumn:

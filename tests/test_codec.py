@@ -60,3 +60,14 @@ def test_json_requests_and_the_response_round_trip():
     assert out["item_ids"].tolist() == ["z", "x"] and out["candidate_indices"].tolist() == [2, 0]
     np.testing.assert_allclose(out["scores"], [0.9, 0.1], rtol=1e-6)
     np.testing.assert_allclose(out["click"], [0.5, 0.3], rtol=1e-6)
+
+
+def test_a_multi_character_separator_formed_across_tokens_is_refused_not_a_crash():
+    # "a|" + "||" + "|b" holds the separator "||" twice although no token does: the row would split into three
+    col = column(np.array(["a|", "|b"], dtype=object))
+    col.row_lengths.append(2)
+    with pytest.raises(RequestError, match=r"f: list tokens 'a\|', '\|b' join into more than one separator '\|\|'"):
+        decode_column(col, "f", "||")
+    ok = column(np.array(["a", "b"], dtype=object))
+    ok.row_lengths.append(2)
+    assert decode_column(ok, "f", "||").tolist() == ["a||b"]
