@@ -32,9 +32,6 @@ log = logging.getLogger("rankstage.serving.recommend")
 METADATA = Path("assets.extra") / "retrieval_metadata.json"
 USERS = Path("assets.extra") / "query_users.parquet"
 HISTORY = "history"
-SEEN = "seen"  # query_users column: every positive item of the user in the index's training window
-EXCLUDE = "exclude"  # input of the exclude_seen signature: (B, S) int64 item ids, -1 padded
-EXCLUDE_SIGNATURE = "exclude_seen"
 MISSING = {"int64": -1, "string": "", "float32": np.nan}
 NUMPY = {"int64": np.int64, "string": object, "float32": np.float32}
 
@@ -60,6 +57,11 @@ class RetrievalIndex:
         return self.metadata["signature"]["inputs"]
 
     @property
+    def exclude(self) -> dict[str, str]:
+        """The export's ``exclude_signature``: ``name``, ``input`` (the seen ids) and the users' ``seen_column``."""
+        return self.metadata["exclude_signature"]
+
+    @property
     def user_column(self) -> str:
         return self.metadata["feature_spec"]["data"]["user_column"]
 
@@ -74,7 +76,8 @@ class RetrievalIndex:
         row = self.user_rows.get(int(user_id))
         if row is None:
             return None
-        out = {EXCLUDE: np.asarray(self.users[SEEN][row] or [-1], np.int64)[None, :]}  # (1, S)
+        seen = self.users[self.exclude["seen_column"]][row]
+        out = {self.exclude["input"]: np.asarray(seen or [-1], np.int64)[None, :]}  # (1, S)
         for name, dtype in self.inputs.items():
             if name == HISTORY:
                 hist = np.asarray(self.users[HISTORY][row] or [-1], np.int64)
@@ -109,17 +112,21 @@ def load_index(path: str | Path) -> RetrievalIndex:
         meta = json.loads((version_dir / METADATA).read_text())
     except FileNotFoundError:
         raise ConfigError(f"retrieval index {version_dir}: no metadata ({version_dir / METADATA})") from None
+    exclude = meta.get("exclude_signature")
+    if exclude is None:
+        raise ConfigError(f"retrieval index {version_dir}: its metadata has no exclude_signature (exported before "
+                          "seen items were excluded); re-export it")
     table = pq.read_table(version_dir / USERS).to_pydict()
-    if SEEN not in table:
-        raise ConfigError(f"retrieval index {version_dir}: {USERS} has no {SEEN!r} column (exported before seen "
-                          f"items were excluded); re-export it")
+    if exclude["seen_column"] not in table:
+        raise ConfigError(f"retrieval index {version_dir}: {USERS} has no {exclude['seen_column']!r} column; "
+                          "re-export it")
     user_col = meta["feature_spec"]["data"]["user_column"]
     rows = {int(u): i for i, u in enumerate(table[user_col])}
     loaded = tf.saved_model.load(str(version_dir))
-    if EXCLUDE_SIGNATURE not in loaded.signatures:
-        raise ConfigError(f"retrieval index {version_dir}: no {EXCLUDE_SIGNATURE!r} signature (has "
+    if exclude["name"] not in loaded.signatures:
+        raise ConfigError(f"retrieval index {version_dir}: no {exclude['name']!r} signature (has "
                           f"{sorted(loaded.signatures)}); re-export it")
-    index = RetrievalIndex(version_dir, int(version_dir.name), meta, loaded, loaded.signatures[EXCLUDE_SIGNATURE],
+    index = RetrievalIndex(version_dir, int(version_dir.name), meta, loaded, loaded.signatures[exclude["name"]],
                            rows, table)
     if rows:  # warm up (the first call traces and allocates)
         first = next(iter(rows))

@@ -58,11 +58,6 @@ class Snapshot:
         return None
 
 
-def check_calibration(artifact: dict, model: ModelVersion, path: Path) -> dict:
-    """An artifact is applied only to the model version it was fitted for (``calibration.posthoc.check_artifact``)."""
-    return check_artifact(artifact, model.name, model.version, model.tasks, path)
-
-
 @dataclass(frozen=True)
 class Refusal:
     """A model version whose snapshot could not be built: what it was built from, and when to try again."""
@@ -107,7 +102,7 @@ class Reloader:
         if path is None:
             return None, None
         stamp = stamp_of(path)
-        return check_calibration(load_artifact(path), model, path), stamp
+        return check_artifact(load_artifact(path), model.name, model.version, model.tasks, path), stamp
 
     def build(self, model: ModelVersion, tables: FeatureTables | None = None) -> Snapshot:
         """A full snapshot for ``model``; raises if the fusion config, the calibration artifact or the feature
