@@ -54,34 +54,44 @@ def group_lists(keys: list[np.ndarray], order: np.ndarray, min_len: int = 1) -> 
     return Lists(index=index, lengths=counts[keep_list])
 
 
-def rank(lists: Lists, score: np.ndarray | None) -> np.ndarray:
-    """(L, M) permutation of each list's positions by descending score (NaN last); None = logged order."""
+@dataclass(frozen=True)
+class Ranking:
+    """Every list of ``lists`` ordered by one score, computed once for any number of value columns."""
+
+    lists: Lists
+    perm: np.ndarray  # (L, M) list positions in ranked order
+    tie: np.ndarray | None  # (L*M,) tie group of each ranked position; None: the logged order, no ties
+    tie_size: np.ndarray | None  # (G,) positions per tie group
+
+    def values(self, values: np.ndarray) -> np.ndarray:
+        """(N,) per-row values -> (L, M) in ranked order, each tie group holding its mean value (the expectation
+        over the tie's orders); padding holds 0."""
+        ranked = np.take_along_axis(self.lists.gather(np.asarray(values, np.float64)), self.perm, axis=1)
+        if self.tie is None:
+            return ranked
+        mean = np.bincount(self.tie, weights=ranked.ravel(), minlength=len(self.tie_size)) / self.tie_size
+        return mean[self.tie].reshape(ranked.shape)
+
+
+def rank(lists: Lists, score: np.ndarray | None) -> Ranking:
+    """Each list by descending ``score`` (NaN last), equal scores one tie group (padding never ties with a row);
+    ``score`` None: the logged order."""
     if score is None:
-        return np.broadcast_to(np.arange(lists.index.shape[1]), lists.index.shape)
-    return np.argsort(-_list_scores(lists, score), axis=1, kind="stable")
+        return Ranking(lists, np.broadcast_to(np.arange(lists.index.shape[1]), lists.index.shape), None, None)
+    s = _list_scores(lists, score)
+    perm = np.argsort(-s, axis=1, kind="stable")
+    s = np.take_along_axis(s, perm, axis=1)
+    real = np.take_along_axis(lists.mask, perm, axis=1)
+    new_tie = np.ones_like(real)
+    new_tie[:, 1:] = (s[:, 1:] != s[:, :-1]) | (real[:, 1:] != real[:, :-1])
+    tie = (np.cumsum(new_tie, axis=1) - 1 + np.arange(len(s))[:, None] * s.shape[1]).ravel()  # (L*M,) group id
+    return Ranking(lists, perm, tie, np.maximum(np.bincount(tie), 1))
 
 
 def _list_scores(lists: Lists, score: np.ndarray) -> np.ndarray:
     """(N,) scores -> (L, M) per list position; NaN and padding become -inf."""
     s = lists.gather(np.asarray(score, dtype=np.float64), fill=-np.inf)
     return np.where(np.isnan(s), -np.inf, s)
-
-
-def ranked_values(lists: Lists, score: np.ndarray | None, values: np.ndarray) -> np.ndarray:
-    """(N,) per-row values -> (L, M) in ranked order, each tie group of equal scores holding its mean value (the
-    expectation over the tie's orders); padding holds 0 and never ties with a row. ``score`` None: logged order."""
-    rel = lists.gather(np.asarray(values, np.float64))
-    perm = rank(lists, score)
-    ranked = np.take_along_axis(rel, perm, axis=1)
-    if score is None:
-        return ranked
-    s = np.take_along_axis(_list_scores(lists, score), perm, axis=1)
-    real = np.take_along_axis(lists.mask, perm, axis=1)
-    new_tie = np.ones_like(real)
-    new_tie[:, 1:] = (s[:, 1:] != s[:, :-1]) | (real[:, 1:] != real[:, :-1])
-    tie = (np.cumsum(new_tie, axis=1) - 1 + np.arange(len(s))[:, None] * s.shape[1]).ravel()  # (L*M,) group id
-    mean = np.bincount(tie, weights=ranked.ravel()) / np.maximum(np.bincount(tie), 1)
-    return mean[tie].reshape(s.shape)
 
 
 def _discounts(k: int) -> np.ndarray:
@@ -103,20 +113,22 @@ def top_k_sum(values_ranked: np.ndarray, k: int) -> np.ndarray:
     return values_ranked[:, :k].sum(axis=1)
 
 
-def list_ndcg(lists: Lists, score: np.ndarray | None, gain: np.ndarray, k: int | None = None) -> np.ndarray:
-    """(L,) NDCG@k (k None: whole list) of ranking each list by ``score``; NaN for a list without a positive gain."""
-    rel = lists.gather(np.asarray(gain, np.float64))
-    return ndcg_at_k(ranked_values(lists, score, gain), rel, k or rel.shape[1])
+def list_ndcg(ranking: Ranking, gain: np.ndarray, k: int | None = None) -> np.ndarray:
+    """(L,) NDCG@k (k None: whole list) of ``ranking``'s lists with gain ``gain`` (N,); NaN for a list without a
+    positive gain."""
+    rel = ranking.lists.gather(np.asarray(gain, np.float64))
+    return ndcg_at_k(ranking.values(gain), rel, k or rel.shape[1])
 
 
 def list_metrics(lists: Lists, score: np.ndarray | None, labels: dict[str, np.ndarray], k: int,
                  ndcg_tasks: list[str], sum_tasks: list[str]) -> dict[str, np.ndarray]:
     """Per-list metrics (L,) for one ranking: ``<task>/ndcg@k`` (binary labels) and ``<task>/top@k`` (sums)."""
+    ranking = rank(lists, score)  # once for every task
     out = {}
     for task in ndcg_tasks:
-        out[f"{task}/ndcg@{k}"] = list_ndcg(lists, score, labels[task], k)
+        out[f"{task}/ndcg@{k}"] = list_ndcg(ranking, labels[task], k)
     for task in sum_tasks:
-        out[f"{task}/top@{k}"] = top_k_sum(ranked_values(lists, score, np.nan_to_num(labels[task])), k)
+        out[f"{task}/top@{k}"] = top_k_sum(ranking.values(np.nan_to_num(labels[task])), k)
     return out
 
 

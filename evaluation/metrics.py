@@ -14,7 +14,7 @@ import pandas as pd
 from scipy.stats import rankdata, spearmanr
 
 from evaluation.bootstrap import UNIT_REPS, bootstrap_ci, mean_over_units
-from evaluation.lists import group_lists, list_ndcg
+from evaluation.lists import group_lists, list_ndcg, rank
 
 NDCG_K = 5  # cut-off of list NDCG in reports
 MIN_LIST = 5  # shortest user-day list NDCG counts
@@ -57,7 +57,7 @@ def per_list_ndcg(gain: np.ndarray, score: np.ndarray, users: np.ndarray, days: 
     lists = group_lists([users, days], np.arange(len(gain)), min_len)
     if not len(lists.lengths):
         return np.zeros(0)
-    return list_ndcg(lists, score, gain, k)
+    return list_ndcg(rank(lists, score), gain, k)
 
 
 def spearman(y: np.ndarray, score: np.ndarray) -> float:

@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 from scipy.stats import spearmanr
 
 from evaluation import metrics
-from evaluation.lists import group_lists, list_ndcg
+from evaluation.lists import group_lists, list_ndcg, rank
 from features.logs import raw_inputs, read_table
 from features.spec import RankstageConfig, load_config
 from ranking.predict import predict
@@ -121,7 +121,7 @@ def ndcg_per_list(lists: np.ndarray, score: np.ndarray, gain: np.ndarray) -> np.
     """NDCG of ordering each list by ``score`` with graded relevance ``gain`` (>= 0), whole list; one value per
     list id in sorted id order (ties: ``evaluation.lists``' rule)."""
     grouped = group_lists([np.asarray(lists)], np.arange(len(lists)))
-    return list_ndcg(grouped, np.asarray(score, np.float64), np.asarray(gain, np.float64))
+    return list_ndcg(rank(grouped, np.asarray(score, np.float64)), np.asarray(gain, np.float64))
 
 
 def served_click(run: LoadedRun, frame: pd.DataFrame) -> np.ndarray:
