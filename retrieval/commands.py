@@ -47,6 +47,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from retrieval.spec import SPLITS  # pydantic only: no TensorFlow
     group = sub.add_parser("retrieval", help="two-tower retrieval (TFRS): train, evaluate, export the index")
     rsub = group.add_subparsers(dest="retrieval_command", required=True)
 
@@ -69,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    choices=["ids", "features", "history", "logq"])
     p.add_argument("--bootstrap", type=int, default=0)
     p.add_argument("--author-column", help="item column for the most-popular-among-the-user's-authors baseline")
-    p.add_argument("--splits", nargs="+", choices=["leave_last_out", "time_cut"],
+    p.add_argument("--splits", nargs="+", choices=SPLITS,
                    help="protocols to report (default: the config's split, then the other where it applies)")
     p.set_defaults(func=cmd_evaluate)
 

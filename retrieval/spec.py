@@ -7,13 +7,14 @@ e.g. ``query_features[1].kind: Input should be 'categorical', ... (got 'catgoric
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, ValidationError, model_validator
 
 from features.spec import ConfigError, FeatureSpec, JoinSpec, Strict, format_validation_error, read_config_data
 
-SPLITS = ("leave_last_out", "time_cut")
+Split = Literal["leave_last_out", "time_cut"]
+SPLITS: tuple[str, ...] = get_args(Split)
 
 
 class RetrievalData(Strict):
@@ -34,7 +35,7 @@ class RetrievalData(Strict):
     time_column: str  # orders events; history uses events strictly before the query's time
     positive: str | None = None  # pandas expression over columns (e.g. "is_click == 1 or long_view == 1")
     items: JoinSpec  # the catalog: every row is a candidate the index can return
-    split: Literal["leave_last_out", "time_cut"] = "leave_last_out"
+    split: Split = "leave_last_out"
     period_column: str | None = None  # time_cut: the column compared with test_from (default: time_column)
     test_from: int | float | str | None = None  # time_cut: T (with leave_last_out: T of evaluate's time_cut report)
     until: int | float | str | None = None  # time_cut only: drop events whose period_column is later
