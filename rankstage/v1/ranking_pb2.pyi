@@ -81,7 +81,7 @@ class RankRequest(_message.Message):
     top_k: int
     fusion_profile: str
     return_predictions: bool
-    def __init__(self, request_id: _Optional[str] = ..., user_features: _Optional[_Mapping[str, FeatureColumn]] = ..., context_features: _Optional[_Mapping[str, FeatureColumn]] = ..., candidates: _Optional[_Union[Candidates, _Mapping]] = ..., top_k: _Optional[int] = ..., fusion_profile: _Optional[str] = ..., return_predictions: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., user_features: _Optional[_Mapping[str, FeatureColumn]] = ..., context_features: _Optional[_Mapping[str, FeatureColumn]] = ..., candidates: _Optional[_Union[Candidates, _Mapping]] = ..., top_k: _Optional[int] = ..., fusion_profile: _Optional[str] = ..., return_predictions: bool = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "signature", "backend")
@@ -163,7 +163,7 @@ class RecommendRequest(_message.Message):
     top_k: int
     fusion_profile: str
     return_predictions: bool
-    def __init__(self, request_id: _Optional[str] = ..., user_features: _Optional[_Mapping[str, FeatureColumn]] = ..., context_features: _Optional[_Mapping[str, FeatureColumn]] = ..., num_candidates: _Optional[int] = ..., top_k: _Optional[int] = ..., fusion_profile: _Optional[str] = ..., return_predictions: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., user_features: _Optional[_Mapping[str, FeatureColumn]] = ..., context_features: _Optional[_Mapping[str, FeatureColumn]] = ..., num_candidates: _Optional[int] = ..., top_k: _Optional[int] = ..., fusion_profile: _Optional[str] = ..., return_predictions: bool = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("ranked", "candidate_source", "retrieval_model", "retrieval_version", "num_candidates", "retrieve_ms")

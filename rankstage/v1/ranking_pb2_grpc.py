@@ -5,7 +5,7 @@ import warnings
 
 from rankstage.v1 import ranking_pb2 as rankstage_dot_v1_dot_ranking__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class RankingServiceStub:
+class RankingServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -46,7 +46,7 @@ class RankingServiceStub:
                 _registered_method=True)
 
 
-class RankingServiceServicer:
+class RankingServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Rank(self, request, context):
@@ -92,7 +92,7 @@ def add_RankingServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class RankingService:
+class RankingService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
