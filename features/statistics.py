@@ -46,7 +46,7 @@ def day_numbers(times: pd.Series, fmt: str) -> np.ndarray:
     return parsed.to_numpy().astype("datetime64[D]").astype(np.int64)
 
 
-def _sums(stats: StatisticsConfig) -> list[str]:
+def sum_columns(stats: StatisticsConfig) -> list[str]:
     return ["impressions", *stats.events, *(["watch_s"] if stats.watch_time else [])]
 
 
@@ -74,41 +74,55 @@ def smoothed(total: np.ndarray, n: np.ndarray, prior: float, strength: float) ->
         return np.where(n > 0, (total + strength * prior) / (n + strength), np.nan)
 
 
-def table_as_of(daily: pd.DataFrame, stats: StatisticsConfig, key: StatisticsKey, day: int) -> pd.DataFrame:
-    """The statistics of every key with an impression in some window before ``day``: key columns then
-    ``stat_<key>_<measure>_<w>d`` per window (K rows). ``daily`` is ``daily_sums``' table."""
+def day_totals(daily: pd.DataFrame, stats: StatisticsConfig) -> pd.DataFrame:
+    """Per day (index ``DAY``): the sums of ``daily_sums``' table over every key, the global figures that the
+    smoothing prior of ``table_as_of`` reads. Sums of disjoint parts of a log add up to the whole log's."""
+    return daily.groupby(DAY, sort=True)[sum_columns(stats)].sum()
+
+
+def table_as_of(daily: pd.DataFrame, stats: StatisticsConfig, key: StatisticsKey, day: int,
+                totals: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The statistics of every key of ``daily`` with an impression in some window before ``day``: key columns then
+    ``stat_<key>_<measure>_<w>d`` per window (K rows, sorted by key). ``daily`` is ``daily_sums``' table, for every
+    key or for a part of the keys when ``totals`` (``day_totals`` of every key) gives the global rates of the
+    smoothing prior; by default they are ``daily``'s own."""
+    totals = day_totals(daily, stats) if totals is None else totals
     parts = []
     for w in stats.windows:
         past = daily[(daily[DAY] >= day - w) & (daily[DAY] < day)]
         agg = past.drop(columns=DAY).groupby(key.columns, sort=True).sum()
-        totals = past[_sums(stats)].sum()
-        n_all = float(totals["impressions"])
+        window = totals[(totals.index >= day - w) & (totals.index < day)].sum()
+        n_all = float(window["impressions"])
         n = agg["impressions"].to_numpy()
         out = {"impressions": n}
         for e in stats.events:
-            prior = float(totals[e]) / n_all if n_all > 0 else 0.0
+            prior = float(window[e]) / n_all if n_all > 0 else 0.0
             out[e] = agg[e].to_numpy()
             out[f"{e}_rate"] = smoothed(agg[e].to_numpy(), n, prior, stats.prior_strength)
         if stats.watch_time is not None:
-            prior = float(totals["watch_s"]) / n_all if n_all > 0 else 0.0
+            prior = float(window["watch_s"]) / n_all if n_all > 0 else 0.0
             out["watch_s"] = smoothed(agg["watch_s"].to_numpy(), n, prior, stats.prior_strength)
         parts.append(pd.DataFrame({f"stat_{key.name}_{m}_{w}d": out[m] for m, _ in stats.measures()},
                                   index=agg.index))
-    table = pd.concat(parts, axis=1, join="outer")  # a key absent from a window: counts 0, rates missing
+    # a key absent from a window: counts 0, rates missing; sorted by key, so tables of disjoint sets of keys
+    # concatenated and sorted are the table of their union
+    table = pd.concat(parts, axis=1, join="outer", sort=True)
     counts = [f"stat_{key.name}_{m}_{w}d" for w in stats.windows for m in ("impressions", *stats.events)]
     table[counts] = table[counts].fillna(0.0)
     return table.astype(np.float32).reset_index()
 
 
+def tables_by_day(daily: pd.DataFrame, stats: StatisticsConfig, key: StatisticsKey, days: np.ndarray,
+                  totals: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``table_as_of`` for each of ``days`` stacked, with a ``DAY`` column (``totals`` as there)."""
+    return pd.concat([table_as_of(daily, stats, key, int(d), totals).assign(**{DAY: int(d)}) for d in days],
+                     ignore_index=True)
+
+
 def statistics_by_day(log: pd.DataFrame, stats: StatisticsConfig, days: np.ndarray
                       ) -> dict[str, pd.DataFrame]:
-    """Per key name: ``table_as_of`` for each of ``days`` stacked, with a ``DAY`` column. ``log`` needs ``DAY``."""
-    out = {}
-    for key in stats.keys:
-        daily = daily_sums(log, stats, key)
-        tables = [table_as_of(daily, stats, key, int(d)).assign(**{DAY: int(d)}) for d in days]
-        out[key.name] = pd.concat(tables, ignore_index=True)
-    return out
+    """Per key name: ``tables_by_day`` of the whole ``log`` (which needs ``DAY``)."""
+    return {key.name: tables_by_day(daily_sums(log, stats, key), stats, key, days) for key in stats.keys}
 
 
 def statistics_tables(log: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFrame]:
@@ -119,11 +133,13 @@ def statistics_tables(log: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataF
     return statistics_by_day(log, data.statistics, np.unique(log[DAY].to_numpy()))
 
 
-def join_statistics(rows: pd.DataFrame, tables: dict[str, pd.DataFrame], data: DataConfig) -> pd.DataFrame:
-    """``rows`` (the whole log or a chunk of it, row order kept) with the statistics columns of ``tables``."""
+def join_statistics(rows: pd.DataFrame, tables: dict[str, pd.DataFrame], data: DataConfig,
+                    keys: list[StatisticsKey] | None = None) -> pd.DataFrame:
+    """``rows`` (the whole log or a chunk of it, row order kept) with the statistics columns of ``tables`` for
+    ``keys`` (default: every key of ``data.statistics``)."""
     assert data.statistics is not None
     rows = rows.assign(**{DAY: day_numbers(rows[data.time_column], data.statistics.date_format)})
-    for key in data.statistics.keys:
+    for key in data.statistics.keys if keys is None else keys:
         rows = rows.merge(tables[key.name], on=[*key.columns, DAY], how="left")
     return rows.drop(columns=DAY)
 
@@ -137,8 +153,19 @@ def attach_statistics(log: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
     out = join_statistics(log, statistics_tables(log, data), data)
     if stats.warmup_days:
         days = day_numbers(log[data.time_column], stats.date_format)
-        out = out[days >= days.min() + stats.warmup_days]
+        out = out[after_warmup(days, int(days.min()), stats)]
     return out.reset_index(drop=True)
+
+
+def after_warmup(days: np.ndarray, first_day: int, stats: StatisticsConfig) -> np.ndarray:
+    """(N,) bool: rows of ``days`` (``DAY`` numbers) past the first ``warmup_days`` days of a log that starts on
+    ``first_day``; the rows that keep their statistics features."""
+    return days >= first_day + stats.warmup_days
+
+
+def as_of_label(day: int, stats: StatisticsConfig) -> str:
+    """A day number (``DAY``) written in ``statistics.date_format``: the ``AS_OF`` value of a snapshot."""
+    return pd.Timestamp(np.datetime64(day, "D")).strftime(stats.date_format)
 
 
 def snapshot_tables(log: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFrame]:
@@ -149,7 +176,7 @@ def snapshot_tables(log: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFra
         return {}
     log = log.assign(**{DAY: day_numbers(log[data.time_column], stats.date_format)})
     day = int(log[DAY].max()) + 1
-    as_of = pd.Timestamp(np.datetime64(day, "D")).strftime(stats.date_format)
+    as_of = as_of_label(day, stats)
     return {name: t.drop(columns=DAY).assign(**{AS_OF: as_of})
             for name, t in statistics_by_day(log, stats, np.array([day])).items()}
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from features.logs import MISSING_INT, MISSING_STRING
 from features.spec import FeatureSpec
@@ -47,15 +48,31 @@ def match_counts(lists: np.ndarray, ids: np.ndarray, feature: FeatureSpec) -> np
                     dtype=np.float64)
 
 
-def build_vocabulary(values: np.ndarray | list, feature: FeatureSpec) -> list:
+def value_counts(values: np.ndarray | list, feature: FeatureSpec) -> Counter:
+    """How often each value occurs (missing values left out): what ``build_vocabulary`` orders. Counts of disjoint
+    parts of a log add up (``Counter`` +) to the whole log's."""
+    missing = MISSING_INT if feature.raw_dtype == "int" else MISSING_STRING
+    counts = pd.Series(np.asarray(values, dtype=object) if isinstance(values, list) else values).value_counts()
+    return Counter({v: int(c) for v, c in zip(counts.index.tolist(), counts.tolist()) if v != missing})
+
+
+def vocabulary_from_counts(counts: Counter, feature: FeatureSpec) -> list:
     """Values with count >= min_count, most frequent first (ties by value), capped at max_size."""
     assert feature.vocab is not None
-    missing = MISSING_INT if feature.raw_dtype == "int" else MISSING_STRING
-    counts = Counter(v for v in values if v != missing)
     kept = [(v, c) for v, c in counts.items() if c >= feature.vocab.min_count]
     kept.sort(key=lambda vc: (-vc[1], vc[0]))
     vocab = [v for v, _ in kept][: feature.vocab.max_size]
     return [int(v) for v in vocab] if feature.raw_dtype == "int" else [str(v) for v in vocab]
+
+
+def build_vocabulary(values: np.ndarray | list, feature: FeatureSpec) -> list:
+    """Values with count >= min_count, most frequent first (ties by value), capped at max_size."""
+    return vocabulary_from_counts(value_counts(values, feature), feature)
+
+
+def numeric_stats(mean: float, std: float) -> FeatureStats:
+    """A numeric feature's statistics (after ``transform_numeric``); a constant feature keeps std 1."""
+    return FeatureStats(mean=float(mean), std=float(std) if std > 1e-12 else 1.0)
 
 
 def build_stats(raw: dict[str, np.ndarray], features: list[FeatureSpec]) -> dict[str, FeatureStats]:
@@ -65,8 +82,7 @@ def build_stats(raw: dict[str, np.ndarray], features: list[FeatureSpec]) -> dict
         x = raw[f.name]
         if f.kind in ("numeric", "match"):
             t = transform_numeric(match_counts(x, raw[f.match], f) if f.kind == "match" else x, f)
-            std = float(t.std())
-            stats[f.name] = FeatureStats(mean=float(t.mean()), std=std if std > 1e-12 else 1.0)
+            stats[f.name] = numeric_stats(t.mean(), t.std())
         elif f.kind == "categorical" and f.vocab is not None:
             stats[f.name] = FeatureStats(vocabulary=build_vocabulary(x, f))
         elif f.kind == "multi_valued" and f.vocab is not None:
