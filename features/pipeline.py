@@ -448,20 +448,24 @@ class _WriteExamples(beam.DoFn):
         if d.statistics is not None and d.statistics.warmup_days:
             frame = frame[after_warmup(day_numbers(frame[d.time_column], d.statistics.date_format), first_day,
                                        d.statistics)]
-        times = frame[d.time_column]
-        train, window = set(split[TRAIN]), set(split[TRAIN]) | set(split["validation"])
-        for value, part in frame.groupby(times, sort=True):
-            part = part.reset_index(drop=True)
-            columns = examples.frame_columns(part, self.config, part[ROW].to_numpy())
+        frame = frame.reset_index(drop=True)
+        columns = examples.frame_columns(frame, self.config, frame[ROW].to_numpy())
+        records = examples.encode(columns, self.cols)  # one call per group: encode's cost is mostly per call
+        times = frame[d.time_column].to_numpy()
+        for value in pd.unique(times).tolist():  # Python values: deterministic keys
+            at = times == value
             path = Path(self.out) / f"date={value}" / f"part-{bucket:05d}{examples.SUFFIX}"
-            examples.write_shard(path, examples.encode(columns, self.cols))
-            yield value, len(part)
-            for name, member in ((TRAIN, value in train), (WINDOW, value in window)):
-                if member:
-                    for f in self.config.features:
-                        yield beam.pvalue.TaggedOutput("stats", ((name, f.name), feature_partial(columns, f)))
+            examples.write_shard(path, records[at])
+            yield value, int(at.sum())
+        for name, days in ((TRAIN, split[TRAIN]), (WINDOW, split[TRAIN] + split["validation"])):
+            rows = np.isin(times, days)
+            if rows.any():
+                part = {k: v[rows] for k, v in columns.items()}
+                for f in self.config.features:
+                    yield beam.pvalue.TaggedOutput("stats", ((name, f.name), feature_partial(part, f)))
         if self.verbose:
             print(f"features build: bucket {bucket}: {len(frame)} rows written", file=sys.stderr, flush=True)
+
 
 class _MergePartials(beam.CombineFn):
     def create_accumulator(self):

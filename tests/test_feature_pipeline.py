@@ -1,0 +1,110 @@
+"""The Beam feature pipeline against the in-memory path: on the bundled KuaiRand log (statistics and history lists)
+its examples are ``frame_columns(read_log(...))`` row for row and column for column, its feature stats are
+``build_stats`` of ``time_split``'s rows, its snapshot is ``snapshot_tables``'; bad input fails in one line and
+leaves no output directory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features import examples
+from features.logs import raw_inputs, read_log, time_split
+from features.pipeline import build_features
+from features.spec import ConfigError, parse_config
+from features.statistics import snapshot_tables
+from features.vocab import build_stats, load_stats
+
+
+@pytest.fixture(scope="module")
+def built(kuairand_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("features") / "kuairand"
+    manifest = build_features(kuairand_config, out, verbose=False, buckets=8, batch_rows=16384)
+    return out, manifest
+
+
+def _config_with_log(config, log):
+    data = config.model_dump()
+    data["data"]["log"] = str(log)
+    return parse_config(data, "test")
+
+
+def test_examples_equal_the_in_memory_frame_row_for_row(kuairand_config, kuairand_frame, built):
+    out, manifest = built
+    frame = kuairand_frame
+    want = examples.frame_columns(frame, kuairand_config, examples.row_ids(0, 0, len(frame)))
+    cols = [examples.Column(**c) for c in json.loads((out / "schema.json").read_text())]
+    assert cols == examples.schema(kuairand_config, examples.key_kinds_of(want))
+    days = sorted(p.name for p in (out / "examples").iterdir())
+    assert days == [f"date={d}" for d in sorted(frame[kuairand_config.data.time_column].unique())]
+    got = examples.read_columns(sorted((out / "examples").glob("date=*/*" + examples.SUFFIX)), cols)
+    for d in days:  # a day's directory holds that day's rows only
+        day = examples.read_columns(sorted((out / "examples" / d).glob("*" + examples.SUFFIX)), cols)[examples.DAY]
+        assert set(day.tolist()) == {int(d.split("=")[1])}
+    order = np.argsort(got[examples.ROW], kind="stable")
+    got = {k: v[order] for k, v in got.items()}
+    np.testing.assert_array_equal(got[examples.ROW], want[examples.ROW])  # every row once, none added
+    assert any(c.name.startswith("stat_") for c in cols) and "authors_clicked_today" in got
+    for c in cols:
+        if c.kind == "float":
+            np.testing.assert_array_equal(got[c.name], want[c.name].astype(np.float32), err_msg=c.name)  # NaN == NaN
+        elif c.kind == "int":
+            np.testing.assert_array_equal(got[c.name], want[c.name].astype(np.int64), err_msg=c.name)
+        else:
+            assert got[c.name].tolist() == [str(v) for v in want[c.name]], c.name
+    rows = frame[kuairand_config.data.time_column].value_counts()
+    assert manifest["rows_per_day"] == {str(k): int(v) for k, v in sorted(rows.items())}
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_feature_stats_equal_build_stats_of_the_time_split(kuairand_config, kuairand_frame, built):
+    out, manifest = built
+    train, val = time_split(kuairand_frame, kuairand_config)
+    col = kuairand_config.data.time_column
+    assert manifest["train_days"] == sorted(train[col].unique().tolist())
+    assert manifest["validation_days"] == sorted(val[col].unique().tolist())
+    for name, rows in (("train", train), ("window", pd.concat([train, val], ignore_index=True))):
+        want = build_stats(raw_inputs(rows, kuairand_config.features), kuairand_config.features)
+        got = load_stats(out / "stats" / f"{name}.json")
+        assert list(got) == list(want)
+        for f, w in want.items():
+            assert got[f].vocabulary == w.vocabulary, (name, f)
+            np.testing.assert_allclose([got[f].mean, got[f].std], [w.mean, w.std], rtol=1e-9, err_msg=f"{name} {f}")
+        assert any(w.vocabulary for w in want.values()) and any(w.std != 1.0 for w in want.values())
+
+
+def test_snapshot_equals_snapshot_tables(kuairand_config, built):
+    out, _ = built
+    want = snapshot_tables(read_log(kuairand_config.data, statistics=False), kuairand_config.data)
+    assert sorted(p.stem for p in (out / "statistics").glob("*.parquet")) == sorted(want)
+    for name, table in want.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "statistics" / f"{name}.parquet"), table)
+
+
+def test_a_log_missing_a_column_fails_in_one_line_and_leaves_no_output(kuairand_config, tmp_path):
+    log = pd.read_csv(kuairand_config.data.log, nrows=3000).drop(columns=["is_click"])
+    log.to_csv(tmp_path / "log.csv", index=False)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "features"
+    with pytest.raises(ConfigError) as err:
+        build_features(_config_with_log(kuairand_config, tmp_path / "log.csv"), out, verbose=False)
+    message = str(err.value)
+    assert "'is_click'" in message and "\n" not in message
+    assert not out.exists() and list((tmp_path / "out").iterdir()) == []  # no temporary directory either
+
+
+def test_a_bad_value_a_worker_meets_fails_in_one_line_and_leaves_no_output(kuairand_config, tmp_path):
+    """Past the driver's sample: the error is raised inside the pipeline and comes back as the same one line."""
+    log = pd.read_csv(kuairand_config.data.log).iloc[::15].reset_index(drop=True)  # every day, ~6,300 rows
+    log.loc[5000, "is_like"] = 2
+    log.to_csv(tmp_path / "log.csv", index=False)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "features"
+    with pytest.raises(ConfigError) as err:
+        build_features(_config_with_log(kuairand_config, tmp_path / "log.csv"), out, verbose=False, buckets=2)
+    message = str(err.value)
+    assert message.startswith("task 'like': binary label 'is_like' has value 2.0") and "\n" not in message
+    assert not out.exists() and list((tmp_path / "out").iterdir()) == []
