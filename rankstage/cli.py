@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+")
     p.set_defaults(func=cmd_gbdt)
 
+    if importlib.util.find_spec("features.commands") is not None:  # features build (the Beam pipeline)
+        from features.commands import register as register_features
+
+        register_features(sub)
     if importlib.util.find_spec("fusion.commands") is not None:  # replay / tune-fusion live with fusion/
         from fusion.commands import register
 
@@ -137,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # only commands with pipeline_args (Beam options) take extra flags
+    if extra and not hasattr(args, "pipeline_args"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.pipeline_args = extra
     from features.spec import ConfigError
 
     try:

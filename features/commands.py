@@ -1,0 +1,33 @@
+"""`rankstage features build`: the feature pipeline (``features.pipeline``); flags map onto its arguments here, and
+every flag this parser does not know is a Beam pipeline option (``--direct_num_workers 2`` ...)."""
+
+from __future__ import annotations
+
+import argparse
+
+RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner")
+
+
+def cmd_features_build(args: argparse.Namespace) -> None:
+    from features.pipeline import build_features
+    from features.spec import load_config
+
+    config = load_config(args.config, args.set, None)
+    manifest = build_features(config, args.out, runner=args.runner, pipeline_args=args.pipeline_args,
+                              log=args.data, buckets=args.buckets)
+    print(f"wrote {args.out}: {manifest['rows']} rows, days {list(manifest['rows_per_day'])}, "
+          f"{manifest['seconds']} s")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("features", help="the feature pipeline (Apache Beam)")
+    features = p.add_subparsers(dest="features_command", required=True)
+    b = features.add_parser("build", help="examples (TFRecord shards per day), feature stats and statistics snapshot "
+                            "of a log; other flags are Beam pipeline options")
+    b.add_argument("--config", required=True, help="feature/model/training spec (YAML)")
+    b.add_argument("--data", help="impression log: file, directory, glob (default: data.log of the config)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    b.add_argument("--out", required=True, help="output directory (must not exist; written whole or not at all)")
+    b.add_argument("--runner", default="DirectRunner", choices=RUNNERS)
+    b.add_argument("--buckets", type=int, default=16, help="hash buckets of users / keys: the groups of the shuffles")
+    b.set_defaults(func=cmd_features_build, pipeline_args=[])
