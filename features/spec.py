@@ -334,7 +334,10 @@ class HistoryConfig(Strict):
 
 
 class DataConfig(Strict):
-    log: str
+    # the impression log: a CSV or Parquet file, a directory of Parquet shards partitioned by day
+    # (``date=YYYYMMDD/part-*.parquet``, what `rankstage logs import` writes), a glob, or a list of these, read in
+    # order (features/logfiles.py); relative paths are relative to the working directory
+    log: str | list[str]
     joins: list[JoinSpec] = []
     statistics: StatisticsConfig | None = None
     history: HistoryConfig | None = None  # list columns derived from the log (features of kind match read them)
