@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         from retrieval.commands import register as register_retrieval
 
         register_retrieval(sub)
+    from features.logs_commands import register as register_logs  # logs import / synth
+
+    register_logs(sub)
     return parser
 
 
