@@ -1,5 +1,6 @@
 """A log as a dataset of files: a directory of Parquet shards partitioned by day (``date=YYYYMMDD/part-*.parquet``),
-a glob, one file (CSV or Parquet), or a list of any of these (``data.log``).
+a glob, one file (CSV or Parquet), or a list of any of these (``data.log``). A directory holding ``date=`` partitions
+is the files in them (a synthetic log keeps its side tables in ``DIR/side/``); any other directory is all its files.
 
 Files are listed in a fixed order (partition day, then name), which defines the row ids of ``features.examples``:
 file number i, row r within it. Readers stream record batches (``iter_batches``); nothing here holds a whole log.
@@ -51,6 +52,8 @@ def _one(spec: str, field: str) -> list[Path]:
         return found
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.is_file() and _format(p) and not p.name.startswith("."))
+        if any(map(partition_day, found)):  # a partitioned log: its date= shards (side tables may sit beside them)
+            found = [p for p in found if partition_day(p)]
         if not found:
             raise ConfigError(f"{field}: directory {spec} holds no .csv/.parquet file")
         return found
@@ -224,7 +227,7 @@ class _Converter:
                               f"{self.what}") from None
 
 
-class _DayWriters:
+class DayWriters:
     """One open Parquet writer per day under ``root/date=YYYYMMDD/``, rolled to the next part at ``part_rows``."""
 
     def __init__(self, root: Path, schema: pa.Schema, part_rows: int):
@@ -319,7 +322,7 @@ def import_csv(config: RankstageConfig, files: list[Path], out: str | Path, over
                 cols = [converters[c](batch.column(c), file, row) for c in names]
                 table = pa.Table.from_arrays(cols, names=names)
                 if writers is None:
-                    writers = _DayWriters(tmp, table.schema, part_rows)
+                    writers = DayWriters(tmp, table.schema, part_rows)
                 elif table.schema != writers.schema:
                     table = table.cast(writers.schema)
                 _write_days(writers, table, d.time_column, date_format)
@@ -366,7 +369,7 @@ def _parse_error(file: Path, bad) -> ConfigError:
                        f"{bad.text!r}")
 
 
-def _write_days(writers: _DayWriters, table: pa.Table, time_column: str, date_format: str | None) -> None:
+def _write_days(writers: DayWriters, table: pa.Table, time_column: str, date_format: str | None) -> None:
     """Split a typed block by day, keeping row order within each day, and append each piece to its day's part."""
     times = table.column(time_column).combine_chunks()
     uniq, inverse = np.unique(np.asarray(times.to_numpy(zero_copy_only=False)), return_inverse=True)
