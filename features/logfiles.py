@@ -4,6 +4,11 @@ is the files in them (a synthetic log keeps its side tables in ``DIR/side/``); a
 
 Files are listed in a fixed order (partition day, then name), which defines the row ids of ``features.examples``:
 file number i, row r within it. Readers stream record batches (``iter_batches``); nothing here holds a whole log.
+
+``import_csv`` (`rankstage logs import`) turns CSV files into such a directory, streaming CSV blocks, with every
+column the config reads checked and typed (``needed_columns``): ids and other integers int64, numbers float64, the
+time column a date (an integer YYYYMMDD, or a string of ``statistics.date_format``); a column the config does not
+read keeps the type pyarrow infers from the file's first rows. The day of a row's partition is its time column's.
 """
 
 from __future__ import annotations
