@@ -233,31 +233,37 @@ class _Converter:
 
 
 class DayWriters:
-    """One open Parquet writer per day under ``root/date=YYYYMMDD/``, rolled to the next part at ``part_rows``."""
+    """Parquet writers per day under ``root/date=YYYYMMDD/part-NNNNN.parquet``: a day's part is rolled to the next at
+    ``part_rows``, and at most ``max_open`` writers stay open (the least recently written is closed; that day's next
+    rows start its next part), so memory does not grow with the number of days."""
 
-    def __init__(self, root: Path, schema: pa.Schema, part_rows: int):
-        self.root, self.schema, self.part_rows = root, schema, part_rows
-        self.open: dict[str, tuple[pq.ParquetWriter, int, int]] = {}  # day -> (writer, part number, rows in part)
+    def __init__(self, root: Path, schema: pa.Schema, part_rows: int, max_open: int = 4):
+        self.root, self.schema, self.part_rows, self.max_open = root, schema, part_rows, max_open
+        self.open: dict[str, tuple[pq.ParquetWriter, int]] = {}  # day -> (writer, rows in its part); LRU order
+        self.parts: dict[str, int] = {}  # day -> its newest part number
         self.files = 0
 
     def write(self, day: str, table: pa.Table) -> None:
         while table.num_rows:
-            writer, part, rows = self.open.get(day) or (None, -1, self.part_rows)
+            writer, rows = self.open.pop(day, (None, self.part_rows))
             if rows >= self.part_rows:
                 if writer is not None:
                     writer.close()
-                part += 1
-                path = self.root / f"date={day}" / f"part-{part:05d}.parquet"
+                self.parts[day] = self.parts.get(day, -1) + 1
+                path = self.root / f"date={day}" / f"part-{self.parts[day]:05d}.parquet"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 writer, rows = pq.ParquetWriter(path, self.schema), 0
                 self.files += 1
             take = min(table.num_rows, self.part_rows - rows)
             writer.write_table(table.slice(0, take))
-            self.open[day] = (writer, part, rows + take)
+            self.open[day] = (writer, rows + take)  # now the most recently written
             table = table.slice(take)
+        while len(self.open) > self.max_open:
+            oldest = next(iter(self.open))
+            self.open.pop(oldest)[0].close()
 
     def close(self) -> None:
-        for writer, _, _ in self.open.values():
+        for writer, _ in self.open.values():
             writer.close()
         self.open = {}
 
@@ -302,8 +308,8 @@ def import_csv(config: RankstageConfig, files: list[Path], out: str | Path, over
                                   f"{header})")
             if names is None:
                 names = header
-                first = pacsv.open_csv(file, read_options=pacsv.ReadOptions(block_size=1 << 20),  # types of 1 MB
-                                       parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip")).schema
+                first = next(_csv_blocks(file, names, 1 << 20, pacsv.ParseOptions(
+                    invalid_row_handler=lambda row: "skip"), None), pa.table({c: pa.nulls(0) for c in names})).schema
                 keys = (d.time_column, d.user_column, d.item_column)  # never empty
                 converters = {c: _Converter(c, needed.get(c, "inferred"), first.field(c).type, date_format,
                                             required=c in keys) for c in names}
@@ -315,11 +321,10 @@ def import_csv(config: RankstageConfig, files: list[Path], out: str | Path, over
                 invalid.append(row)
                 return "skip"
 
-            reader = pacsv.open_csv(
-                file, read_options=pacsv.ReadOptions(block_size=int(block_mb * 2**20), use_threads=True),
-                parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
-                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
-                                                     strings_can_be_null=True))
+            reader = _csv_blocks(file, header, int(block_mb * 2**20),
+                                 pacsv.ParseOptions(invalid_row_handler=on_invalid),
+                                 pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
+                                                      strings_can_be_null=True))
             row = 1
             for batch in reader:
                 if invalid:
@@ -363,13 +368,36 @@ def import_csv(config: RankstageConfig, files: list[Path], out: str | Path, over
     return {"rows": total, "days": days, "files": n_files, "seconds": seconds}
 
 
+def _csv_blocks(file: Path, names: list[str], block_bytes: int, parse: pacsv.ParseOptions,
+                convert: pacsv.ConvertOptions | None) -> Iterator[pa.Table]:
+    """The data rows of a CSV file as tables of about ``block_bytes`` each, cut at newlines and parsed one at a time
+    (pyarrow's streaming reader reads the file ahead of its parsing without bound: its peak memory grew with the file,
+    +150 MB per 150 MB of CSV). A quoted value holding a newline is not supported."""
+    opener = gzip.open if file.name.endswith(".gz") else open
+    read = pacsv.ReadOptions(column_names=names, use_threads=True)
+    with opener(file, "rb") as f:
+        f.readline()  # the header
+        carry = b""
+        while True:
+            buf = f.read(block_bytes)
+            data = carry + buf
+            if not data:
+                return
+            cut = data.rfind(b"\n") + 1 if buf else len(data)
+            if cut == 0:  # no newline yet: read on
+                carry = data
+                continue
+            data, carry = data[:cut], data[cut:]
+            if data.strip():
+                yield pacsv.read_csv(pa.py_buffer(data), read_options=read, parse_options=parse,
+                                     convert_options=convert)
+
+
 def _parse_error(file: Path, bad) -> ConfigError:
-    """A row with the wrong number of values; the threaded reader does not number rows, so find it (error path)."""
-    row = bad.number - 1 if bad.number is not None and bad.number > 0 else None
-    if row is None:
-        opener = gzip.open if file.name.endswith(".gz") else open
-        with opener(file, "rt", newline="") as f:
-            row = next((i for i, cells in enumerate(csv.reader(f)) if i and len(cells) != bad.expected_columns), 0)
+    """A row with the wrong number of values; its number is counted in the file (error path)."""
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rt", newline="") as f:
+        row = next((i for i, cells in enumerate(csv.reader(f)) if i and len(cells) != bad.expected_columns), 0)
     return ConfigError(f"{file}: row {row}: {bad.actual_columns} values, expected {bad.expected_columns}: "
                        f"{bad.text!r}")
 
