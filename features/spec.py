@@ -347,6 +347,28 @@ class DataConfig(Strict):
     validation_periods: int = Field(1, ge=1)  # last N distinct time values are validation
     until: int | float | str | None = None  # drop rows whose time value is later (keeps test days out of training)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _joins_beside_the_log(cls, data: object) -> object:
+        """A join path starting ``{log}`` is under the log directory (a synthetic log keeps its side tables in
+        ``DIR/side/``), so ``--set data.log=DIR`` moves them along."""
+        if not isinstance(data, dict) or not isinstance(data.get("joins"), list):
+            return data
+        log = data.get("log")
+        joins = []
+        for i, join in enumerate(data["joins"]):
+            path = join.get("path") if isinstance(join, dict) else getattr(join, "path", None)
+            if isinstance(path, str) and path.startswith(LOG_DIR):
+                if not isinstance(log, str):
+                    raise ValueError(f"joins[{i}].path: {path!r} needs data.log to be one directory (got {log!r})")
+                path = str(Path(log) / path[len(LOG_DIR):].lstrip("/"))
+                join = {**join, "path": path} if isinstance(join, dict) else join.model_copy(update={"path": path})
+            joins.append(join)
+        return {**data, "joins": joins}
+
+
+LOG_DIR = "{log}"  # a data.joins path prefix: the data.log directory
+
 
 class RankstageConfig(Strict):
     name: str = "ranker"

@@ -68,3 +68,12 @@ def test_a_log_of_many_files_reads_as_the_one_file_in_order(tmp_path):
     assert DataConfig.model_validate({**data.model_dump(), "log": [str(p) for p in csvs]}).log == [str(p) for p in csvs]
     with pytest.raises(ConfigError, match="glob .* matches no"):
         read_table(str(tmp_path / "none" / "*.parquet"))
+
+
+def test_a_join_path_under_the_log_follows_it():
+    base = {"time_column": "day", "user_column": "user_id", "item_column": "item_id"}
+    data = DataConfig(log="runs/x", joins=[{"path": "{log}/side/users.parquet", "key": "user_id"},
+                                           {"path": "items.csv", "key": "item_id"}], **base)
+    assert [j.path for j in data.joins] == ["runs/x/side/users.parquet", "items.csv"]
+    with pytest.raises(ValueError, match=r"joins\[0\].path: '\{log\}/u.csv' needs data.log to be one directory"):
+        DataConfig(log=["a.csv", "b.csv"], joins=[{"path": "{log}/u.csv", "key": "user_id"}], **base)

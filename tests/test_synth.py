@@ -65,9 +65,9 @@ def test_deterministic_by_seed_and_read_by_the_config(tmp_path, capsys):
         return pa.Table.from_batches([b for _, _, b in iter_batches(log_files(str(tmp_path / name)))])
 
     assert read("a").equals(read("b")) and not read("a").equals(read("c"))
-    text = (ROOT / "configs" / "synthetic_scale.yaml").read_text().replace("runs/synth_scale", str(tmp_path / "a"))
-    (tmp_path / "config.yaml").write_text(text)
-    config = load_config(tmp_path / "config.yaml", [], None)
+    # the side tables follow --set data.log ({log}/side/... in the config)
+    config = load_config(ROOT / "configs" / "synthetic_scale.yaml", [f"data.log={tmp_path / 'a'}"], None)
+    assert config.data.joins[0].path == str(tmp_path / "a" / "side" / "users.parquet")
     frame = read_log(config.data)
     assert len(frame) == 20_000 and "stat_item_click_rate_1d" in frame and "user_segment" in frame
     inputs, labels = raw_inputs(frame, config.features), task_labels(frame, config.tasks)
