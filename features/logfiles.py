@@ -269,16 +269,23 @@ class DayWriters:
 
 
 def import_csv(config: RankstageConfig, files: list[Path], out: str | Path, overwrite: bool = False,
-               part_rows: int = 1_000_000, block_mb: float = 16.0, progress: bool = True) -> dict:
+               part_rows: int = 1_000_000, block_mb: float = 16.0, progress: bool = True,
+               append: bool = False) -> dict:
     """Convert CSV ``files`` into ``out/date=YYYYMMDD/part-NNNNN.parquet`` (day from ``data.time_column``), checking
     every value of the columns ``config`` needs (``needed_columns``) and typing them (int64, float64; the other
     columns keep the type pyarrow infers from the first rows). Streams CSV blocks of ``block_mb``: memory does not
     grow with the files. Rows keep their order within a day. Writes into a temporary directory beside ``out`` and
     renames it at the end: a bad value (a ``ConfigError`` naming the file, the 1-based data row, the column and the
-    value) leaves nothing behind. Returns {"rows", "days", "files", "seconds"}."""
+    value) leaves nothing behind. ``append`` adds the new days to an existing ``out`` instead (a new day is a new
+    partition: a day already there is refused, nothing written is rewritten). Returns {"rows", "days", "files",
+    "seconds"}."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} exists (pass --overwrite to replace it)")
+    if append and overwrite:
+        raise ConfigError("--append and --overwrite exclude each other")
+    if append and not out.is_dir():
+        raise ConfigError(f"--append: {out} is not a directory")
+    if out.exists() and not overwrite and not append:
+        raise FileExistsError(f"--out {out} exists (pass --overwrite to replace it, --append to add new days)")
     files = [Path(f) for f in files]
     for f in files:
         if not f.exists():
@@ -354,7 +361,9 @@ def import_csv(config: RankstageConfig, files: list[Path], out: str | Path, over
             writers.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
+    if append:
+        _append_days(tmp, out)
+    elif out.exists():
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         out.rename(old)
         tmp.rename(out)
@@ -366,6 +375,27 @@ def import_csv(config: RankstageConfig, files: list[Path], out: str | Path, over
         print(f"logs import: {total:,} rows in {seconds:.1f} s ({total / max(seconds, 1e-9):,.0f} rows/s)",
               file=sys.stderr)
     return {"rows": total, "days": days, "files": n_files, "seconds": seconds}
+
+
+def _append_days(tmp: Path, out: Path) -> None:
+    """Move the day partitions of ``tmp`` into ``out``: refused (and ``tmp`` removed) if a day is there already or
+    the schema differs from ``out``'s; each day lands by one rename."""
+    new = sorted(p for p in tmp.iterdir() if PARTITION.match(p.name))
+    try:
+        clash = [p.name for p in new if (out / p.name).exists()]
+        if clash:
+            raise ConfigError(f"--append: {out / clash[0]} exists (a new day is a new partition; --overwrite "
+                              f"rewrites the whole directory)")
+        old = next((f for f in log_files(str(out)) if _format(f) in (".parquet", ".pq")), None) \
+            if any(out.rglob("*.parquet")) else None
+        if old is not None and new:
+            have, got = pq.read_schema(old), pq.read_schema(next(new[0].glob("*.parquet")))
+            if not have.equals(got, check_metadata=False):
+                raise ConfigError(f"--append: the new files' schema differs from {old}'s: {got} vs {have}")
+        for p in new:
+            p.rename(out / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _csv_blocks(file: Path, names: list[str], block_bytes: int, parse: pacsv.ParseOptions,

@@ -13,7 +13,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set, None)
     files = log_files(args.csv if args.csv else config.data.log)
     done = import_csv(config, files, args.out, overwrite=args.overwrite, part_rows=args.part_rows,
-                      block_mb=args.block_mb)
+                      block_mb=args.block_mb, append=args.append)
     print(f"wrote {args.out}: {done['rows']:,} rows, {done['days']} days, {done['files']} files "
           f"({done['rows'] / max(done['seconds'], 1e-9):,.0f} rows/s)")
 
@@ -37,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="the directory to write (refused if it exists, unless --overwrite)")
     p.add_argument("csv", nargs="*", help="CSV files (default: the config's data.log files)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the import succeeded")
+    p.add_argument("--append", action="store_true",
+                   help="add the files' days to an existing --out (a day already there is refused)")
     p.add_argument("--part-rows", type=int, default=1_000_000, help="rows per Parquet file before the next part")
     p.add_argument("--block-mb", type=float, default=16.0, help="CSV block read at a time")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")

@@ -116,3 +116,15 @@ def test_a_short_row_is_named(tmp_path, config):
     with pytest.raises(Exception, match=r"^" + str(path) + r": row 2000: 3 values, expected 19: '1,2,3'$"):
         import_csv(config, [path], tmp_path / "log", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short_row.csv"]
+
+
+def test_append_adds_new_days_and_refuses_a_day_already_there(tmp_path, config):
+    out = tmp_path / "log"
+    import_csv(config, [CSVS[0]], out, progress=False)
+    before = {f: f.stat().st_mtime_ns for f in log_files(str(out))}
+    import_csv(config, [CSVS[1]], out, append=True, progress=False)
+    files = log_files(str(out))
+    assert len(files) == 10 and all(before[f] == f.stat().st_mtime_ns for f in before)  # nothing rewritten
+    with pytest.raises(Exception, match=r"--append: .*date=20220501 exists"):
+        import_csv(config, [CSVS[1]], out, append=True, progress=False)
+    assert log_files(str(out)) == files and sorted(p.name for p in tmp_path.iterdir()) == ["log"]
