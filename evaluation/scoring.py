@@ -57,10 +57,11 @@ class ScoredLog:
         return len(self.user)
 
 
-def score_log(model, log: str | Path | None = None, days: list[int] | None = None,
+def score_log(model, log: str | Path | list | None = None, days: list[int] | None = None,
               order_column: str = "time_ms", chunk_mb: float = 8.0, verbose: bool = True,
               list_column: str | None = None, truth_columns: tuple[str, ...] = ()) -> ScoredLog:
-    """Stream ``log`` (default: the model's own config log) through ``model``; keep rows of ``days`` (all if None).
+    """Stream ``log`` (a file or a log spec: ``features.logfiles``; default: the model's own config log) through
+    ``model``; keep rows of ``days`` (all if None).
 
     ``model`` is a loaded exported version (``ranking.servable.load_servable``; anything with ``signature(name)``,
     ``metadata``, ``config`` and ``version_dir``), called through its serving signature as serving calls it.
@@ -119,7 +120,8 @@ def score_log(model, log: str | Path | None = None, days: list[int] | None = Non
     return ScoredLog(cat(keep["user"]), cat(keep["day"]), cat(keep["order"]),
                      {k: cat(v) for k, v in preds.items()}, {k: cat(v) for k, v in labels.items()},
                      {"name": meta["model_name"], "version": meta["version"], "path": meta["path"],
-                      "training_window": meta.get("training_window"), "log": str(log), "tasks": list(preds),
+                      "training_window": meta.get("training_window"), "tasks": list(preds),
+                      "log": [str(x) for x in log] if isinstance(log, list) else str(log),
                       "task_types": {t.name: t.type for t in config.tasks}},
                      cat(keep["request"]) if list_column else None, {k: cat(v) for k, v in truth.items()})
 
