@@ -124,15 +124,27 @@ def score_log(model, log: str | Path | None = None, days: list[int] | None = Non
                      cat(keep["request"]) if list_column else None, {k: cat(v) for k, v in truth.items()})
 
 
-def _score_chunk(fn, config: RankstageConfig, chunk: pd.DataFrame, sampling: dict, preds: dict, labels: dict,
-                 max_batch: int = 65536) -> None:
+def corrected_predictions(fn, inputs: dict[str, np.ndarray], sampling: dict, tasks: list[str],
+                          max_batch: int = 65536) -> dict[str, np.ndarray]:
+    """(C,) raw inputs per feature -> (C,) float32 corrected predictions per task: ``fn`` (a serving signature)
+    called on slices of at most ``max_batch`` rows, outputs through ``correct_outputs``. What a scored row keeps."""
     import tensorflow as tf
 
-    x = raw_inputs(chunk, config.serving_features)  # (C,) packed arrays per feature
-    for start in range(0, len(chunk), max_batch):
-        tensors = {k: tf.constant(v[start:start + max_batch]) for k, v in x.items()}
+    n = len(next(iter(inputs.values())))
+    parts: dict[str, list] = {t: [] for t in tasks}
+    for start in range(0, n, max_batch):
+        tensors = {k: tf.constant(v[start:start + max_batch]) for k, v in inputs.items()}
         out = correct_outputs({k: np.asarray(v) for k, v in fn(**tensors).items()}, sampling)
-        for task in preds:
-            preds[task].append(out[task].astype(np.float32))
+        for task in tasks:
+            parts[task].append(out[task].astype(np.float32))
+    return {t: np.concatenate(p) if p else np.zeros(0, np.float32) for t, p in parts.items()}
+
+
+def _score_chunk(fn, config: RankstageConfig, chunk: pd.DataFrame, sampling: dict, preds: dict, labels: dict,
+                 max_batch: int = 65536) -> None:
+    x = raw_inputs(chunk, config.serving_features)  # (C,) packed arrays per feature
+    out = corrected_predictions(fn, x, sampling, list(preds), max_batch)
+    for task in preds:
+        preds[task].append(out[task])
     for task, y in evaluation_labels(chunk, config).items():
         labels[task].append(y.astype(np.float32))
