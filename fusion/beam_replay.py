@@ -28,14 +28,12 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from evaluation.bootstrap import interval_from_sums, poisson_weights, weighted_sums
 from evaluation.lists import key_hash
-from evaluation.scoring import ScoredLog, corrected_predictions
+from evaluation.scoring import SCORED_META, ScoredLog, corrected_predictions, scored_table
 from features import examples
 from features.spec import ConfigError
 
 PRED = "pred/"
 HASH = "key/hash"  # (N,) uint64 hash of the row's list key, computed when read
-SCORED_META = "scored.json"  # beside the scored Parquet shards: the model that scored them
-RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PrismRunner")
 
 
 # ---------------------------------------------------------------- input
@@ -295,27 +293,13 @@ class ReplayCombineFn(beam.CombineFn):
 # ---------------------------------------------------------------- scored lists as Parquet
 
 
-def scored_table(bucket: dict[str, np.ndarray], tasks: list[str], list_column: str | None = None):
-    """A scored bucket -> Arrow table: user, day, order, row (log position), request, pred/<task>, label/<task>."""
-    import pyarrow as pa
-
-    cols = {"user": bucket[examples.USER], "day": bucket[examples.DAY], "order": bucket[examples.ORDER],
-            "row": bucket[examples.ROW]}
-    if list_column:
-        cols["request"] = bucket[list_column]
-    for t in tasks:
-        cols[PRED + t] = bucket[PRED + t]
-    for t in tasks:
-        cols[examples.LABEL + t] = bucket[examples.LABEL + t]
-    return pa.table({k: pa.array(v) for k, v in cols.items()})
-
-
 class WriteScored(beam.DoFn):
     """A scored bucket -> ``DIR/part-<first row>.parquet`` (one file per bucket; the name is the bucket's first row
     id, so a rerun overwrites rather than duplicates)."""
 
-    def __init__(self, out_dir: str, tasks: list[str], list_column: str | None = None):
-        self.out_dir, self.tasks, self.list_column = out_dir, tasks, list_column
+    def __init__(self, out_dir: str, tasks: list[str], list_column: str | None = None,
+                 truth_columns: tuple[str, ...] = ()):
+        self.out_dir, self.tasks, self.list_column, self.truth_columns = out_dir, tasks, list_column, truth_columns
 
     def process(self, bucket):
         import pyarrow.parquet as pq
@@ -323,7 +307,11 @@ class WriteScored(beam.DoFn):
 
         path = f"{self.out_dir.rstrip('/')}/part-{int(bucket[examples.ROW][0]):020d}.parquet"
         with FileSystems.create(path) as f:
-            pq.write_table(scored_table(bucket, self.tasks, self.list_column), f)
+            pq.write_table(scored_table(
+                bucket[examples.USER], bucket[examples.DAY], bucket[examples.ORDER], bucket[examples.ROW],
+                {t: bucket[PRED + t] for t in self.tasks}, {t: bucket[examples.LABEL + t] for t in self.tasks},
+                bucket[self.list_column] if self.list_column else None,
+                {c: bucket[c] for c in self.truth_columns}), f)
         yield path
 
 
@@ -372,7 +360,8 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
     if scored_out:
         if not FileSystems.exists(scored_out):
             FileSystems.mkdirs(scored_out)
-        write_json({"model": model, "examples": str(examples_dir), "days": days, "list_column": list_column},
+        write_json({"model": model, "examples": str(examples_dir), "days": days, "list_column": list_column,
+                    "truth_columns": list(truth_columns)},
                    f"{scored_out.rstrip('/')}/{SCORED_META}")
     options = PipelineOptions(pipeline_args or [])
     with beam.Pipeline(options=options) as p:
@@ -388,7 +377,7 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
              | "Describe" >> beam.Map(lambda r: {"model": model, **(extra or {}), **r})
              | "WriteResult" >> beam.Map(write_json, f"{out.rstrip('/')}/replay.json"))
         if scored_out:
-            _ = scored | "WriteScored" >> beam.ParDo(WriteScored(scored_out, tasks, list_column))
+            _ = scored | "WriteScored" >> beam.ParDo(WriteScored(scored_out, tasks, list_column, truth_columns))
     with FileSystems.open(f"{out.rstrip('/')}/replay.json") as f:
         return json.loads(f.read())
 
