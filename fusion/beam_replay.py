@@ -85,8 +85,33 @@ def check_schema(cols: list[examples.Column], config, needed: list[str]) -> None
         raise ConfigError(f"--examples: feature kinds differ from the model's (name, shards, model): {wrong}")
 
 
+def pack(cols: dict[str, np.ndarray]) -> dict:
+    """(n,) columns -> a few arrays that pickle fast (a GroupByKey encodes its elements): every int64 column in one
+    (Ci, n) block, every float32 column in one (Cf, n) block, strings as fixed-width bytes, the rest as they are."""
+    ints = [k for k, v in cols.items() if v.dtype == np.int64]
+    floats = [k for k, v in cols.items() if v.dtype == np.float32]
+    rest = {k: v for k, v in cols.items() if k not in set(ints) | set(floats)}
+    return {"int": (ints, np.stack([cols[k] for k in ints]) if ints else None),
+            "float": (floats, np.stack([cols[k] for k in floats]) if floats else None), "rest": rest}
+
+
+def unpack(packed: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for kind in ("int", "float"):
+        names, block = packed[kind]
+        out |= {k: block[j] for j, k in enumerate(names)}
+    return out | packed["rest"]
+
+
+def take(packed: dict, idx: np.ndarray) -> dict:
+    """The rows ``idx`` of a packed batch."""
+    return {"int": (packed["int"][0], None if packed["int"][1] is None else packed["int"][1][:, idx]),
+            "float": (packed["float"][0], None if packed["float"][1] is None else packed["float"][1][:, idx]),
+            "rest": {k: v[idx] for k, v in packed["rest"].items()}}
+
+
 class ReadExampleShards(beam.DoFn):
-    """A shard path -> (bucket, fragment) per record batch: the batch's rows of each bucket as (n,) columns."""
+    """A shard path -> (bucket, fragment) per record batch: the batch's rows of each bucket, packed (``pack``)."""
 
     def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 16384):
         self.cols, self.key_columns, self.buckets, self.batch_rows = cols, key_columns, buckets, batch_rows
@@ -96,31 +121,39 @@ class ReadExampleShards(beam.DoFn):
 
         spec = examples.parse_spec(self.cols)
         self._parse = tf.function(lambda b: tf.io.parse_example(b, spec))
-        self._strings = [c.name for c in self.cols if c.kind == "string"
-                         and (c.name.startswith("key/") or c.name in self.key_columns)]
+        self._keys = {c.name for c in self.cols if c.kind == "string"
+                      and (c.name.startswith("key/") or c.name in self.key_columns)}
 
     def process(self, path: str):
         import tensorflow as tf
 
         ds = tf.data.TFRecordDataset(path, compression_type=examples.COMPRESSION).batch(self.batch_rows)
         for batch in ds.map(self._parse, num_parallel_calls=1).prefetch(1):
-            cols = {k: v.numpy() for k, v in batch.items()}
-            for k in self._strings:  # keys as text (features stay bytes: the signature takes tf.string)
-                cols[k] = cols[k].astype(str).astype(object)
+            cols = {}
+            for k, v in batch.items():
+                v = v.numpy()
+                if v.dtype == object:  # keys as text; features as fixed-width bytes (the signature takes tf.string)
+                    v = v.astype(str).astype(object) if k in self._keys else v.astype(bytes)
+                cols[k] = v
             cols[HASH] = key_hash([cols[k] for k in self.key_columns])
             bucket = cols[HASH] % np.uint64(self.buckets)
             by = np.argsort(bucket, kind="stable")
             cuts = np.flatnonzero(np.diff(bucket[by])) + 1
+            packed = pack(cols)
             for idx in np.split(by, cuts):
-                yield int(bucket[idx[0]]), {k: v[idx] for k, v in cols.items()}
+                yield int(bucket[idx[0]]), take(packed, idx)
 
 
 def merge_fragments(item) -> dict[str, np.ndarray]:
-    """(bucket, fragments) -> one bucket of columns in log order (``key/row``): ties in the logged order then break
-    by row, as the in-process replay breaks them by file position."""
+    """(bucket, fragments) -> one bucket of (n,) columns in log order (``key/row``): ties in the logged order then
+    break by row, as the in-process replay breaks them by file position."""
     _, fragments = item
     fragments = list(fragments)
-    cols = {k: np.concatenate([f[k] for f in fragments]) for k in fragments[0]}
+    first = fragments[0]
+    merged = {kind: (first[kind][0], None if first[kind][1] is None else
+                     np.concatenate([f[kind][1] for f in fragments], axis=1)) for kind in ("int", "float")}
+    merged["rest"] = {k: np.concatenate([f["rest"][k] for f in fragments]) for k in first["rest"]}
+    cols = unpack(merged)
     order = np.argsort(cols[examples.ROW], kind="stable")
     return {k: v[order] for k, v in cols.items()}
 
