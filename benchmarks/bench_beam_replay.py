@@ -5,9 +5,10 @@ log, with every profile of configs/fusion.yaml. Not run in CI.
     .venv/bin/python benchmarks/bench_beam_replay.py --model models/ranker [--rounds 3] [--days 20220429 ...]
 
 The example shards are built once from ``read_log`` (as the feature pipeline writes them) into a temporary
-directory and not timed. Variants run round-robin, ``--rounds`` times each; the report gives median wall seconds,
-rows/s and the ratio to the in-memory replay, plus two ceilings measured in the same run: parsing the shards
-alone (tf.data) and calling the signature alone on the same rows. -> reports/bench_beam_replay.json
+directory and not timed. Every replay variant loads the model version itself (the Beam ones once per worker).
+Variants run round-robin, ``--rounds`` times each; the report gives median wall seconds, rows/s and the ratio to
+the in-memory replay, plus two ceilings measured in the same run: parsing the shards alone (tf.data) and calling
+the signature alone on the same rows (model loaded). -> reports/bench_beam_replay.json
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def main() -> None:
     profiles = replay_profiles(config)
     print(f"{rows:,} rows on days {days}; {len(profiles)} rankings; shards in {shards}")
 
-    def in_memory():
-        scored = score_log(model, spec.data.log, days=days, verbose=False)
+    def in_memory():  # as `rankstage replay` runs it: load the version, stream the log, evaluate
+        scored = score_log(load_servable(version_dir), spec.data.log, days=days, verbose=False)
         return evaluate(scored, profiles, calibration=cal, reps=args.reps)
 
     def beam(flags):
