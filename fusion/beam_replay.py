@@ -351,12 +351,17 @@ class WriteScored(beam.DoFn):
 # ---------------------------------------------------------------- the job
 
 
-def write_json(result: dict, path: str) -> str:
+def write_text(text: str, path: str) -> str:
+    """Write ``text`` to ``path`` on any Beam filesystem (local, gs://, ...)."""
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.create(path) as f:
-        f.write(json.dumps(result, indent=1, default=float).encode())
+        f.write(text.encode())
     return path
+
+
+def write_json(result: dict, path: str) -> str:
+    return write_text(json.dumps(result, indent=1, default=float), path)
 
 
 def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, calibration: dict | None = None,
@@ -389,10 +394,10 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
     files = shard_files(examples_dir, days)
     handler = ServableHandler(str(version_dir), features, tasks, meta["sampling"],
                               meta.get("signature", "serving_default"))
-    FileSystems.mkdirs(out) if not FileSystems.exists(out) else None
+    for d in (out, scored_out) if scored_out else (out,):
+        if not FileSystems.exists(d):
+            FileSystems.mkdirs(d)
     if scored_out:
-        if not FileSystems.exists(scored_out):
-            FileSystems.mkdirs(scored_out)
         write_json({"model": model, "examples": str(examples_dir), "days": days, "list_column": list_column,
                     "truth_columns": list(truth_columns)},
                    f"{scored_out.rstrip('/')}/{SCORED_META}")

@@ -45,7 +45,7 @@ def beam_pipeline_args(args: argparse.Namespace) -> list[str]:
 def cmd_beam_replay(args: argparse.Namespace) -> None:
     import tempfile
 
-    from fusion.beam_replay import beam_replay
+    from fusion.beam_replay import beam_replay, write_text
     from fusion.replay import format_report, fusion_for_version, replay_profiles
 
     if not args.examples:
@@ -63,7 +63,7 @@ def cmd_beam_replay(args: argparse.Namespace) -> None:
              f"{config.version}{', calibration ' + cal['version'] if cal else ''}, days {result['days']}")
     report = format_report(result, title)
     print(report)
-    Path(out, "replay.md").write_text(report) if "://" not in out else None
+    write_text(report, f"{out.rstrip('/')}/replay.md")
     print(f"wrote {out}/replay.md and replay.json" + (f"; scored lists in {args.scored_out}" if args.scored_out
                                                       else ""))
 
