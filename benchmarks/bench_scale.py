@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RANKSTAGE = [sys.executable, "-m", "rankstage.cli"]
 CONFIG = ROOT / "configs" / "synthetic_scale.yaml"
+FUSION = ROOT / "configs" / "fusion.yaml"  # its profiles use the synthetic log's tasks
 
 
 def timed(cmd: list[str], log: Path) -> dict:
@@ -50,7 +51,8 @@ def stages(rows: int, days: int, work: Path, beam_args: list[str]) -> dict[str, 
                      "--runner", "DirectRunner", *beam_args],
         "train": [*RANKSTAGE, "train", "--config", str(CONFIG), *sets, "--examples", str(feat), "--out", str(run)],
         "export": [*RANKSTAGE, "export", "--run", str(run), "--model-base-path", str(models)],
-        "replay": [*RANKSTAGE, "replay", "--model-base-path", str(models), "--examples", str(feat),
+        "replay": [*RANKSTAGE, "replay", "--model-base-path", str(models), "--fusion", str(FUSION),
+                   "--examples", str(feat),
                    "--runner", "DirectRunner", *beam_args, "--out", str(work / "replay")],
     }
     out = {}
