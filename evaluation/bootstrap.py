@@ -41,3 +41,52 @@ def mean_over_units(values: np.ndarray, weights: np.ndarray | None = None, reps:
         return float("nan"), [float("nan"), float("nan")], 0
     lo, hi = bootstrap_ci(_weighted_mean, v, w, reps=reps, seed=seed)
     return _weighted_mean(v, w), [lo, hi], int(len(v))
+
+
+# ---------------------------------------------------------------- Poisson bootstrap from sums (mergeable)
+# Each unit carries K Poisson(1) weights drawn from a hash of its key (a counter-based generator: weight r of unit
+# h is a function of (h, r) only), so the resample does not depend on which worker saw the unit or in what order;
+# a replicate's mean is sum_u w_ur v_u / sum_u w_ur, and both sums add across workers.
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_POISSON1_CDF = np.cumsum([np.exp(-1.0) / np.prod(np.arange(1, k + 1, dtype=np.float64)) for k in range(24)])
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 values (wrapping arithmetic): a bijection that scrambles every bit."""
+    x = np.array(x, dtype=np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def poisson_weights(unit_hash: np.ndarray, reps: int) -> np.ndarray:
+    """(U,) uint64 unit hashes -> (U, reps) Poisson(1) resampling weights, a function of (hash, replicate) only."""
+    h = np.asarray(unit_hash, np.uint64)[:, None]
+    with np.errstate(over="ignore"):
+        r = (np.arange(1, reps + 1, dtype=np.uint64) * _GOLDEN)[None, :]
+        u = (mix64(mix64(h ^ r) + _GOLDEN) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # (U, reps) in [0, 1)
+    return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.float64)
+
+
+def weighted_sums(values: np.ndarray, weights: np.ndarray) -> tuple[int, float, np.ndarray, np.ndarray]:
+    """(U,) per-unit values and their (U, K) weights -> (units with a finite value, their sum, (K,) weighted sums,
+    (K,) weight totals): what a Poisson bootstrap of the mean keeps, and adds across workers."""
+    v = np.asarray(values, np.float64)
+    ok = np.isfinite(v)
+    v, w = v[ok], weights[ok]
+    return int(ok.sum()), float(v.sum()), v @ w, w.sum(axis=0)
+
+
+def interval_from_sums(rep_sums: np.ndarray, rep_weights: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the replicate means rep_sums / rep_weights (replicates of weight 0 dropped)."""
+    ok = rep_weights > 0
+    if not ok.any():
+        return float("nan"), float("nan")
+    vals = rep_sums[ok] / rep_weights[ok]
+    lo = (1 - level) / 2
+    return float(np.quantile(vals, lo)), float(np.quantile(vals, 1 - lo))

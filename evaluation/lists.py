@@ -146,3 +146,18 @@ def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], reps: 
                       ) -> dict[str, dict]:
     """Mean of per-list a − b over lists where both are defined, with a bootstrap 95% interval over lists."""
     return summarise({name: a[name] - b[name] for name in a if name in b}, reps=reps, seed=seed)
+
+
+def key_hash(keys: list[np.ndarray]) -> np.ndarray:
+    """(N,) uint64 hash of each row's list key (the tuple of ``keys``, each (N,)), the same in every process and run:
+    integer keys by value, others by their text (``pd.util.hash_array``, fixed hash key)."""
+    from evaluation.bootstrap import mix64
+
+    n = len(keys[0])
+    h = np.zeros(n, np.uint64)
+    for k in keys:
+        k = np.asarray(k)
+        part = pd.util.hash_array(k.astype(np.int64) if k.dtype.kind in "iub" else k.astype(str).astype(object))
+        with np.errstate(over="ignore"):
+            h = mix64(h * np.uint64(0x9E3779B97F4A7C15) ^ part)
+    return h

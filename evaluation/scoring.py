@@ -9,6 +9,7 @@ a calibration map is applied by whoever evaluates, with the artifact it was hand
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,10 +58,11 @@ class ScoredLog:
         return len(self.user)
 
 
-def score_log(model, log: str | Path | None = None, days: list[int] | None = None,
+def score_log(model, log: str | Path | list | None = None, days: list[int] | None = None,
               order_column: str = "time_ms", chunk_mb: float = 8.0, verbose: bool = True,
               list_column: str | None = None, truth_columns: tuple[str, ...] = ()) -> ScoredLog:
-    """Stream ``log`` (default: the model's own config log) through ``model``; keep rows of ``days`` (all if None).
+    """Stream ``log`` (a file or a log spec: ``features.logfiles``; default: the model's own config log) through
+    ``model``; keep rows of ``days`` (all if None).
 
     ``model`` is a loaded exported version (``ranking.servable.load_servable``; anything with ``signature(name)``,
     ``metadata``, ``config`` and ``version_dir``), called through its serving signature as serving calls it.
@@ -119,20 +121,93 @@ def score_log(model, log: str | Path | None = None, days: list[int] | None = Non
     return ScoredLog(cat(keep["user"]), cat(keep["day"]), cat(keep["order"]),
                      {k: cat(v) for k, v in preds.items()}, {k: cat(v) for k, v in labels.items()},
                      {"name": meta["model_name"], "version": meta["version"], "path": meta["path"],
-                      "training_window": meta.get("training_window"), "log": str(log), "tasks": list(preds),
+                      "training_window": meta.get("training_window"), "tasks": list(preds),
+                      "log": [str(x) for x in log] if isinstance(log, list) else str(log),
                       "task_types": {t.name: t.type for t in config.tasks}},
                      cat(keep["request"]) if list_column else None, {k: cat(v) for k, v in truth.items()})
 
 
-def _score_chunk(fn, config: RankstageConfig, chunk: pd.DataFrame, sampling: dict, preds: dict, labels: dict,
-                 max_batch: int = 65536) -> None:
+def corrected_predictions(fn, inputs: dict[str, np.ndarray], sampling: dict, tasks: list[str],
+                          max_batch: int = 65536) -> dict[str, np.ndarray]:
+    """(C,) raw inputs per feature -> (C,) float32 corrected predictions per task: ``fn`` (a serving signature)
+    called on slices of at most ``max_batch`` rows, outputs through ``correct_outputs``. What a scored row keeps."""
     import tensorflow as tf
 
-    x = raw_inputs(chunk, config.serving_features)  # (C,) packed arrays per feature
-    for start in range(0, len(chunk), max_batch):
-        tensors = {k: tf.constant(v[start:start + max_batch]) for k, v in x.items()}
+    n = len(next(iter(inputs.values())))
+    parts: dict[str, list] = {t: [] for t in tasks}
+    for start in range(0, n, max_batch):
+        tensors = {k: tf.constant(v[start:start + max_batch]) for k, v in inputs.items()}
         out = correct_outputs({k: np.asarray(v) for k, v in fn(**tensors).items()}, sampling)
-        for task in preds:
-            preds[task].append(out[task].astype(np.float32))
+        for task in tasks:
+            parts[task].append(out[task].astype(np.float32))
+    return {t: np.concatenate(p) if p else np.zeros(0, np.float32) for t, p in parts.items()}
+
+
+def _score_chunk(fn, config: RankstageConfig, chunk: pd.DataFrame, sampling: dict, preds: dict, labels: dict,
+                 max_batch: int = 65536) -> None:
+    x = raw_inputs(chunk, config.serving_features)  # (C,) packed arrays per feature
+    out = corrected_predictions(fn, x, sampling, list(preds), max_batch)
+    for task in preds:
+        preds[task].append(out[task])
     for task, y in evaluation_labels(chunk, config).items():
         labels[task].append(y.astype(np.float32))
+
+
+# ---------------------------------------------------------------- a scored log as Parquet shards
+# DIR/part-*.parquet with columns user, day, order, row (log position), [request], pred/<task>, label/<task>,
+# [truth/<column>], and DIR/scored.json: {"model": ScoredLog.model of the version that scored them, ...}.
+
+SCORED_META = "scored.json"
+PRED, LABEL, TRUTH = "pred/", "label/", "truth/"
+
+
+def scored_table(user, day, order, row, predictions: dict, labels: dict, request=None, truth: dict | None = None):
+    """(N,) columns of scored rows -> one Arrow table in the scored-Parquet layout."""
+    import pyarrow as pa
+
+    cols = {"user": user, "day": day, "order": order, "row": row}
+    if request is not None:
+        cols["request"] = request
+    cols |= {PRED + t: p for t, p in predictions.items()} | {LABEL + t: y for t, y in labels.items()}
+    cols |= {TRUTH + c: v for c, v in (truth or {}).items()}
+    return pa.table({k: pa.array(np.asarray(v)) for k, v in cols.items()})
+
+
+def read_scored_meta(path: str | Path) -> dict:
+    meta = Path(path) / SCORED_META
+    if not meta.exists():
+        raise ConfigError(f"--scored {path}: no {SCORED_META} (expected the output of rankstage replay --scored-out)")
+    return json.loads(meta.read_text())
+
+
+def read_scored(path: str | Path, days: list[int] | None = None, batch_rows: int = 65536) -> ScoredLog:
+    """The scored rows of ``days`` (all if None) of a scored-Parquet directory as a ``ScoredLog`` in log order
+    (by ``row``), streamed in record batches (only the kept columns are held)."""
+    import pyarrow.dataset as ds
+
+    model = read_scored_meta(path)["model"]
+    tasks = model["tasks"]
+    files = sorted(str(p) for p in Path(path).glob("part-*.parquet"))
+    if not files:
+        raise ConfigError(f"--scored {path}: no part-*.parquet shards")
+    data = ds.dataset(files, format="parquet")
+    names = data.schema.names
+    truth = [n.removeprefix(TRUTH) for n in names if n.startswith(TRUTH)]
+    wanted = ["user", "day", "order", "row", *(["request"] if "request" in names else []),
+              *(PRED + t for t in tasks), *(LABEL + t for t in tasks), *(TRUTH + c for c in truth)]
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise ConfigError(f"--scored {path}: columns {missing} missing (has {names})")
+    parts: dict[str, list] = {c: [] for c in wanted}
+    flt = ds.field("day").isin(list(days)) if days else None
+    for batch in data.to_batches(columns=wanted, filter=flt, batch_size=batch_rows):
+        for c in wanted:
+            parts[c].append(batch.column(c).to_numpy(zero_copy_only=False))
+    cols = {c: np.concatenate(v) if v else np.zeros(0) for c, v in parts.items()}
+    if not len(cols["row"]):
+        raise ConfigError(f"--day {days}: no scored rows of {path} on these days")
+    order = np.argsort(cols["row"], kind="stable")
+    cols = {c: v[order] for c, v in cols.items()}
+    return ScoredLog(cols["user"], cols["day"], cols["order"], {t: cols[PRED + t] for t in tasks},
+                     {t: cols[LABEL + t] for t in tasks}, model, cols.get("request"),
+                     {c: cols[TRUTH + c].astype(np.float64) for c in truth})

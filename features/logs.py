@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from features.history import attach_history
+from features.logfiles import log_files
 from features.spec import ConfigError, DataConfig, FeatureSpec, JoinSpec, RankstageConfig, TaskSpec
 from features.statistics import attach_statistics
 
@@ -22,29 +24,36 @@ MISSING_INT = -1
 MISSING_STRING = ""
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a CSV or Parquet file with pyarrow (multi-threaded, typed) into pandas."""
+def read_table(path: str | Path | list, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a CSV or Parquet file with pyarrow (multi-threaded, typed) into pandas; or a log spec of several files
+    (a day-partitioned directory, a glob, a list: ``features.logfiles.log_files``), concatenated in reading order."""
+    if isinstance(path, list | tuple) or any(ch in str(path) for ch in "*?[") or Path(path).is_dir():
+        tables = [_read_file(p, columns) for p in log_files(path if isinstance(path, list | tuple) else str(path))]
+        return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    return _read_file(Path(path), columns).to_pandas()
+
+
+def _read_file(path: Path, columns: list[str] | None) -> pa.Table:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"data file not found: {path}")
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if suffix in (".parquet", ".pq"):
-        table = pq.read_table(path, columns=columns)
-    elif suffix in (".csv", ".csv.gz"):
+        return pq.read_table(path, columns=columns)
+    if suffix in (".csv", ".csv.gz"):
         opts = pacsv.ConvertOptions(include_columns=columns) if columns else None
-        table = pacsv.read_csv(path, convert_options=opts)
-    else:
-        raise ConfigError(f"data file {path}: unknown format {suffix!r} (expected .csv, .csv.gz or .parquet)")
-    return table.to_pandas()
+        return pacsv.read_csv(path, convert_options=opts)
+    raise ConfigError(f"data file {path}: unknown format {suffix!r} (expected .csv, .csv.gz or .parquet)")
 
 
-def read_log(data: DataConfig, log: str | Path | None = None, statistics: bool = True) -> pd.DataFrame:
+def read_log(data: DataConfig, log: str | Path | list | None = None, statistics: bool = True) -> pd.DataFrame:
     """Read the impression log, left-join every side table the spec names, add the history lists of
     ``data.history`` and the point-in-time statistics features of ``data.statistics`` (dropping its warmup days)."""
-    df = read_table(log or data.log)
+    log = log or data.log
+    df = read_table(log)
     for col in (data.time_column, data.user_column, data.item_column):
         if col not in df.columns:
-            raise ConfigError(f"data: column {col!r} not in log {log or data.log} (has {list(df.columns)})")
+            raise ConfigError(f"data: column {col!r} not in log {log} (has {list(df.columns)})")
     df = attach_history(join_side_tables(df, load_side_tables(data)), data)  # after the joins: author is a side column
     return attach_statistics(df, data) if statistics else df  # after the joins: keys may be side columns (author)
 
@@ -176,19 +185,17 @@ def time_split(df: pd.DataFrame, config: RankstageConfig) -> tuple[pd.DataFrame,
     return df[df[col] < first_val].reset_index(drop=True), df[df[col] >= first_val].reset_index(drop=True)
 
 
-def iter_log_chunks(path: str | Path, chunk_mb: float = 8.0) -> Iterator[pd.DataFrame]:
-    """Yield the log as pandas chunks of roughly ``chunk_mb`` MB (CSV blocks / Parquet record batches)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"--logs: file not found: {path}")
-    if path.suffix in (".parquet", ".pq"):
-        pf = pq.ParquetFile(path)
-        row_bytes = max(1, pf.metadata.serialized_size // max(1, pf.metadata.num_rows)) * 8
-        for batch in pf.iter_batches(batch_size=max(1024, int(chunk_mb * 2**20 / row_bytes))):
-            yield batch.to_pandas()
-    elif path.suffix == ".csv" or path.name.endswith(".csv.gz"):
-        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=int(chunk_mb * 2**20)))
-        for batch in reader:
-            yield batch.to_pandas()
-    else:
-        raise ConfigError(f"--logs {path}: unknown format (expected .csv, .csv.gz or .parquet)")
+def iter_log_chunks(path: str | Path | list, chunk_mb: float = 8.0) -> Iterator[pd.DataFrame]:
+    """Yield the log (one file or a log spec: ``features.logfiles.log_files``) as pandas chunks of roughly
+    ``chunk_mb`` MB (CSV blocks / Parquet record batches), file after file in the order ``read_table`` concatenates
+    them."""
+    for file in log_files(path if isinstance(path, list | tuple) else str(path), field="--logs"):
+        if file.suffix in (".parquet", ".pq"):
+            pf = pq.ParquetFile(file)
+            row_bytes = max(1, pf.metadata.serialized_size // max(1, pf.metadata.num_rows)) * 8
+            for batch in pf.iter_batches(batch_size=max(1024, int(chunk_mb * 2**20 / row_bytes))):
+                yield batch.to_pandas()
+        else:
+            reader = pacsv.open_csv(file, read_options=pacsv.ReadOptions(block_size=int(chunk_mb * 2**20)))
+            for batch in reader:
+                yield batch.to_pandas()

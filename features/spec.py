@@ -334,7 +334,10 @@ class HistoryConfig(Strict):
 
 
 class DataConfig(Strict):
-    log: str
+    # the impression log: a CSV or Parquet file, a directory of Parquet shards partitioned by day
+    # (``date=YYYYMMDD/part-*.parquet``, what `rankstage logs import` writes), a glob, or a list of these, read in
+    # order (features/logfiles.py); relative paths are relative to the working directory
+    log: str | list[str]
     joins: list[JoinSpec] = []
     statistics: StatisticsConfig | None = None
     history: HistoryConfig | None = None  # list columns derived from the log (features of kind match read them)
@@ -343,6 +346,28 @@ class DataConfig(Strict):
     item_column: str
     validation_periods: int = Field(1, ge=1)  # last N distinct time values are validation
     until: int | float | str | None = None  # drop rows whose time value is later (keeps test days out of training)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _joins_beside_the_log(cls, data: object) -> object:
+        """A join path starting ``{log}`` is under the log directory (a synthetic log keeps its side tables in
+        ``DIR/side/``), so ``--set data.log=DIR`` moves them along."""
+        if not isinstance(data, dict) or not isinstance(data.get("joins"), list):
+            return data
+        log = data.get("log")
+        joins = []
+        for i, join in enumerate(data["joins"]):
+            path = join.get("path") if isinstance(join, dict) else getattr(join, "path", None)
+            if isinstance(path, str) and path.startswith(LOG_DIR):
+                if not isinstance(log, str):
+                    raise ValueError(f"joins[{i}].path: {path!r} needs data.log to be one directory (got {log!r})")
+                path = str(Path(log) / path[len(LOG_DIR):].lstrip("/"))
+                join = {**join, "path": path} if isinstance(join, dict) else join.model_copy(update={"path": path})
+            joins.append(join)
+        return {**data, "joins": joins}
+
+
+LOG_DIR = "{log}"  # a data.joins path prefix: the data.log directory
 
 
 class RankstageConfig(Strict):

@@ -34,10 +34,11 @@ def _check_tasks(tasks: list[str] | None, meta: dict) -> list[str]:
 
 
 def calibrate_command(model_base_path, log, fit_days, eval_days, method, tasks, out, chunk_mb=8.0,
-                      fitted_on: dict | None = None) -> dict:
+                      fitted_on: dict | None = None, scored_dir=None) -> dict:
     """Score the version on ``fit_days`` and ``eval_days`` (default: the fit days), fit on the first, judge on the
     second, write the artifact (for that version) and the diagnostics into ``out``. Fit days the version trained on
-    are refused: its predictions there are in sample, and a map fitted on them corrects nothing it will serve."""
+    are refused: its predictions there are in sample, and a map fitted on them corrects nothing it will serve.
+    ``scored_dir``: the scored Parquet of ``rankstage replay --scored-out`` (of this version) instead of scoring."""
     version_dir, meta = _version(model_base_path)
     window = meta.get("training_window")
     inside = in_sample_days(list(fit_days), window)
@@ -48,7 +49,13 @@ def calibrate_command(model_base_path, log, fit_days, eval_days, method, tasks, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     eval_days = eval_days or fit_days
-    scored = score_log(load_servable(version_dir), log, days=sorted({*fit_days, *eval_days}), chunk_mb=chunk_mb)
+    days = sorted({*fit_days, *eval_days})
+    if scored_dir:
+        from fusion.replay import scored_for_version
+
+        scored = scored_for_version(scored_dir, version_dir, days)
+    else:
+        scored = score_log(load_servable(version_dir), log, days=days, chunk_mb=chunk_mb)
     units = task_units(scored.model["task_types"])
     fit_part, eval_part = scored.days(fit_days), scored.days(eval_days)
     params = fit_tasks(fit_part.predictions, fit_part.labels, tasks, method, units)
@@ -72,7 +79,8 @@ def calibrate_command(model_base_path, log, fit_days, eval_days, method, tasks, 
     return {"artifact": artifact, "diagnostics": rows}
 
 
-def calibrate_from_run(run_dir, model_base_path, log, eval_days, method, tasks, out, chunk_mb=8.0) -> dict:
+def calibrate_from_run(run_dir, model_base_path, log, eval_days, method, tasks, out, chunk_mb=8.0,
+                       scored_dir=None) -> dict:
     """Fit on the run's validation days, scored by the version exported from that run, and ship it for that version.
 
     The validation days are the days after the run's training days: a version trained without ``--refit`` never saw
@@ -100,4 +108,4 @@ def calibrate_from_run(run_dir, model_base_path, log, eval_days, method, tasks, 
             "version on days after its window (rankstage calibrate --fit-day D with D later than "
             f"{max(fit_days)}), or train without --refit and calibrate --from-run that run")
     return calibrate_command(version_dir, log, fit_days, eval_days, method, tasks, out, chunk_mb,
-                             fitted_on={"run": str(run_dir)})
+                             fitted_on={"run": str(run_dir)}, scored_dir=scored_dir)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from features.spec import ConfigError
 
+RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PrismRunner")
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-base-path", required=True, help="exported model base path (newest version) or version dir")
@@ -26,16 +28,58 @@ def _lists(p: argparse.ArgumentParser) -> None:
                    help="planted-truth column summed over the top K (simulator logs, e.g. true_attraction)")
 
 
+def beam_pipeline_args(args: argparse.Namespace) -> list[str]:
+    """The Beam pipeline options of the command line: --runner, the DirectRunner's worker flags, --beam-option."""
+    flags = [f"--runner={args.runner or 'DirectRunner'}"]
+    if args.direct_num_workers is not None:
+        flags.append(f"--direct_num_workers={args.direct_num_workers}")
+    if args.direct_running_mode:
+        flags.append(f"--direct_running_mode={args.direct_running_mode}")
+    for opt in args.beam_option:
+        if "=" not in opt:
+            raise ConfigError(f"--beam-option {opt!r}: expected NAME=VALUE (e.g. flink_master=localhost:8081)")
+        flags.append(f"--{opt.removeprefix('--')}")
+    return flags
+
+
+def cmd_beam_replay(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from fusion.beam_replay import beam_replay, write_text
+    from fusion.replay import format_report, fusion_for_version, replay_profiles
+
+    if not args.examples:
+        raise ConfigError("--runner: the Beam replay reads example shards; give --examples DIR")
+    if args.logs:
+        raise ConfigError("--logs and --examples: give one (--examples runs the Beam replay on example shards)")
+    version_dir, config, cal = fusion_for_version(args.fusion, args.model_base_path, args.calibration)
+    out = args.out or tempfile.mkdtemp(prefix="replay-")
+    result = beam_replay(version_dir, args.examples, replay_profiles(config, args.profile), out, cal, args.day,
+                         args.group, args.min_list, args.k, args.reps, "click_only", args.list_column,
+                         tuple(args.truth_column), args.list_buckets, args.batch_rows, args.scored_out,
+                         beam_pipeline_args(args), extra={"fusion_version": config.version})
+    model = result["model"]
+    title = (f"replay: model {model['name']} v{model['version']} ({model['path']}), fusion "
+             f"{config.version}{', calibration ' + cal['version'] if cal else ''}, days {result['days']}")
+    report = format_report(result, title)
+    print(report)
+    write_text(report, f"{out.rstrip('/')}/replay.md")
+    print(f"wrote {out}/replay.md and replay.json" + (f"; scored lists in {args.scored_out}" if args.scored_out
+                                                      else ""))
+
+
 def cmd_replay(args: argparse.Namespace) -> None:
+    if args.examples or args.runner:
+        cmd_beam_replay(args)
+        return
     from evaluation.scoring import score_log
-    from fusion.replay import CLICK_ONLY, evaluate, format_report, fusion_for_version
+    from fusion.replay import evaluate, format_report, fusion_for_version, replay_profiles
     from ranking.servable import load_servable
 
     version_dir, config, cal = fusion_for_version(args.fusion, args.model_base_path, args.calibration)
     scored = score_log(load_servable(version_dir), args.logs, days=args.day, order_column=args.order_column,
                        chunk_mb=args.chunk_mb, list_column=args.list_column, truth_columns=tuple(args.truth_column))
-    names = args.profile or list(config.profiles)
-    profiles = {"logged_order": None, "click_only": CLICK_ONLY, **{n: config.profile(n) for n in names}}
+    profiles = replay_profiles(config, args.profile)
     result = evaluate(scored, profiles, args.group, args.min_list, args.k, cal, args.reps)
     days = sorted(set(scored.day.tolist()))
     title = (f"replay: model {scored.model['name']} v{scored.model['version']} ({scored.model['path']}), fusion "
@@ -59,7 +103,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
                 trials=args.trials, seed=args.seed, group=args.group, min_list=args.min_list, k=args.k,
                 tolerance=args.click_tolerance, formula=args.formula, calibration=args.calibration,
                 reps=args.reps, order_column=args.order_column, chunk_mb=args.chunk_mb,
-                list_column=args.list_column, truth_columns=tuple(args.truth_column))
+                list_column=args.list_column, truth_columns=tuple(args.truth_column), scored_dir=args.scored)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -69,12 +113,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         if args.fit_day:
             raise ConfigError("--fit-day and --from-run: give one (--from-run fits on the run's validation days)")
         calibrate_from_run(args.from_run, args.model_base_path, args.logs, args.eval_day, args.method, args.tasks,
-                           args.out, args.chunk_mb)
+                           args.out, args.chunk_mb, scored_dir=args.scored)
         return
     if not args.fit_day:
         raise ConfigError("--fit-day: required unless --from-run is given")
     calibrate_command(args.model_base_path, args.logs, fit_days=args.fit_day, eval_days=args.eval_day,
-                      method=args.method, tasks=args.tasks, out=args.out, chunk_mb=args.chunk_mb)
+                      method=args.method, tasks=args.tasks, out=args.out, chunk_mb=args.chunk_mb,
+                      scored_dir=args.scored)
 
 
 def register(sub) -> None:
@@ -86,6 +131,18 @@ def register(sub) -> None:
     p.add_argument("--day", type=int, action="append", help="only these values of the time column (repeatable)")
     p.add_argument("--calibration", help="post-hoc calibration artifact (default: the fusion config's)")
     p.add_argument("--out", help="directory for replay.md / replay.json")
+    beam = p.add_argument_group("Beam replay (on example shards; without --runner/--examples: in process on --logs)")
+    beam.add_argument("--examples", help="example shards DIR (DIR/examples/date=<day>/part-*.tfrecord.gz, "
+                      "DIR/schema.json); --day selects day directories")
+    beam.add_argument("--runner", choices=RUNNERS, help="Beam runner (default with --examples: DirectRunner)")
+    beam.add_argument("--direct_num_workers", type=int, help="DirectRunner: worker count")
+    beam.add_argument("--direct_running_mode", choices=["in_memory", "multi_threading", "multi_processing"])
+    beam.add_argument("--beam-option", action="append", default=[], metavar="NAME=VALUE",
+                      help="any other Beam pipeline option, e.g. flink_master=localhost:8081 (repeatable)")
+    beam.add_argument("--list-buckets", type=int, default=64, help="buckets of lists (the unit grouped and scored)")
+    beam.add_argument("--batch-rows", type=int, default=16384, help="records parsed per batch")
+    beam.add_argument("--scored-out", help="also write the scored rows as Parquet here (tune-fusion/calibrate "
+                      "--scored read them)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("tune-fusion", help="search fusion weights with Optuna on earlier days, judge on a later day")
@@ -103,6 +160,8 @@ def register(sub) -> None:
                    help="constraint: click NDCG@K >= (1 - tolerance) x click-only's, on the tuning days")
     p.add_argument("--calibration", help="post-hoc calibration artifact (default: the fusion config's)")
     p.add_argument("--out", required=True, help="directory: fusion_tuned.yaml, tune.md, tradeoff.png, trials.csv")
+    p.add_argument("--scored", help="scored Parquet of rankstage replay --scored-out (no rescoring; must be this "
+                   "version's)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("calibrate", help="fit post-hoc calibration per task on held-out days; diagnostics and plots")
@@ -115,4 +174,6 @@ def register(sub) -> None:
     p.add_argument("--tasks", nargs="+", help="tasks to calibrate (default: the binary tasks); watch_time is always "
                    "fitted isotonic, in seconds")
     p.add_argument("--out", required=True, help="directory: calibration.json, calibration.md, reliability_*.png")
+    p.add_argument("--scored", help="scored Parquet of rankstage replay --scored-out (no rescoring; must be this "
+                   "version's)")
     p.set_defaults(func=cmd_calibrate)

@@ -60,6 +60,28 @@ def fusion_for_version(fusion_path: str | Path, model_base_path: str | Path, cal
     return version_dir, config, cal
 
 
+def scored_for_version(scored_dir: str | Path, version_dir: Path, days: list[int] | None = None) -> ScoredLog:
+    """The scored rows of ``days`` from ``rankstage replay --scored-out``'s Parquet, refused unless the version
+    that scored them is ``version_dir``'s (model name, version and tasks, as ``check_artifact`` ties a calibration
+    artifact to a version): tuning or calibrating on another version's predictions would ship a mismatch."""
+    from evaluation.scoring import read_scored, read_scored_meta
+    from ranking.servable import load_metadata
+
+    meta, scored_by = load_metadata(version_dir), read_scored_meta(scored_dir)["model"]
+    want = {"name": meta["model_name"], "version": meta["version"], "tasks": [o["task"] for o in meta["outputs"]]}
+    got = {k: scored_by.get(k) for k in want}
+    if got != want:
+        raise ConfigError(f"--scored {scored_dir}: scored by model {got}, not by the version being used "
+                          f"({version_dir}: {want}); rescore with rankstage replay --scored-out")
+    return read_scored(scored_dir, days)
+
+
+def replay_profiles(config: FusionConfig, names: list[str] | None = None) -> dict[str, FusionProfile | None]:
+    """The rankings a replay reports: the logged order, click-only, and the config's profiles ``names`` (all)."""
+    return {"logged_order": None, "click_only": CLICK_ONLY,
+            **{n: config.profile(n) for n in (names or list(config.profiles))}}
+
+
 # ---------------------------------------------------------------- evaluation
 
 

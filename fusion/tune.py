@@ -21,7 +21,15 @@ from evaluation.lists import Lists
 from evaluation.scoring import ScoredLog, score_log
 from features.spec import ConfigError
 from fusion.config import FusionConfig, FusionProfile, dump_fusion_config, load_fusion_config
-from fusion.replay import CLICK_ONLY, evaluate, format_report, fusion_for_version, make_lists, per_list_metrics
+from fusion.replay import (
+    CLICK_ONLY,
+    evaluate,
+    format_report,
+    fusion_for_version,
+    make_lists,
+    per_list_metrics,
+    scored_for_version,
+)
 
 WATCH_ONLY = FusionProfile(formula="weighted_sum", weights={"watch_time": 1.0}, description="rank by watch seconds")
 TUNED_TASKS = ("long_view", "watch_time", "completion", "like")  # besides the click anchor
@@ -47,7 +55,10 @@ def suggest_profile(trial, formula: str, tasks: tuple[str, ...]) -> FusionProfil
 
 def tune_fusion(model_base_path, log, fusion_path, hand_profile, tune_days, eval_day, out, trials=200, seed=0,
                 group="user_day", min_list=5, k=5, tolerance=0.01, formula="weighted_product", calibration=None,
-                reps=1000, order_column="time_ms", chunk_mb=8.0, list_column=None, truth_columns=()) -> dict:
+                reps=1000, order_column="time_ms", chunk_mb=8.0, list_column=None, truth_columns=(), scored_dir=None
+                ) -> dict:
+    """``scored_dir``: the scored Parquet of ``rankstage replay --scored-out`` (of this version) instead of
+    scoring ``log``."""
     if eval_day in tune_days:
         raise ConfigError(f"--eval-day {eval_day} is also a --tune-day: the held-out day must not be tuned on")
     out = Path(out)
@@ -55,8 +66,12 @@ def tune_fusion(model_base_path, log, fusion_path, hand_profile, tune_days, eval
     from ranking.servable import load_servable
 
     version_dir, config, cal = fusion_for_version(fusion_path, model_base_path, calibration)
-    scored_all = score_log(load_servable(version_dir), log, days=[*tune_days, eval_day], order_column=order_column,
-                           chunk_mb=chunk_mb, list_column=list_column, truth_columns=truth_columns)
+    if scored_dir:
+        scored_all = scored_for_version(scored_dir, version_dir, [*tune_days, eval_day])
+    else:
+        scored_all = score_log(load_servable(version_dir), log, days=[*tune_days, eval_day],
+                               order_column=order_column, chunk_mb=chunk_mb, list_column=list_column,
+                               truth_columns=truth_columns)
     tasks = scored_all.model["tasks"]
     hand = config.profile(hand_profile)
     tune_scored, eval_scored = scored_all.days(tune_days), scored_all.days([eval_day])
@@ -69,8 +84,11 @@ def tune_fusion(model_base_path, log, fusion_path, hand_profile, tune_days, eval
 
     version = f"{dt.date.today().isoformat()}.tuned.seed{seed}"
     profiles = {**config.profiles, "tuned": tuned}
-    tuned_config = FusionConfig(version=version, default_profile="tuned", calibration=config.calibration,
-                                profiles=profiles)
+    # validated against the model's tasks, as loading validates it (a click_multiplier profile needs the model's
+    # click task, not a click weight: without the context it was refused and tune-fusion stopped here)
+    tuned_config = FusionConfig.model_validate({"version": version, "default_profile": "tuned",
+                                                "calibration": config.calibration, "profiles": profiles},
+                                               context={"tasks": tuple(tasks)})
     header = (f"# Tuned by `rankstage tune-fusion` (seed {seed}, {trials} trials, formula {formula}) on days "
               f"{tune_days}\n# objective: max {watch_key} s.t. {click_key} >= {1 - tolerance:.2f} x click-only; "
               f"model {scored_all.model['path']}\n")

@@ -66,7 +66,8 @@ def cmd_gbdt(args: argparse.Namespace) -> None:
 def _config_args(p: argparse.ArgumentParser) -> None:
     """--config, --data and --set, shared by the commands that read a training config."""
     p.add_argument("--config", required=True, help="feature/model/training spec (YAML)")
-    p.add_argument("--data", help="impression log (CSV/Parquet); default: data.log of the config")
+    p.add_argument("--data", help="impression log: a CSV/Parquet file, a day-partitioned directory or a glob; "
+                                   "default: data.log of the config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set model.num_experts=0 (repeatable)")
 
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         from retrieval.commands import register as register_retrieval
 
         register_retrieval(sub)
+    from features.logs_commands import register as register_logs  # logs import / synth
+
+    register_logs(sub)
     return parser
 
 

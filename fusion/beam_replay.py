@@ -1,0 +1,421 @@
+"""Replay on Apache Beam: the logged lists of training-example shards scored with ``RunInference``, ranked by each
+fusion profile and measured, with means and Poisson-bootstrap intervals combined across workers.
+
+    ReadExampleShards | GroupIntoLists | RunInference(ServableHandler) | ListMetrics | CombineGlobally(ReplayCombineFn)
+
+Input: the feature pipeline's layout, ``DIR/examples/date=<day>/part-*.tfrecord.gz`` and ``DIR/schema.json``
+(``features.examples``). Work is per batch, never per impression: a file is read with tf.data in record batches,
+each batch is cut by a hash of its rows' list key into ``buckets`` fragments, and a bucket (every row of its lists,
+from every file) is the element that is grouped, scored (one signature call per batch of buckets) and measured.
+A list lives in exactly one bucket, so the per-list metrics are those of the in-process replay: the same
+``correct_outputs`` (via ``evaluation.scoring.corrected_predictions``), ``calibrate``, ``FusionProfile.score`` and
+``fusion.replay.per_list_metrics`` / ``list_counts`` on a ``ScoredLog`` of the bucket.
+
+Aggregation: each list carries K Poisson(1) weights drawn from a hash of its key (``evaluation.bootstrap``), so the
+resample is the same whatever the partitioning; the accumulator holds per metric the count, the sum and K weighted
+sums with their K weight totals, for each profile and for its paired difference against the reference profile.
+Nothing is collected to the driver but that accumulator. B buckets, L lists, K bootstrap replicates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from evaluation.bootstrap import interval_from_sums, poisson_weights, weighted_sums
+from evaluation.lists import key_hash
+from evaluation.scoring import SCORED_META, ScoredLog, corrected_predictions, scored_table
+from features import examples
+from features.spec import ConfigError
+
+PRED = "pred/"
+HASH = "key/hash"  # (N,) uint64 hash of the row's list key, computed when read
+
+
+# ---------------------------------------------------------------- input
+
+
+def read_schema(examples_dir: str) -> list[examples.Column]:
+    from apache_beam.io.filesystems import FileSystems
+
+    path = f"{examples_dir.rstrip('/')}/schema.json"
+    if not FileSystems.exists(path):
+        raise ConfigError(f"--examples {examples_dir}: no schema.json (expected the feature pipeline's output)")
+    with FileSystems.open(path) as f:
+        return [examples.Column(c["name"], c["kind"]) for c in json.loads(f.read())]
+
+
+def shard_files(examples_dir: str, days: list[int] | None = None) -> list[str]:
+    """The example shards of ``days`` (all days if None), by day directory, sorted."""
+    from apache_beam.io.filesystems import FileSystems
+
+    root = f"{examples_dir.rstrip('/')}/examples"
+    patterns = [f"{root}/date={d}/part-*{examples.SUFFIX}" for d in days] if days else \
+        [f"{root}/date=*/part-*{examples.SUFFIX}"]
+    files = sorted(m.path for r in FileSystems.match(patterns) for m in r.metadata_list)
+    if not files:
+        raise ConfigError(f"--examples {examples_dir}: no shards {' or '.join(patterns)}")
+    return files
+
+
+def list_key_columns(group: str, list_column: str | None) -> list[str]:
+    if group == "user_day":
+        return [examples.USER, examples.DAY]
+    if group == "user_window":
+        return [examples.USER]
+    if group == "request":
+        if not list_column:
+            raise ConfigError("--group request needs --list-column (a column of the examples' schema)")
+        return [list_column]
+    raise ConfigError(f"--group: {group!r} is not one of user_day, user_window, request")
+
+
+def check_schema(cols: list[examples.Column], config, needed: list[str]) -> None:
+    """Every column the replay reads is in the shards' schema, and each model input has the kind the model takes."""
+    kinds = {c.name: c.kind for c in cols}
+    missing = [n for n in needed if n not in kinds]
+    if missing:
+        raise ConfigError(f"--examples: columns {missing} not in schema.json (has {sorted(kinds)})")
+    wrong = [(f.name, kinds[f.name], f.raw_dtype) for f in config.serving_features if kinds[f.name] != f.raw_dtype]
+    if wrong:
+        raise ConfigError(f"--examples: feature kinds differ from the model's (name, shards, model): {wrong}")
+
+
+def pack(cols: dict[str, np.ndarray]) -> dict:
+    """(n,) columns -> a few arrays that pickle fast (a GroupByKey encodes its elements): every int64 column in one
+    (Ci, n) block, every float32 column in one (Cf, n) block, strings as fixed-width bytes, the rest as they are."""
+    ints = [k for k, v in cols.items() if v.dtype == np.int64]
+    floats = [k for k, v in cols.items() if v.dtype == np.float32]
+    rest = {k: v for k, v in cols.items() if k not in set(ints) | set(floats)}
+    return {"int": (ints, np.stack([cols[k] for k in ints]) if ints else None),
+            "float": (floats, np.stack([cols[k] for k in floats]) if floats else None), "rest": rest}
+
+
+def unpack(packed: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for kind in ("int", "float"):
+        names, block = packed[kind]
+        out |= {k: block[j] for j, k in enumerate(names)}
+    return out | packed["rest"]
+
+
+def take(packed: dict, idx: np.ndarray) -> dict:
+    """The rows ``idx`` of a packed batch."""
+    return {"int": (packed["int"][0], None if packed["int"][1] is None else packed["int"][1][:, idx]),
+            "float": (packed["float"][0], None if packed["float"][1] is None else packed["float"][1][:, idx]),
+            "rest": {k: v[idx] for k, v in packed["rest"].items()}}
+
+
+class ReadExampleShards(beam.DoFn):
+    """A shard path -> (bucket, fragment) per record batch: the batch's rows of each bucket, packed (``pack``)."""
+
+    def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 16384):
+        self.cols, self.key_columns, self.buckets, self.batch_rows = cols, key_columns, buckets, batch_rows
+
+    def setup(self):
+        import tensorflow as tf
+
+        spec = examples.parse_spec(self.cols)
+        self._parse = tf.function(lambda b: tf.io.parse_example(b, spec))
+        self._keys = {c.name for c in self.cols if c.kind == "string"
+                      and (c.name.startswith("key/") or c.name in self.key_columns)}
+
+    def process(self, path: str):
+        import tensorflow as tf
+
+        ds = tf.data.TFRecordDataset(path, compression_type=examples.COMPRESSION).batch(self.batch_rows)
+        for batch in ds.map(self._parse, num_parallel_calls=1).prefetch(1):
+            cols = {}
+            for k, v in batch.items():
+                v = v.numpy()
+                if v.dtype == object:  # keys as text; features as fixed-width bytes (the signature takes tf.string)
+                    v = v.astype(str).astype(object) if k in self._keys else v.astype(bytes)
+                cols[k] = v
+            cols[HASH] = key_hash([cols[k] for k in self.key_columns])
+            bucket = cols[HASH] % np.uint64(self.buckets)
+            by = np.argsort(bucket, kind="stable")
+            cuts = np.flatnonzero(np.diff(bucket[by])) + 1
+            packed = pack(cols)
+            for idx in np.split(by, cuts):
+                yield int(bucket[idx[0]]), take(packed, idx)
+
+
+def merge_fragments(item) -> dict[str, np.ndarray]:
+    """(bucket, fragments) -> one bucket of (n,) columns in log order (``key/row``): ties in the logged order then
+    break by row, as the in-process replay breaks them by file position."""
+    _, fragments = item
+    fragments = list(fragments)
+    first = fragments[0]
+    merged = {kind: (first[kind][0], None if first[kind][1] is None else
+                     np.concatenate([f[kind][1] for f in fragments], axis=1)) for kind in ("int", "float")}
+    merged["rest"] = {k: np.concatenate([f["rest"][k] for f in fragments]) for k in first["rest"]}
+    cols = unpack(merged)
+    order = np.argsort(cols[examples.ROW], kind="stable")
+    return {k: v[order] for k, v in cols.items()}
+
+
+class GroupIntoLists(beam.PTransform):
+    """Shard paths -> buckets: every row of a list (all rows sharing the list key) in one element, in log order."""
+
+    def __init__(self, cols, key_columns, buckets, batch_rows=16384):
+        super().__init__()
+        self.read = ReadExampleShards(cols, key_columns, buckets, batch_rows)
+
+    def expand(self, files):
+        return (files
+                | "ReadBatches" >> beam.ParDo(self.read)
+                | "ByListKey" >> beam.GroupByKey()
+                | "MergeBucket" >> beam.Map(merge_fragments))
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class ServableHandler(ModelHandler):
+    """RunInference on buckets: the exported version loaded once per worker (``ranking.servable.load_servable``),
+    its serving signature called on a batch of buckets' feature columns; each bucket comes back with ``pred/<task>``
+    (corrected, float32: what the in-process ``ScoredLog`` keeps)."""
+
+    def __init__(self, version_dir: str, features: list[str], tasks: list[str], sampling: dict,
+                 signature: str = "serving_default", max_buckets: int = 8, max_rows: int = 65536):
+        super().__init__(min_batch_size=1, max_batch_size=max_buckets)
+        self.version_dir, self.features, self.tasks, self.sampling = version_dir, features, tasks, sampling
+        self.signature_name, self.max_rows = signature, max_rows
+
+    def load_model(self):
+        from ranking.servable import load_servable
+
+        return load_servable(self.version_dir)
+
+    def run_inference(self, batch, model, inference_args=None):
+        sizes = [len(b[examples.ROW]) for b in batch]
+        x = {f: np.concatenate([b[f] for b in batch]) for f in self.features}
+        preds = corrected_predictions(model.signature(self.signature_name), x, self.sampling, self.tasks,
+                                      self.max_rows)
+        start = 0
+        for b, n in zip(batch, sizes, strict=True):
+            yield {**b, **{PRED + t: p[start:start + n] for t, p in preds.items()}}
+            start += n
+
+    def get_num_bytes(self, batch) -> int:
+        return int(sum(v.nbytes for b in batch for v in b.values()))
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def bucket_scored_log(bucket: dict[str, np.ndarray], model: dict, list_column: str | None = None,
+                      truth_columns: tuple[str, ...] = ()) -> ScoredLog:
+    tasks = model["tasks"]
+    return ScoredLog(bucket[examples.USER], bucket[examples.DAY], bucket[examples.ORDER],
+                     {t: bucket[PRED + t] for t in tasks}, {t: bucket[examples.LABEL + t] for t in tasks}, model,
+                     bucket[list_column] if list_column else None,
+                     {c: bucket[c].astype(np.float64) for c in truth_columns})
+
+
+class ListMetrics(beam.DoFn):
+    """A scored bucket -> its lists' metrics for every profile (``per_list_metrics``), counts and list hashes."""
+
+    def __init__(self, model: dict, profiles: dict, group: str, min_list: int, k: int, calibration: dict | None,
+                 list_column: str | None = None, truth_columns: tuple[str, ...] = ()):
+        self.model, self.profiles, self.group, self.min_list, self.k = model, profiles, group, min_list, k
+        self.calibration, self.list_column, self.truth_columns = calibration, list_column, truth_columns
+
+    def process(self, bucket):
+        from fusion.replay import list_counts, make_lists, ndcg_tasks, per_list_metrics
+
+        scored = bucket_scored_log(bucket, self.model, self.list_column, self.truth_columns)
+        lists = make_lists(scored, self.group, self.min_list)
+        out = {"days": sorted(set(scored.day.tolist())), "counts": None, "hash": None, "metrics": {}}
+        if len(lists.lengths):
+            out["counts"] = list_counts(lists, scored.labels, ndcg_tasks(scored))
+            out["hash"] = bucket[HASH][lists.index[:, 0]]  # (L,) the list key's hash, from its first row
+            out["metrics"] = {name: per_list_metrics(scored, lists, prof, self.k, self.calibration)
+                              for name, prof in self.profiles.items()}
+        yield out
+
+
+class ReplayCombineFn(beam.CombineFn):
+    """Buckets' per-list metrics -> counts, days, and per (profile or difference, metric): lists, sum, (K,)
+    Poisson-weighted sums and (K,) weight totals. Merges by addition; the output is ``fusion.replay.evaluate``'s."""
+
+    def __init__(self, reps: int, reference: str | None, group: str, min_list: int, k: int):
+        self.reps, self.reference, self.group, self.min_list, self.k = reps, reference, group, min_list, k
+
+    def create_accumulator(self):
+        return {"days": set(), "counts": {}, "metrics": {}, "differences": {}}
+
+    def _add(self, table: dict, name: str, per: dict[str, np.ndarray], w: np.ndarray) -> None:
+        row = table.setdefault(name, {})
+        for metric, v in per.items():
+            n, s, rs, rw = weighted_sums(v, w)
+            if metric in row:
+                acc = row[metric]
+                acc[0] += n
+                acc[1] += s
+                acc[2] += rs
+                acc[3] += rw
+            else:
+                row[metric] = [n, s, rs, rw]
+
+    def add_input(self, acc, bucket):
+        acc["days"].update(bucket["days"])
+        if bucket["counts"] is None:
+            return acc
+        for key, v in bucket["counts"].items():
+            if key != "mean_length":
+                acc["counts"][key] = acc["counts"].get(key, 0) + v
+        w = poisson_weights(bucket["hash"], self.reps)  # (L, K)
+        per = bucket["metrics"]
+        for name, m in per.items():
+            self._add(acc["metrics"], name, m, w)
+        if self.reference in per:
+            ref = per[self.reference]
+            for name, m in per.items():
+                if name != self.reference:
+                    self._add(acc["differences"], name, {x: m[x] - ref[x] for x in m if x in ref}, w)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        accumulators = iter(accumulators)
+        out = next(accumulators)
+        for acc in accumulators:
+            out["days"] |= acc["days"]
+            for key, v in acc["counts"].items():
+                out["counts"][key] = out["counts"].get(key, 0) + v
+            for table in ("metrics", "differences"):
+                for name, row in acc[table].items():
+                    for metric, (n, s, rs, rw) in row.items():
+                        mine = out[table].setdefault(name, {})
+                        if metric in mine:
+                            a = mine[metric]
+                            a[0] += n
+                            a[1] += s
+                            a[2] = a[2] + rs
+                            a[3] = a[3] + rw
+                        else:
+                            mine[metric] = [n, s, rs.copy(), rw.copy()]
+        return out
+
+    @staticmethod
+    def _summary(row: dict) -> dict:
+        out = {}
+        for metric, (n, s, rs, rw) in row.items():
+            lo, hi = interval_from_sums(rs, rw) if n else (float("nan"), float("nan"))
+            out[metric] = {"mean": s / n if n else float("nan"), "ci95": [lo, hi], "lists": int(n)}
+        return out
+
+    def extract_output(self, acc):
+        counts = dict(acc["counts"])
+        if not counts.get("lists"):
+            raise ConfigError(f"--min-list {self.min_list}: no {self.group} list is that long")
+        lists, rows = counts.pop("lists"), counts.pop("rows")
+        counts = {"lists": lists, "mean_length": rows / lists, "rows": rows, **counts}
+        result = {"counts": counts, "group": self.group, "min_list": self.min_list, "k": self.k,
+                  "metrics": {n: self._summary(r) for n, r in acc["metrics"].items()}, "differences": {}}
+        if self.reference in acc["metrics"]:
+            result["reference"] = self.reference
+            result["differences"] = {n: self._summary(r) for n, r in acc["differences"].items()}
+        return {"days": sorted(acc["days"]), **result}
+
+
+# ---------------------------------------------------------------- scored lists as Parquet
+
+
+class WriteScored(beam.DoFn):
+    """A scored bucket -> ``DIR/part-<first row>.parquet`` (one file per bucket; the name is the bucket's first row
+    id, so a rerun overwrites rather than duplicates)."""
+
+    def __init__(self, out_dir: str, tasks: list[str], list_column: str | None = None,
+                 truth_columns: tuple[str, ...] = ()):
+        self.out_dir, self.tasks, self.list_column, self.truth_columns = out_dir, tasks, list_column, truth_columns
+
+    def process(self, bucket):
+        import pyarrow.parquet as pq
+        from apache_beam.io.filesystems import FileSystems
+
+        path = f"{self.out_dir.rstrip('/')}/part-{int(bucket[examples.ROW][0]):020d}.parquet"
+        with FileSystems.create(path) as f:
+            pq.write_table(scored_table(
+                bucket[examples.USER], bucket[examples.DAY], bucket[examples.ORDER], bucket[examples.ROW],
+                {t: bucket[PRED + t] for t in self.tasks}, {t: bucket[examples.LABEL + t] for t in self.tasks},
+                bucket[self.list_column] if self.list_column else None,
+                {c: bucket[c] for c in self.truth_columns}), f)
+        yield path
+
+
+# ---------------------------------------------------------------- the job
+
+
+def write_text(text: str, path: str) -> str:
+    """Write ``text`` to ``path`` on any Beam filesystem (local, gs://, ...)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as f:
+        f.write(text.encode())
+    return path
+
+
+def write_json(result: dict, path: str) -> str:
+    return write_text(json.dumps(result, indent=1, default=float), path)
+
+
+def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, calibration: dict | None = None,
+                days: list[int] | None = None, group: str = "user_day", min_list: int = 5, k: int = 5,
+                reps: int = 1000, reference: str | None = "click_only", list_column: str | None = None,
+                truth_columns: tuple[str, ...] = (), buckets: int = 64, batch_rows: int = 16384,
+                scored_out: str | None = None, pipeline_args: list[str] | None = None, extra: dict | None = None
+                ) -> dict:
+    """Run the replay pipeline; writes ``out/replay.json`` (``evaluate``'s result, plus ``days``, ``model`` and
+    ``extra``) and returns it. ``scored_out``: also the scored rows as Parquet (``read_scored`` reads them)."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from features.spec import parse_config
+    from ranking.servable import load_metadata
+
+    meta = load_metadata(version_dir)
+    config = parse_config(meta["feature_spec"], f"{version_dir} metadata")  # the driver never loads the SavedModel
+    tasks = [t.name for t in config.tasks]
+    model = {"name": meta["model_name"], "version": meta["version"], "path": str(version_dir),
+             "training_window": meta.get("training_window"), "log": str(examples_dir), "tasks": tasks,
+             "task_types": {t.name: t.type for t in config.tasks}}
+    cols = read_schema(examples_dir)
+    keys = list_key_columns(group, list_column)
+    features = [f.name for f in config.serving_features]
+    needed = [*features, *(examples.LABEL + t for t in tasks), examples.USER, examples.DAY, examples.ORDER,
+              examples.ROW, *keys, *truth_columns]
+    check_schema(cols, config, needed)
+    read_cols = [c for c in cols if c.name in set(needed)]
+    files = shard_files(examples_dir, days)
+    handler = ServableHandler(str(version_dir), features, tasks, meta["sampling"],
+                              meta.get("signature", "serving_default"))
+    for d in (out, scored_out) if scored_out else (out,):
+        if not FileSystems.exists(d):
+            FileSystems.mkdirs(d)
+    if scored_out:
+        write_json({"model": model, "examples": str(examples_dir), "days": days, "list_column": list_column,
+                    "truth_columns": list(truth_columns)},
+                   f"{scored_out.rstrip('/')}/{SCORED_META}")
+    options = PipelineOptions(pipeline_args or [])
+    with beam.Pipeline(options=options) as p:
+        scored = (p
+                  | "Shards" >> beam.Create(files)
+                  | "GroupIntoLists" >> GroupIntoLists(read_cols, keys, buckets, batch_rows)
+                  | "RunInference" >> RunInference(handler))
+        result = (scored
+                  | "ListMetrics" >> beam.ParDo(ListMetrics(model, profiles, group, min_list, k, calibration,
+                                                            list_column, truth_columns))
+                  | "Combine" >> beam.CombineGlobally(ReplayCombineFn(reps, reference, group, min_list, k)))
+        _ = (result
+             | "Describe" >> beam.Map(lambda r: {"model": model, **(extra or {}), **r})
+             | "WriteResult" >> beam.Map(write_json, f"{out.rstrip('/')}/replay.json"))
+        if scored_out:
+            _ = scored | "WriteScored" >> beam.ParDo(WriteScored(scored_out, tasks, list_column, truth_columns))
+    with FileSystems.open(f"{out.rstrip('/')}/replay.json") as f:
+        return json.loads(f.read())
+

@@ -1,0 +1,184 @@
+"""The Beam replay (fusion/beam_replay.py) against today's in-process replay on real KuaiRand lists: the same means
+for every profile of configs/fusion.yaml, intervals within Monte-Carlo noise, a result that does not depend on how
+the lists are partitioned, and scored Parquet that tune-fusion and calibrate read instead of rescoring."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from example_shards import write_example_shards
+
+from evaluation.bootstrap import interval_from_sums, poisson_weights
+from evaluation.lists import key_hash
+from features.spec import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+FUSION = ROOT / "configs" / "fusion.yaml"
+DAYS = [20220428, 20220429, 20220430]
+REPS = 1000
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, kuairand_model, kuairand_frame) -> Path:
+    config, _ = kuairand_model
+    return write_example_shards(kuairand_frame, config, tmp_path_factory.mktemp("shards"), DAYS, parts=3)
+
+
+@pytest.fixture(scope="module")
+def in_process(kuairand_model):
+    """Today's replay: the log streamed through the model in process (``score_log``), then ``evaluate``."""
+    from evaluation.scoring import score_log
+    from fusion.replay import evaluate, fusion_for_version, replay_profiles
+    from ranking.servable import load_servable
+
+    _, base = kuairand_model
+    version_dir, config, cal = fusion_for_version(FUSION, base)
+    model = load_servable(version_dir)
+    scored = score_log(model, model.config.data.log, days=DAYS, verbose=False)
+    return scored, evaluate(scored, replay_profiles(config), calibration=cal, reps=REPS)
+
+
+@pytest.fixture(scope="module")
+def beam_run(tmp_path_factory, kuairand_model, shards):
+    """``rankstage replay --examples ... --runner DirectRunner --scored-out ...`` -> (replay.json, out, scored dir)."""
+    from rankstage.cli import main
+
+    _, base = kuairand_model
+    out, scored = tmp_path_factory.mktemp("beam_out"), tmp_path_factory.mktemp("beam_scored")
+    argv = ["replay", "--model-base-path", str(base), "--fusion", str(FUSION), "--examples", str(shards),
+            "--runner", "DirectRunner", "--out", str(out), "--scored-out", str(scored), "--list-buckets", "16",
+            "--reps", str(REPS)] + [a for d in DAYS for a in ("--day", str(d))]
+    assert main(argv) == 0
+    return json.loads((out / "replay.json").read_text()), out, scored
+
+
+def _cells(result: dict):
+    for table in ("metrics", "differences"):
+        for name, row in result[table].items():
+            for metric, cell in row.items():
+                yield (table, name, metric), cell
+
+
+def test_beam_means_equal_the_in_process_replay_for_every_profile(beam_run, in_process):
+    got, out, _ = beam_run
+    _, want = in_process
+    assert got["counts"] == pytest.approx(want["counts"], rel=1e-12)
+    assert got["counts"]["lists"] > 1500  # three days of user x day lists of >= 5
+    assert set(got["metrics"]) == {"logged_order", "click_only", "watch_only", "hand_set", "engagement_boost"}
+    assert got["reference"] == "click_only" and got["days"] == DAYS
+    cells = dict(_cells(got))
+    assert set(cells) == {key for key, _ in _cells(want)}
+    for key, cell in _cells(want):
+        assert cells[key]["lists"] == cell["lists"], key
+        if np.isfinite(cell["mean"]):
+            assert abs(cells[key]["mean"] - cell["mean"]) <= 1e-9, key
+    assert (out / "replay.md").read_text().startswith("## replay: model ranker v1")
+
+
+def test_beam_intervals_agree_with_the_in_process_bootstrap_within_monte_carlo_noise(beam_run, in_process):
+    # Poisson(1) weights (Beam) vs multinomial resamples (in process), 1,000 replicates each: a 2.5% / 97.5%
+    # quantile of R replicates has a Monte-Carlo standard error of about sqrt(.025 x .975 / R) / phi(1.96) = 0.085
+    # bootstrap sd, i.e. 2.2% of the interval's width (3.92 sd), and 3.1% for the difference of two independent
+    # runs. Tolerance: 15% of the width (~5 standard errors) for metrics over >= 50 lists (fewer: the quantiles of
+    # a handful of lists are too discrete to compare).
+    got, _, _ = beam_run
+    cells = dict(_cells(got))
+    checked = 0
+    for key, cell in _cells(in_process[1]):
+        if cell["lists"] < 50:
+            continue
+        (lo, hi), (blo, bhi) = cell["ci95"], cells[key]["ci95"]
+        width = hi - lo
+        assert abs(blo - lo) <= 0.15 * width and abs(bhi - hi) <= 0.15 * width, (key, cell["ci95"], [blo, bhi])
+        checked += 1
+    assert checked >= 40  # click, like, long view, watch time, completion of 5 rankings and 4 differences
+
+
+def test_the_result_does_not_depend_on_how_lists_are_partitioned(beam_run, kuairand_model, shards, tmp_path):
+    # the weights are a function of the list key only: 3 buckets and batches of 1,000 records give the same sums
+    from fusion.beam_replay import beam_replay
+    from fusion.replay import fusion_for_version, replay_profiles
+
+    _, base = kuairand_model
+    version_dir, config, cal = fusion_for_version(FUSION, base)
+    other = beam_replay(version_dir, str(shards), replay_profiles(config), str(tmp_path), cal, DAYS, reps=REPS,
+                        buckets=3, batch_rows=1000)
+    cells = dict(_cells(other))
+    for key, cell in _cells(beam_run[0]):
+        assert cells[key]["lists"] == cell["lists"]
+        np.testing.assert_allclose([cells[key]["mean"], *cells[key]["ci95"]], [cell["mean"], *cell["ci95"]],
+                                   rtol=1e-12, atol=1e-12, err_msg=str(key))
+
+
+def test_poisson_weights_are_poisson_one_and_a_function_of_the_key_only():
+    h = key_hash([np.arange(4000), np.full(4000, 20220430)])
+    w = poisson_weights(h, 500)
+    assert w.shape == (4000, 500)
+    assert w.mean() == pytest.approx(1.0, abs=0.01) and w.var() == pytest.approx(1.0, abs=0.02)
+    assert (w == 0).mean() == pytest.approx(np.exp(-1), abs=0.005)
+    np.testing.assert_array_equal(poisson_weights(h[::-1], 500), w[::-1])  # no dependence on order or neighbours
+    np.testing.assert_array_equal(poisson_weights(h[:7], 500), w[:7])
+    assert abs(np.corrcoef(w[:, 0], w[:, 1])[0, 1]) < 0.05  # replicates independent
+    assert key_hash([np.array(["a", "b"])]).tolist() == key_hash([np.array(["a", "b"], dtype=object)]).tolist()
+    assert interval_from_sums(np.array([1.0, 2.0]), np.array([0.0, 0.0])) != interval_from_sums(
+        np.array([1.0, 2.0]), np.array([1.0, 1.0]))
+
+
+def test_tune_fusion_on_scored_parquet_equals_tune_fusion_rescoring(beam_run, kuairand_model, tmp_path):
+    from fusion.tune import tune_fusion
+
+    _, base = kuairand_model
+    _, _, scored = beam_run
+    common = dict(model_base_path=base, log=None, fusion_path=FUSION, hand_profile=None, tune_days=[20220429],
+                  eval_day=20220430, trials=8, seed=0, reps=100)
+    a = tune_fusion(out=tmp_path / "rescored", **common)
+    b = tune_fusion(out=tmp_path / "parquet", scored_dir=scored, **common)
+    assert a["best_trial"] == b["best_trial"] and a["tuned"] == b["tuned"]
+    assert (tmp_path / "rescored" / "trials.csv").read_text() == (tmp_path / "parquet" / "trials.csv").read_text()
+    for name, m in a["eval"]["metrics"].items():
+        for metric, cell in m.items():
+            if np.isfinite(cell["mean"]):
+                assert b["eval"]["metrics"][name][metric]["mean"] == pytest.approx(cell["mean"], abs=1e-9)
+
+
+def test_scored_parquet_holds_the_in_process_predictions_and_calibrate_reads_it(beam_run, in_process,
+                                                                               kuairand_model, tmp_path):
+    from evaluation.scoring import read_scored
+    from fusion.calibrate import calibrate_command
+
+    _, _, scored_dir = beam_run
+    want, _ = in_process
+    got = read_scored(scored_dir, DAYS)
+    assert len(got) == len(want)
+    np.testing.assert_array_equal(got.user, want.user)
+    np.testing.assert_array_equal(got.order, want.order)
+    for task, p in want.predictions.items():
+        # one float32 ulp on a few rows: the CPU kernels' rounding depends on the batch a row is scored in
+        np.testing.assert_allclose(got.predictions[task], p, rtol=1e-6, atol=1e-9, err_msg=task)
+        np.testing.assert_array_equal(got.labels[task], want.labels[task])
+    _, base = kuairand_model
+    a = calibrate_command(base, None, [20220430], None, "platt", None, tmp_path / "a")
+    b = calibrate_command(base, None, [20220430], None, "platt", None, tmp_path / "b", scored_dir=scored_dir)
+    for task, params in a["artifact"]["tasks"].items():
+        for k, v in params.items():
+            if isinstance(v, float):
+                assert b["artifact"]["tasks"][task][k] == pytest.approx(v, rel=1e-5), (task, k)
+
+
+def test_scored_parquet_of_another_version_is_refused(beam_run, kuairand_model, tmp_path):
+    from fusion.replay import scored_for_version
+    from ranking.servable import resolve_version
+
+    _, base = kuairand_model
+    _, _, scored_dir = beam_run
+    copy = tmp_path / "scored"
+    shutil.copytree(scored_dir, copy)
+    meta = json.loads((copy / "scored.json").read_text())
+    meta["model"]["version"] = 99
+    (copy / "scored.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="not by the version being used"):
+        scored_for_version(copy, resolve_version(base), DAYS)
