@@ -142,10 +142,10 @@ def records(source: Source, names: list[str], block: int, shuffle_seed: int | No
         ds = files.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=examples.COMPRESSION),
                               cycle_length=min(4, max(1, len(source.files))), num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
-        if repeat:
-            ds = ds.repeat()
         if shuffle_seed is not None:
             ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+        if repeat:  # after the shuffle: each pass is one epoch's rows, none twice
+            ds = ds.repeat()
         spec = examples.parse_spec([c for c in source.columns if c.name in set(names)])
         ds = ds.batch(block).map(lambda r: tf.io.parse_example(r, spec), num_parallel_calls=tf.data.AUTOTUNE,
                                  deterministic=True)
@@ -160,17 +160,17 @@ def records(source: Source, names: list[str], block: int, shuffle_seed: int | No
         _, starts, lengths = np.unique(lists[order], return_index=True, return_counts=True)
         tensors = {k: tf.gather(v, order) for k, v in tensors.items()}
         spans = tf.data.Dataset.from_tensor_slices((starts.astype(np.int64), lengths.astype(np.int64)))
-        if repeat:
-            spans = spans.repeat()
         if shuffle_seed is not None:
             spans = spans.shuffle(len(starts), seed=shuffle_seed, reshuffle_each_iteration=True)
+        if repeat:
+            spans = spans.repeat()
         index = spans.flat_map(lambda s, k: tf.data.Dataset.range(s, s + k))
     else:
         index = tf.data.Dataset.range(n)
-        if repeat:
-            index = index.repeat()
         if shuffle_seed is not None:
             index = index.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+        if repeat:
+            index = index.repeat()
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return index.batch(block).map(lambda i: {k: tf.gather(v, i) for k, v in tensors.items()}).with_options(options)

@@ -47,7 +47,7 @@ STATISTICS = "statistics"  # the run's statistics snapshot, <key>.parquet (not t
 CHECKPOINTS = "checkpoints"  # while training: tf.train checkpoints to resume from (removed when the run is written)
 
 
-def _pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool) -> Path | None:
+def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool) -> Path | None:
     """The feature pipeline's shards of the run (``out/features``) when ``features.pipeline`` exists, else None
     (training then reads the log in memory)."""
     if importlib.util.find_spec("features.pipeline") is None:
@@ -96,7 +96,7 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if examples is None and loop.num_workers(strategy) == 1:
-        examples = _pipeline_examples(config, out, log, verbose)
+        examples = pipeline_examples(config, out, log, verbose)
     if examples is None and loop.num_workers(strategy) > 1:
         raise ConfigError(f"--workers {loop.num_workers(strategy)}: several workers train from shards; give "
                           "--examples DIR (a feature pipeline's output)")
