@@ -39,6 +39,18 @@ class TrainingArtifacts:
     rows: dict[str, int] = field(default_factory=dict)
 
 
+def compile_model(models: RankingModels, config: RankstageConfig, priors: dict[str, float]) -> None:
+    """Keras ``compile`` with the loop's losses (``ranking.loop.task_losses``), loss weights and Adam, each logit's
+    bias at its prior: for ``model.fit`` (benchmarks' in-memory baseline, one worker only: Keras 3's ``fit`` fails
+    under MultiWorkerMirroredStrategy on TF 2.20)."""
+    import keras
+
+    for t in config.tasks:
+        models.train.get_layer(f"{t.name}_logit").bias.assign([priors[t.name]])
+    models.train.compile(optimizer=keras.optimizers.Adam(config.training.learning_rate),
+                         loss=loop.task_losses(config), loss_weights={t.name: t.loss_weight for t in config.tasks})
+
+
 def as_source(rows: pd.DataFrame | Source, config: RankstageConfig) -> Source:
     return rows if isinstance(rows, Source) else memory_source(rows, config)
 

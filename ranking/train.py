@@ -63,9 +63,9 @@ def _checkpoint_dir(config: RankstageConfig, out: Path, name: str) -> Path:
     path = out / name
     mark = path / "config.yaml"
     text = yaml.safe_dump(config.model_dump(), sort_keys=False)
-    if mark.exists() and mark.read_text() != text:
-        raise ConfigError(f"--out {out}: {name}/ holds checkpoints of another config; delete it to start over")
-    if loop.is_chief():
+    if loop.is_chief():  # the others restore what the chief wrote
+        if mark.exists() and mark.read_text() != text:
+            raise ConfigError(f"--out {out}: {name}/ holds checkpoints of another config; delete it to start over")
         path.mkdir(parents=True, exist_ok=True)
         mark.write_text(text)
     return path

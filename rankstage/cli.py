@@ -68,11 +68,12 @@ def free_loopback_ports(n: int) -> list[int]:
             s.close()
 
 
-def launch_workers(argv: list[str], n: int) -> int:
-    """Run ``rankstage <argv>`` as ``n`` local worker processes of one MultiWorkerMirroredStrategy cluster on
-    loopback ports (``TF_CONFIG`` per worker; worker 0 is the chief, which writes the run directory). Their output
-    is forwarded line by line, prefixed ``[worker i]``. When one fails, the others are stopped: the exit status is
-    the first failure's (0 when all succeed). Checkpoints let the same command resume."""
+def launch_workers(argv: list[str], n: int, command: list[str] | None = None) -> int:
+    """Run ``rankstage <argv>`` (or ``command + argv``) as ``n`` local worker processes of one
+    MultiWorkerMirroredStrategy cluster on loopback ports (``TF_CONFIG`` per worker; worker 0 is the chief, which
+    writes the run directory). Their output is forwarded line by line, prefixed ``[worker i]``. When one fails, the
+    others are stopped: the exit status is the first failure's (0 when all succeed). Checkpoints let the same
+    command resume."""
     import json
     import signal
     import subprocess
@@ -83,8 +84,9 @@ def launch_workers(argv: list[str], n: int) -> int:
     procs = []
     for i in range(n):
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "rankstage.cli", *argv], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen([*(command or [sys.executable, "-m", "rankstage.cli"]), *argv], env=env,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
         print(f"[launcher] worker {i} pid {procs[-1].pid} on {cluster['worker'][i]}", flush=True)
 
     def forward(i: int, proc: subprocess.Popen) -> None:
