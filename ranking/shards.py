@@ -140,8 +140,8 @@ def records(source: Source, names: list[str], block: int, shuffle_seed: int | No
                               "shards are not grouped by list (unset it to train from --examples)")
         files = tf.data.Dataset.from_tensor_slices(list(source.files))
         ds = files.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=examples.COMPRESSION),
-                              cycle_length=min(4, max(1, len(source.files))), num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=True)
+                              cycle_length=min(4, len(source.files)) if shuffle_seed is not None else 1,
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)  # unshuffled: file order
         if shuffle_seed is not None:
             ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
         if repeat:  # after the shuffle: each pass is one epoch's rows, none twice

@@ -191,7 +191,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(tmp_path, example_dir, conf
         line = proc.stdout.readline()
         if line:
             lines.append(line)
-            if line.startswith("[launcher] worker"):
+            if line.startswith("[launcher] worker") and " pid " in line:
                 pids[int(line.split()[2])] = int(line.split()[4])
             continue
         index = out / "checkpoints" / "checkpoint"
