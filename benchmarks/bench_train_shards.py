@@ -140,7 +140,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--examples", help="a feature pipeline's output; default: written to a temporary directory")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_shards.json"))
+    p.add_argument("--out", default=str(ROOT / "reports" / "bench_train_shards.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
