@@ -54,7 +54,8 @@ def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool) ->
         return None
     from features.pipeline import build_features
 
-    build_features(config, out / "features", log=log, verbose=verbose)
+    if not (out / "features" / "manifest.json").exists():  # a restarted run resumes on the shards it wrote
+        build_features(config, out / "features", log=log, verbose=verbose)
     return out / "features"
 
 
@@ -118,7 +119,8 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         train_rows, val_rows = shard_source(layout, train_days), shard_source(layout, val_periods)
         window = shard_source(layout, train_days + val_periods)
         stats = layout.stats("train")
-        per_day = {str(k): v for k, v in layout.manifest.get("rows", {}).items()}
+        rows = layout.manifest.get("rows_per_day", layout.manifest.get("rows"))  # the pipeline's key; the fixture's
+        per_day = {str(k): v for k, v in rows.items()} if isinstance(rows, dict) else {}
         n_val = sum(int(per_day.get(str(d), 0)) for d in val_periods)
         window_stats = lambda: layout.stats("window")  # noqa: E731
         judged_of = lambda models, sampling: judged_from_records(config, models, val_rows, sampling)  # noqa: E731

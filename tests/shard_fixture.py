@@ -40,5 +40,6 @@ def write_examples(frame: pd.DataFrame, config: RankstageConfig, out: Path, part
     save_stats(build_stats(raw_inputs(window, config.features), config.features), out / "stats" / "window.json")
     (out / "manifest.json").write_text(json.dumps({
         "train_days": [str(d) for d in sorted(train[day_col].unique().tolist())],
-        "validation_days": [str(d) for d in sorted(val[day_col].unique().tolist())], "rows": rows}))
+        "validation_days": [str(d) for d in sorted(val[day_col].unique().tolist())], "rows_per_day": rows,
+        "rows": sum(rows.values())}))
     return out
