@@ -50,7 +50,10 @@ CHECKPOINTS = "checkpoints"  # while training: tf.train checkpoints to resume fr
 def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool) -> Path | None:
     """The feature pipeline's shards of the run (``out/features``) when ``features.pipeline`` exists, else None
     (training then reads the log in memory)."""
-    if importlib.util.find_spec("features.pipeline") is None:
+    import features
+
+    found = importlib.util.find_spec("features.pipeline")
+    if found is None or Path(found.origin).parent != Path(features.__file__).parent:  # not another checkout's
         return None
     from features.pipeline import build_features
 
