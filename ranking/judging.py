@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from calibration.outputs import correct_outputs
 from evaluation import metrics
+from features.examples import DAY, LABEL, USER
 from features.logs import evaluation_labels, raw_inputs
 from features.spec import ConfigError, RankstageConfig
 from ranking.model import RankingModels
@@ -34,9 +36,43 @@ def judged_predictions(config: RankstageConfig, models: RankingModels, frame: pd
 def judge(config: RankstageConfig, frame: pd.DataFrame, pred: dict[str, np.ndarray]) -> Judged:
     """Per task the rows it is judged on (its condition's positives, finite labels; watch time in real seconds)
     with label, prediction ``pred[task]`` (N,), user id and day."""
-    labels = evaluation_labels(frame, config)
-    users = frame[config.data.user_column].to_numpy()
-    days = frame[config.data.time_column].to_numpy()
+    return judge_arrays(config, evaluation_labels(frame, config), frame[config.data.user_column].to_numpy(),
+                        frame[config.data.time_column].to_numpy(), pred)
+
+
+def judge_records(config: RankstageConfig, cols: dict[str, np.ndarray]) -> Judged:
+    """``judge`` of example-record columns: ``label/<task>`` (the evaluation labels), ``key/user``, ``key/day`` and
+    the predictions under each task's name, (N,) each."""
+    labels = {t.name: np.asarray(cols[LABEL + t.name], np.float64) for t in config.tasks}
+    return judge_arrays(config, labels, _decoded(cols[USER]), _decoded(cols[DAY]), cols)
+
+
+def _decoded(a: np.ndarray) -> np.ndarray:
+    return a.astype(str).astype(object) if a.dtype == object else a
+
+
+def judged_from_records(config: RankstageConfig, models: RankingModels, source, sampling: dict[str, dict],
+                        batch_size: int = 4096) -> Judged:
+    """``judged_predictions`` of example records (``ranking.shards.Source``: validation shards), predicted in
+    batches over the parsed records."""
+    from ranking.shards import evaluation_batches
+
+    serve = list(models.serve.input)
+    names = serve + [LABEL + t.name for t in config.tasks] + [USER, DAY]
+    call = tf.function(lambda b: models.serve({k: b[k] for k in serve}, training=False))
+    parts: dict[str, list] = {}
+    for batch in evaluation_batches(source, names, batch_size):
+        served = call(batch)
+        for k, v in [*served.items(), *((n, batch[n]) for n in names[len(serve):])]:
+            parts.setdefault(k, []).append(v.numpy())
+    cols = {k: np.concatenate(v) for k, v in parts.items()}
+    pred = correct_outputs({t.name: cols[t.name] for t in config.tasks}, sampling)
+    return judge_records(config, {**cols, **pred})
+
+
+def judge_arrays(config: RankstageConfig, labels: dict[str, np.ndarray], users: np.ndarray, days: np.ndarray,
+                 pred: dict[str, np.ndarray]) -> Judged:
+    """``judge`` of (N,) evaluation labels per task, users, days and predictions."""
     out: Judged = {}
     for t in config.tasks:
         y, p = labels[t.name], np.asarray(pred[t.name], np.float64)

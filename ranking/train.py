@@ -1,24 +1,32 @@
 """Training: time split, fit with early stopping, validation metrics, optional refit; the run directory written
 (``ranking.runs``) and the newest statistics snapshot serving joins.
 
-The parts: ``ranking.sampling`` (down-sampling, targets, initial logits), ``ranking.datasets`` (tf.data input),
-``ranking.fit`` (one model trained), ``ranking.judging`` (validation metrics), ``ranking.runs`` (run directory IO).
+The parts: ``ranking.shards`` (tf.data input from example records: down-sampling, targets, label summaries),
+``ranking.sampling`` (the numpy reference of down-sampling, targets, initial logits), ``ranking.fit`` and
+``ranking.loop`` (one model trained: the custom distributed step, early stopping, checkpoints),
+``ranking.judging`` (validation metrics), ``ranking.runs`` (run directory IO).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
 import pandas as pd
+import tensorflow as tf
+import yaml
 
+from features.examples import DAY
 from features.logs import raw_inputs, read_log, time_split
-from features.spec import RankstageConfig
+from features.spec import ConfigError, RankstageConfig
 from features.statistics import write_snapshot
 from features.vocab import build_stats
-from ranking.fit import fit
-from ranking.judging import format_metrics, judged_predictions, judged_report, save_judged
+from ranking import loop
+from ranking.fit import DEFAULT_SHUFFLE_BUFFER, fit
+from ranking.judging import format_metrics, judged_from_records, judged_predictions, judged_report, save_judged
 from ranking.runs import PREDICTIONS, save_run
+from ranking.shards import read_layout, shard_source
 
 
 def write_statistics_snapshot(config: RankstageConfig, log: str | Path | None = None,
@@ -36,40 +44,113 @@ def write_statistics_snapshot(config: RankstageConfig, log: str | Path | None = 
 
 
 STATISTICS = "statistics"  # the run's statistics snapshot, <key>.parquet (not the one serving reads)
+CHECKPOINTS = "checkpoints"  # while training: tf.train checkpoints to resume from (removed when the run is written)
+
+
+def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool) -> Path | None:
+    """The feature pipeline's shards of the run (``out/features``) when ``features.pipeline`` exists, else None
+    (training then reads the log in memory)."""
+    import features
+
+    found = importlib.util.find_spec("features.pipeline")
+    if found is None or Path(found.origin).parent != Path(features.__file__).parent:  # not another checkout's
+        return None
+    from features.pipeline import build_features
+
+    if not (out / "features" / "manifest.json").exists():  # a restarted run resumes on the shards it wrote
+        build_features(config, out / "features", log=log, verbose=verbose)
+    return out / "features"
+
+
+def _checkpoint_dir(config: RankstageConfig, out: Path, name: str) -> Path:
+    """``out/<name>``; checkpoints left there by a run of another config are refused, not resumed."""
+    path = out / name
+    mark = path / "config.yaml"
+    text = yaml.safe_dump(config.model_dump(), sort_keys=False)
+    if loop.is_chief():  # the others restore what the chief wrote
+        if mark.exists() and mark.read_text() != text:
+            raise ConfigError(f"--out {out}: {name}/ holds checkpoints of another config; delete it to start over")
+        path.mkdir(parents=True, exist_ok=True)
+        mark.write_text(text)
+    return path
+
+
+def _day(value, kind: str):
+    return int(value) if kind == "int" else str(value)
 
 
 def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None = None, refit: bool = False,
-          verbose: bool = True, publish_statistics: bool = False) -> Path:
+          verbose: bool = True, publish_statistics: bool = False, examples: str | Path | None = None,
+          strategy: tf.distribute.Strategy | None = None, checkpoint_every: int = 0,
+          shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> Path:
     """Train, validate on the last period(s), optionally refit on the whole window; write the run directory.
+
+    ``examples``: a feature pipeline's output directory (``ranking.shards``: shards per day, schema, stats, manifest)
+    to train from; None: the pipeline's ``build_features`` writes ``out/features`` when ``features.pipeline`` exists,
+    otherwise the log is read in memory (``read_log``). ``strategy`` (default: from ``TF_CONFIG``,
+    ``ranking.loop.strategy_from_env``); only the chief writes the run directory. Checkpoints under
+    ``out/checkpoints`` every ``checkpoint_every`` steps and each epoch; a restarted run resumes from them.
 
     The newest statistics snapshot goes into the run directory (``statistics/``), never over the one a running
     service reads, unless ``publish_statistics`` (then to ``data.statistics.path``, as ``rankstage statistics``)."""
+    strategy = strategy or loop.strategy_from_env()  # MWMS must exist before TensorFlow's first op
+    chief = loop.is_chief(strategy)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if chief:
+        out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    df = read_log(config.data, log)
-    train_df, val_df = time_split(df, config)
-    df = pd.concat([train_df, val_df], ignore_index=True)  # the window: without rows after data.until
-    stats = build_stats(raw_inputs(train_df, config.features), config.features)
+    if examples is None and loop.num_workers(strategy) == 1:
+        examples = pipeline_examples(config, out, log, verbose)
+    if examples is None and loop.num_workers(strategy) > 1:
+        raise ConfigError(f"--workers {loop.num_workers(strategy)}: several workers train from shards; give "
+                          "--examples DIR (a feature pipeline's output)")
+    opts = {"strategy": strategy, "checkpoint_every": checkpoint_every, "shuffle_buffer": shuffle_buffer}
+    if examples is None:
+        df = read_log(config.data, log)
+        train_rows, val_rows = time_split(df, config)
+        window = pd.concat([train_rows, val_rows], ignore_index=True)  # without rows after data.until
+        stats = build_stats(raw_inputs(train_rows, config.features), config.features)
+        val_periods = sorted(val_rows[config.data.time_column].unique().tolist())
+        n_val = len(val_rows)
+        window_stats = lambda: build_stats(raw_inputs(window, config.features), config.features)  # noqa: E731
+        judged_of = lambda models, sampling: judged_predictions(config, models, val_rows, sampling)  # noqa: E731
+    else:
+        layout = read_layout(examples)
+        kind = layout.kinds.get(DAY, "string")
+        train_days = [_day(d, kind) for d in layout.manifest["train_days"]]
+        val_periods = [_day(d, kind) for d in layout.manifest["validation_days"]]
+        train_rows, val_rows = shard_source(layout, train_days), shard_source(layout, val_periods)
+        window = shard_source(layout, train_days + val_periods)
+        stats = layout.stats("train")
+        rows = layout.manifest.get("rows_per_day", layout.manifest.get("rows"))  # the pipeline's key; the fixture's
+        per_day = {str(k): v for k, v in rows.items()} if isinstance(rows, dict) else {}
+        n_val = sum(int(per_day.get(str(d), 0)) for d in val_periods)
+        window_stats = lambda: layout.stats("window")  # noqa: E731
+        judged_of = lambda models, sampling: judged_from_records(config, models, val_rows, sampling)  # noqa: E731
     if verbose:
-        print(f"{len(train_df)} training rows, {len(val_df)} validation rows "
-              f"({config.data.time_column} >= {val_df[config.data.time_column].min()})", flush=True)
-    models, history, art = fit(config, train_df, stats, config.training.epochs, val_df, out / "tensorboard",
-                               verbose)
-    art.validation_periods = sorted(val_df[config.data.time_column].unique().tolist())
-    judged = judged_predictions(config, models, val_df, art.sampling)
-    save_judged(judged, out / PREDICTIONS)
-    val_metrics = judged_report(config, judged)
-    art.rows["validation"] = len(val_df)
+        print(f"training on {'shards of ' + str(examples) if examples else 'the log in memory'}; validation "
+              f"{config.data.time_column} {val_periods}, {n_val} rows", flush=True)
+    models, history, art = fit(config, train_rows, stats, config.training.epochs, val_rows, out / "tensorboard",
+                               verbose, checkpoint_dir=_checkpoint_dir(config, out, CHECKPOINTS), **opts)
+    art.validation_periods = val_periods
+    art.rows["validation"] = n_val
+    if chief:
+        judged = judged_of(models, art.sampling)
+        save_judged(judged, out / PREDICTIONS)
+        val_metrics = judged_report(config, judged)
     if refit:
         if verbose:
             print(f"refit on the whole window for {art.best_epoch} epoch(s)", flush=True)
-        stats = build_stats(raw_inputs(df, config.features), config.features)
-        best, val_periods, rows = art.best_epoch, art.validation_periods, art.rows
-        models, refit_history, art = fit(config, df, stats, best, None, out / "tensorboard_refit", verbose)
+        stats = window_stats()
+        best, rows = art.best_epoch, art.rows
+        models, refit_history, art = fit(config, window, stats, best, None, out / "tensorboard_refit", verbose,
+                                         checkpoint_dir=_checkpoint_dir(config, out, CHECKPOINTS + "_refit"),
+                                         **opts)
         art.best_epoch, art.refit, art.validation_periods = best, True, val_periods
         art.rows = {**rows, "refit": art.rows["train"]}
         history["refit_loss"] = refit_history["loss"]
+    if not chief:
+        return out
     written = write_statistics_snapshot(config, log, path=None if publish_statistics else out / STATISTICS)
     if verbose and written:
         print(f"statistics snapshot written: {', '.join(map(str, written))}", flush=True)
@@ -77,6 +158,8 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
               "refit": refit, "seconds": round(time.perf_counter() - t0, 1), "config": config.name,
               "num_experts": config.model.num_experts}
     save_run(out, config, models, stats, art.__dict__, history, report)
+    for name in (CHECKPOINTS, CHECKPOINTS + "_refit"):
+        loop.clear_checkpoints(out / name)
     if verbose:
         print(format_metrics(val_metrics), flush=True)
         print(f"run written to {out}", flush=True)

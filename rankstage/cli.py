@@ -14,11 +14,114 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from features.spec import load_config
-    from ranking.train import train
+    from features.spec import ConfigError, load_config
 
     config = load_config(args.config, args.set, args.tasks)
-    train(config, args.out, log=args.data, refit=args.refit)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: {args.workers} is not a positive number of workers")
+    if args.workers is not None and args.workers > 1:
+        if os.environ.get("TF_CONFIG"):
+            raise ConfigError("--workers: TF_CONFIG is already set (a cluster operator's); run one process per task "
+                              "without --workers")
+        examples = args.examples
+        if examples is None:
+            from ranking.train import pipeline_examples
+
+            examples = pipeline_examples(config, Path(args.out), args.data, verbose=True)
+            if examples is None:
+                raise ConfigError(f"--workers {args.workers}: several workers train from shards; give --examples DIR "
+                                  "(features.pipeline is not installed to write them)")
+        argv = _without_option(args.argv, "--workers") + ([] if args.examples else ["--examples", str(examples)])
+        raise SystemExit(launch_workers(argv, args.workers))
+    from ranking.train import train
+
+    train(config, args.out, log=args.data, refit=args.refit, examples=args.examples,
+          checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+def free_loopback_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (held open together so they differ)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def launch_workers(argv: list[str], n: int, command: list[str] | None = None) -> int:
+    """Run ``rankstage <argv>`` (or ``command + argv``) as ``n`` local worker processes of one
+    MultiWorkerMirroredStrategy cluster on loopback ports (``TF_CONFIG`` per worker; worker 0 is the chief, which
+    writes the run directory). Their output is forwarded line by line, prefixed ``[worker i]``. When one fails, the
+    others are stopped: the exit status is the first failure's (0 when all succeed). Checkpoints let the same
+    command resume."""
+    import json
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_loopback_ports(n)]}
+    procs = []
+    for i in range(n):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        procs.append(subprocess.Popen([*(command or [sys.executable, "-m", "rankstage.cli"]), *argv], env=env,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        print(f"[launcher] worker {i} pid {procs[-1].pid} on {cluster['worker'][i]}", flush=True)
+
+    def forward(i: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            print(f"[worker {i}] {line}", end="", flush=True)
+
+    threads = [threading.Thread(target=forward, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    status = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed:
+                status = failed[0].returncode
+                print(f"[launcher] worker {procs.index(failed[0])} exited with {status}; stopping the others",
+                      flush=True)
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for t in threads:
+            t.join(5)
+    if status == 0:
+        status = next((p.returncode for p in procs if p.returncode), 0)
+    return status if status >= 0 else 128 - status
 
 
 def cmd_statistics(args: argparse.Namespace) -> None:
@@ -83,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after early stopping, retrain on the whole window (validation included) for the chosen "
                         "number of epochs and keep that model (metrics stay those of the non-refit run)")
     p.add_argument("--tasks", nargs="+", help="train only these tasks (e.g. single-task baselines)")
+    p.add_argument("--examples", help="a feature pipeline's output directory (TFRecord shards per day, schema, stats, "
+                                      "manifest) to train from; default: written by the pipeline under OUT/features, "
+                                      "or the log read in memory when the pipeline is not installed")
+    p.add_argument("--workers", type=int, help="train with N local worker processes (MultiWorkerMirroredStrategy on "
+                                               "loopback, one shard file per worker at least); a cluster operator "
+                                               "sets TF_CONFIG per process instead")
+    p.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS",
+                   help="checkpoint every STEPS training steps besides each epoch's end (0: epoch ends only); a "
+                        "restarted run resumes from OUT/checkpoints")
+    p.add_argument("--shuffle-buffer", type=int, default=65536, metavar="RECORDS",
+                   help="shuffle buffer of shard records (rows in memory are shuffled whole)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("statistics", help="write the newest statistics snapshot (data.statistics.path) for serving")
@@ -145,12 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # only commands with pipeline_args (Beam options) take extra flags
     if extra and not hasattr(args, "pipeline_args"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.pipeline_args = extra
+    args.argv = argv
     from features.spec import ConfigError
 
     try:
