@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from calibration.outputs import correct_outputs
 from evaluation import metrics
-from features.examples import DAY, LABEL, USER
+from features.examples import DAY, LABEL, ROW, USER
 from features.logs import evaluation_labels, raw_inputs
 from features.spec import ConfigError, RankstageConfig
 from ranking.model import RankingModels
@@ -54,11 +54,12 @@ def _decoded(a: np.ndarray) -> np.ndarray:
 def judged_from_records(config: RankstageConfig, models: RankingModels, source, sampling: dict[str, dict],
                         batch_size: int = 4096) -> Judged:
     """``judged_predictions`` of example records (``ranking.shards.Source``: validation shards), predicted in
-    batches over the parsed records."""
+    batches over the parsed records, in log order (by ``key/row``: the pipeline writes rows by hash bucket), so a
+    run trained from shards is judged on the rows in the order every in-memory judge (LightGBM, compare) uses."""
     from ranking.shards import evaluation_batches
 
     serve = list(models.serve.input)
-    names = serve + [LABEL + t.name for t in config.tasks] + [USER, DAY]
+    names = serve + [LABEL + t.name for t in config.tasks] + [USER, DAY, ROW]
     call = tf.function(lambda b: models.serve({k: b[k] for k in serve}, training=False))
     parts: dict[str, list] = {}
     for batch in evaluation_batches(source, names, batch_size):
@@ -66,16 +67,21 @@ def judged_from_records(config: RankstageConfig, models: RankingModels, source, 
         for k, v in [*served.items(), *((n, batch[n]) for n in names[len(serve):])]:
             parts.setdefault(k, []).append(v.numpy())
     cols = {k: np.concatenate(v) for k, v in parts.items()}
+    order = np.argsort(cols[ROW], kind="stable")
+    cols = {k: v[order] for k, v in cols.items()}
     pred = correct_outputs({t.name: cols[t.name] for t in config.tasks}, sampling)
     return judge_records(config, {**cols, **pred})
 
 
 def judge_arrays(config: RankstageConfig, labels: dict[str, np.ndarray], users: np.ndarray, days: np.ndarray,
                  pred: dict[str, np.ndarray]) -> Judged:
-    """``judge`` of (N,) evaluation labels per task, users, days and predictions."""
+    """``judge`` of (N,) evaluation labels per task, users, days and predictions. Labels are judged at float32
+    precision, the example records' (``features.examples``), so a run judged from shards and one judged from a
+    frame in memory hold the same label arrays."""
     out: Judged = {}
     for t in config.tasks:
-        y, p = labels[t.name], np.asarray(pred[t.name], np.float64)
+        y = np.asarray(labels[t.name], np.float32).astype(np.float64)
+        p = np.asarray(pred[t.name], np.float64)
         keep = np.isfinite(y) & (labels[t.condition] == 1 if t.condition else True)
         out[t.name] = (y[keep], p[keep], users[keep], days[keep])
     return out
