@@ -109,7 +109,9 @@ def test_served_click_adds_the_tower_at_position_missing_for_the_device(biased_r
     logit = lambda p: np.log(p.astype(np.float64) / (1 - p))  # noqa: E731
     want = table[MISSING, oov + vocab.index(a)] - table[MISSING, oov + vocab.index(b)]
     np.testing.assert_allclose(logit(pa_["click"]) - logit(pb_["click"]), want, atol=1e-4)
-    assert want < -0.2, want  # phone's examination decays faster: its missing cell is clearly lower
+    # phone's examination decays faster: its missing cell is clearly lower (-0.17 with the custom training loop, whose
+    # epochs are seeded permutations with full batches; Keras fit's order gave below -0.2)
+    assert want < -0.1, want
     for t in (t.name for t in run.config.tasks if t.name not in run.config.model.bias_tower.tasks):
         np.testing.assert_array_equal(pa_[t], pb_[t], err_msg=t)
 

@@ -79,8 +79,10 @@ def test_only_the_sampled_task_is_corrected(trained):
 
 
 def test_every_task_serves_the_planted_rate_per_segment(trained):
-    """Tolerance 2% relative for the binary tasks, 3% for watch time. The weighted rates of the kept rows themselves
-    (seed 3, sampling seed 0) meet the planted truth within 0.7% for every task and segment (200k rows per segment:
+    """Tolerance 2.5% relative for the binary tasks, 3% for watch time. The rows are kept by a keyed hash of the row
+    id (``ranking.shards``, the same on every worker and resume); the weighted rates of those kept rows meet the
+    planted truth within 1.1% for every task and segment (news long view: -1.06%; the numpy draw used before gave
+    -0.86% there and within 0.7% elsewhere; 200k rows per segment:
     >= 20k clicks, >= 36k kept negatives); the rest is the optimiser's noise: ~1% for the binary tasks, up to 1.9%
     for the 60 s segment's watch time (loss weights (1 + t) / a reach hundreds; measured 1.8% here and 1.9% at batch
     8192 / lr 1e-3, while the kept rows' weighted mean is within 0.1%). Before the fix like served 0.15 instead of
@@ -91,7 +93,7 @@ def test_every_task_serves_the_planted_rate_per_segment(trained):
         print(f"{task:>10} per segment {TRUTH.segments}: served {np.round(served[task], 4)}, planted "
               f"{np.round(want, 4)}, relative error {np.round(served[task] / want - 1, 4)}")
     for task, want in truth.items():
-        np.testing.assert_allclose(served[task], want, rtol=0.03 if task == "watch_time" else 0.02, err_msg=task)
+        np.testing.assert_allclose(served[task], want, rtol=0.03 if task == "watch_time" else 0.025, err_msg=task)
 
 
 def test_unconditioned_binary_task_weights_kept_click_negatives():
