@@ -63,10 +63,15 @@ def initial_logits(config: RankstageConfig, labels: dict[str, np.ndarray], row_w
             rows &= labels[t.condition] == 1
         y = labels[t.name][rows]
         w = np.ones(len(y)) if row_weight is None or t.name == sampled else row_weight[rows]
-        m = float(np.average(y, weights=w)) if len(y) else 0.5
-        if t.type == "watch_time":
-            out[t.name] = float(np.log(max(m, 1e-3)))
-        else:
-            m = min(max(m, 1e-4), 1 - 1e-4)
-            out[t.name] = float(np.log(m / (1 - m)))
+        out[t.name] = prior_logit(t.type, float(np.average(y, weights=w)) if len(y) else 0.5)
     return out
+
+
+def prior_logit(task_type: str, mean: float) -> float:
+    """A task's initial logit from its weighted mean label: log mean seconds for watch time (floored at 1 ms), the
+    log-odds (mean clipped to [1e-4, 1 - 1e-4]) otherwise. ``initial_logits`` and ``ranking.shards``' streamed
+    label summaries both call it."""
+    if task_type == "watch_time":
+        return float(np.log(max(mean, 1e-3)))
+    m = min(max(mean, 1e-4), 1 - 1e-4)
+    return float(np.log(m / (1 - m)))

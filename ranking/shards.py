@@ -31,6 +31,7 @@ from features import examples
 from features.examples import LABEL, ROW, Column
 from features.spec import ConfigError, RankstageConfig
 from features.vocab import FeatureStats, load_stats
+from ranking.sampling import prior_logit
 
 LIST = "key/list"  # in-memory only: the row's user-day list id (``ranking.datasets.list_ids``) for a pairwise task
 HASH_BUCKETS = 2**53  # down-sampling draws u = bucket / 2**53 from a keyed hash of the row id: exact in float64
@@ -286,12 +287,7 @@ class LabelSummary:
         out = {}
         for t in config.tasks:
             w = self.weight.get(t.name, 0.0)
-            m = self.weighted_sum[t.name] / w if w > 0 else 0.5
-            if t.type == "watch_time":
-                out[t.name] = float(np.log(max(m, 1e-3)))
-            else:
-                m = min(max(m, 1e-4), 1 - 1e-4)
-                out[t.name] = float(np.log(m / (1 - m)))
+            out[t.name] = prior_logit(t.type, self.weighted_sum[t.name] / w if w > 0 else 0.5)
         return out
 
     def weight_scales(self) -> dict[str, float]:
