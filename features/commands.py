@@ -14,7 +14,8 @@ def cmd_features_build(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.set, None)
     manifest = build_features(config, args.out, runner=args.runner, pipeline_args=args.pipeline_args,
-                              log=args.data, buckets=args.buckets)
+                              log=args.data, buckets=args.buckets, passes=args.passes,
+                              rows_per_pass=args.rows_per_pass)
     print(f"wrote {args.out}: {manifest['rows']} rows, days {list(manifest['rows_per_day'])}, "
           f"{manifest['seconds']} s")
 
@@ -30,4 +31,7 @@ def register(sub) -> None:
     b.add_argument("--out", required=True, help="output directory (must not exist; written whole or not at all)")
     b.add_argument("--runner", default="DirectRunner", choices=RUNNERS)
     b.add_argument("--buckets", type=int, default=16, help="hash buckets of users / keys: the groups of the shuffles")
+    b.add_argument("--passes", type=int, help="passes over disjoint users, each holding only its rows in the "
+                   "runner's shuffles (default: one per --rows-per-pass rows)")
+    b.add_argument("--rows-per-pass", type=int, default=1_000_000, help="rows per pass when --passes is not given")
     b.set_defaults(func=cmd_features_build, pipeline_args=[])

@@ -104,6 +104,19 @@ def iter_batches(files: list[Path], columns: list[str] | None = None, batch_rows
             start += batch.num_rows
 
 
+def count_rows(files: list[Path]) -> int:
+    """Rows of ``files``: Parquet from the footers, CSV as newlines less the header (an estimate if a quoted field
+    holds a newline); for choosing how many passes a pipeline makes, not for results."""
+    total = 0
+    for path in files:
+        if _format(path) in (".parquet", ".pq"):
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            with open(path, "rb") as f:
+                total += max(0, sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b"")) - 1)
+    return total
+
+
 # --- import: CSV files -> a day-partitioned directory of Parquet shards, schema-checked against a config ---------
 
 KINDS = ("any", "number", "int", "time")  # how a needed column is checked; a later kind is stricter

@@ -29,11 +29,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import apache_beam as beam
@@ -43,7 +45,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from features import examples
 from features.history import attach_history
-from features.logfiles import iter_batches, log_files
+from features.logfiles import count_rows, iter_batches, log_files
 from features.logs import join_side_tables, load_side_tables, time_split
 from features.spec import ConfigError, RankstageConfig
 from features.statistics import (
@@ -74,7 +76,7 @@ from features.vocab import (
 
 ROW = "_rankstage_row"  # a batch's row ids (features.examples.row_ids) while it passes through the pipeline
 TRAIN, WINDOW = "train", "window"
-SUMMARY = ".summary.json"
+PLAN, TABLES = ".plan.json", ".tables"  # scratch of a build: the split, the statistics tables by bucket
 
 
 def bucket_of(values: pd.Series, buckets: int) -> np.ndarray:
@@ -104,12 +106,35 @@ def check_columns(columns: list[str], where: str, config: RankstageConfig) -> No
             raise ConfigError(f"data: column {col!r} not in log {where} (has {list(columns)})")
 
 
-def joined_batch(batch, file_index: int, start: int, sides, config: RankstageConfig, where: str) -> pd.DataFrame:
-    """One record batch of the log as pandas, with its row ids (``ROW``) and the side tables joined."""
+def joined_batch(batch, file_index: int, start: int, sides, config: RankstageConfig, where: str,
+                 keep: RowPass | None = None) -> pd.DataFrame:
+    """One record batch of the log as pandas, with its row ids (``ROW``) and the side tables joined; with ``keep``,
+    only the rows of that pass (filtered before the join, row ids kept)."""
+    check_columns(batch.schema.names, where, config)
+    rows = examples.row_ids(file_index, start, batch.num_rows)
+    if keep is not None:
+        mine = keep.mask(batch.column(keep.column).to_pandas())
+        batch, rows = batch.filter(mine), rows[mine]
     frame = batch.to_pandas()
-    check_columns(list(frame.columns), where, config)
-    frame[ROW] = examples.row_ids(file_index, start, len(frame))
+    frame[ROW] = rows
     return join_side_tables(frame, sides)
+
+
+@dataclass(frozen=True)
+class RowPass:
+    """Pass ``index`` of ``passes`` over the log: the rows whose ``column`` falls in a hash bucket (of ``buckets``,
+    a multiple of ``passes``) congruent to ``index``; the same buckets group the rows and their statistics tables."""
+
+    column: str
+    buckets: int
+    passes: int
+    index: int
+
+    def mask(self, values: pd.Series) -> np.ndarray:
+        return bucket_of(values, self.buckets) % self.passes == self.index
+
+    def owns(self, bucket: int) -> bool:
+        return bucket % self.passes == self.index
 
 
 def split_days(times: list, config: RankstageConfig) -> dict[str, list]:
@@ -160,9 +185,11 @@ def finish_partial(partial, feature) -> FeatureStats:
 
 def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "DirectRunner",
                    pipeline_args=(), log: str | Path | list | None = None, verbose: bool = True,
-                   buckets: int = 32, batch_rows: int = 65536) -> dict:
+                   buckets: int = 32, batch_rows: int = 65536, passes: int | None = None,
+                   rows_per_pass: int = 1_000_000) -> dict:
     """Run the feature pipeline over ``log`` (default ``config.data.log``) on ``runner`` into ``out_dir``; the
-    manifest. ``pipeline_args`` are Beam pipeline options (``--direct_num_workers 2`` ...). ``out_dir`` must not
+    manifest. ``pipeline_args`` are Beam pipeline options (``--direct_num_workers 2`` ...). The rows go through in
+    ``passes`` passes of disjoint users (default: enough for ``rows_per_pass`` rows each). ``out_dir`` must not
     exist; it appears whole when the run succeeds and not at all when it fails."""
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -172,18 +199,21 @@ def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "
     say = (lambda msg: print(f"features build: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
     say(f"{len(files)} log file(s), first {files[0]}")
     cols = preflight(config, files)
+    if passes is None:
+        passes = max(1, math.ceil(count_rows(files) / rows_per_pass))
+    if passes < 1:
+        raise ConfigError(f"--passes {passes}: must be at least 1")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         (tmp / "schema.json").write_text(json.dumps([asdict(c) for c in cols], indent=1))
         say(f"running on {runner} {' '.join(pipeline_args)}".rstrip())
-        run_pipeline(config, files, tmp, cols, runner, list(pipeline_args), buckets, batch_rows, verbose)
-        summary = json.loads((tmp / SUMMARY).read_text())
-        (tmp / SUMMARY).unlink()
+        summary = run_pipeline(config, files, tmp, cols, runner, list(pipeline_args), buckets, batch_rows, verbose,
+                               passes)
         manifest = {"config": config.name, "log_files": [str(f) for f in files],
                     "rows_per_day": summary["rows_per_day"], "rows": sum(summary["rows_per_day"].values()),
                     "train_days": summary["train"], "validation_days": summary["validation"],
-                    "runner": runner, "pipeline_args": list(pipeline_args), "buckets": buckets,
+                    "runner": runner, "pipeline_args": list(pipeline_args), "buckets": buckets, "passes": passes,
                     "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)
@@ -222,7 +252,12 @@ def preflight(config: RankstageConfig, files: list[Path], sample_rows: int = 200
 
 
 def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: list[examples.Column], runner: str,
-                 pipeline_args: list[str], buckets: int, batch_rows: int, verbose: bool) -> None:
+                 pipeline_args: list[str], buckets: int, batch_rows: int, verbose: bool, passes: int = 1) -> dict:
+    """Phase 1, one pipeline over the whole log: the day split and the statistics tables by day (combines only:
+    memory in keys x days, never in rows), written under ``tmp``. Phase 2, ``passes`` pipelines, each over the rows
+    of 1/passes of the users (a user's rows all in one pass): history lists and statistics joined, examples
+    written. A runner holds a shuffle's input in memory (DirectRunner does), so a pass's peak memory is in its own
+    rows, not in the log's. -> the summary (rows per day, train and validation days)."""
     d = config.data
     stats = d.statistics
     options = PipelineOptions(pipeline_args, runner=runner)
@@ -230,47 +265,97 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
     # a statistics key regroups the rows once more
     stage_columns = [d.user_column] + list(dict.fromkeys(
         k.columns[0] for k in (stats.keys if stats else []) if k.columns[0] != d.user_column))
-    try:
+    counts = {c: buckets * passes if c == d.user_column else buckets for c in stage_columns}
+    say = (lambda msg: print(f"features build: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
+    with _one_line_errors():
         with beam.Pipeline(options=options) as p:
             frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows)
             times = (frames | "TimeValues" >> beam.Map(lambda f: set(f[d.time_column].unique().tolist()))
                      | "AllTimeValues" >> beam.CombineGlobally(_union))
             if stats is not None:
-                first_day = times | "FirstDay" >> beam.Map(
-                    lambda ts: int(day_numbers(pd.Series(sorted(ts)), stats.date_format).min()))
                 days = times | "DayNumbers" >> beam.Map(
                     lambda ts: np.unique(day_numbers(pd.Series(sorted(ts)), stats.date_format)))
-                kept = (times | "KeptTimeValues" >> beam.Map(
-                    lambda ts, first: [t for t in ts if after_warmup(
-                        day_numbers(pd.Series([t]), stats.date_format), first, stats)[0]],
-                    first=beam.pvalue.AsSingleton(first_day)))
-                tables = frames | "Statistics" >> StatisticsTables(config, buckets, days, tmp / "statistics")
-            else:
-                first_day, kept, tables = None, times | "KeptTimeValues" >> beam.Map(sorted), None
-            split = kept | "SplitDays" >> beam.Map(split_days, config)
-            for i, column in enumerate(stage_columns):
-                keys = [k for k in (stats.keys if stats else []) if k.columns[0] == column]
-                frames = frames | f"JoinBy_{column}" >> JoinByBucket(config, column, buckets, keys, tables,
-                                                                     history=i == 0)
-            written = frames | "WriteExamples" >> beam.ParDo(
-                _WriteExamples(config, cols, str(tmp / "examples"), verbose),
-                beam.pvalue.AsSingleton(first_day) if first_day is not None else None,
-                beam.pvalue.AsSingleton(split)).with_outputs("stats", main="rows")
-            rows_per_day = written.rows | "RowsPerDay" >> beam.CombinePerKey(sum) | "AllDays" >> beam.combiners.ToDict()
-            by_feature = {f.name: f for f in config.features}
-            (written.stats | "FeatureStats" >> beam.CombinePerKey(_MergePartials())
-             | "BySplit" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], finish_partial(kv[1], by_feature[kv[0][1]]))))
-             | "GroupSplits" >> beam.GroupByKey()
-             | "SaveStats" >> beam.Map(_save_split, [f.name for f in config.features], str(tmp / "stats")))
-            (rows_per_day | "Summary" >> beam.Map(_save_summary, beam.pvalue.AsSingleton(split), str(tmp / SUMMARY)))
+                (frames | "Statistics" >> StatisticsTables(config, counts, days, tmp / "statistics")
+                 | "SaveTables" >> beam.Map(_save_table, str(tmp / TABLES)))
+            times | "SavePlan" >> beam.Map(_save_plan, config, str(tmp / PLAN))
+        plan = json.loads((tmp / PLAN).read_text())
+        split = {TRAIN: plan[TRAIN], "validation": plan["validation"]}
+        rows_per_day: dict[str, int] = {}
+        partials: dict = {}
+        for index in range(passes):
+            say(f"pass {index + 1}/{passes}: history lists, statistics and examples of 1/{passes} of the users")
+            keep = RowPass(d.user_column, counts[d.user_column], passes, index) if passes > 1 else None
+            with beam.Pipeline(options=options) as p:
+                frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, keep)
+                for i, column in enumerate(stage_columns):
+                    keys = [k for k in (stats.keys if stats else []) if k.columns[0] == column]
+                    frames = frames | f"JoinBy_{column}" >> JoinByBucket(
+                        config, column, counts[column], keys, tmp / TABLES, keep if i == 0 else None, history=i == 0)
+                prefix = f"p{index:03d}-" if passes > 1 else ""
+                written = frames | "WriteExamples" >> beam.ParDo(
+                    _WriteExamples(config, cols, str(tmp / "examples"), verbose, prefix),
+                    plan["first_day"], split).with_outputs("stats", main="rows")
+                (written.rows | "RowsPerDay" >> beam.CombinePerKey(sum) | "AllDays" >> beam.combiners.ToDict()
+                 | "SaveRows" >> beam.Map(_save_pickle, str(tmp / f".rows-{index}.pkl")))
+                (written.stats | "FeatureStats" >> beam.CombinePerKey(_MergePartials())
+                 | "AllStats" >> beam.combiners.ToList() | "SaveStats" >> beam.Map(
+                     _save_pickle, str(tmp / f".partials-{index}.pkl")))
+            for day, n in _load_pickle(tmp / f".rows-{index}.pkl").items():
+                rows_per_day[str(day)] = rows_per_day.get(str(day), 0) + int(n)
+            for key, partial in _load_pickle(tmp / f".partials-{index}.pkl"):
+                partials[key] = merge_partials(partials.get(key), partial)
+    by_feature = {f.name: f for f in config.features}
+    for name in (TRAIN, WINDOW):
+        got = {f: finish_partial(partial, by_feature[f]) for (n, f), partial in partials.items() if n == name}
+        if got:
+            (tmp / "stats").mkdir(parents=True, exist_ok=True)
+            save_stats({f.name: got.get(f.name, FeatureStats()) for f in config.features},
+                       tmp / "stats" / f"{name}.json")
+    for scratch in [tmp / TABLES, tmp / PLAN, *tmp.glob(".rows-*.pkl"), *tmp.glob(".partials-*.pkl")]:
+        shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink(missing_ok=True)
+    return {"rows_per_day": dict(sorted(rows_per_day.items())), **split}
+
+
+@contextmanager
+def _one_line_errors():
+    """A runner wraps a worker's ConfigError in its own exception: give back the one line."""
+    try:
+        yield
     except ConfigError:
         raise
-    except Exception as err:  # a runner wraps a worker's ConfigError in its own exception: give back the one line
+    except Exception as err:
         text = str(err)
         marker = "ConfigError: "
         if marker in text:
             raise ConfigError(text[text.rindex(marker) + len(marker):].strip().splitlines()[0]) from None
         raise
+
+
+def _save_plan(times: set, config: RankstageConfig, path: str) -> None:
+    """The kept time values' split and the first day (warm-up), for the passes."""
+    stats = config.data.statistics
+    kept, first = sorted(times), None
+    if stats is not None:
+        first = int(day_numbers(pd.Series(kept), stats.date_format).min())
+        kept = [t for t in kept if after_warmup(day_numbers(pd.Series([t]), stats.date_format), first, stats)[0]]
+    Path(path).write_text(json.dumps({"first_day": first, **split_days(kept, config)}, default=int))
+
+
+def _save_table(element, root: str) -> None:
+    """((first column, bucket), (key, ``tables_by_day`` of the bucket)) -> ``root/<first column>/<bucket>/<key>.pkl``
+    (scratch of the build; pickle keeps the dtypes exact)."""
+    (column, bucket), (name, table) = element
+    path = Path(root) / column / f"{bucket:05d}" / f"{name}.pkl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_pickle(path)
+
+
+def _save_pickle(value, path: str) -> None:
+    Path(path).write_bytes(pickle.dumps(value))
+
+
+def _load_pickle(path: Path):
+    return pickle.loads(path.read_bytes())
 
 
 def _union(sets) -> set:
@@ -280,23 +365,11 @@ def _union(sets) -> set:
     return out
 
 
-def _save_split(kv, names: list[str], out: str) -> None:
-    split, per_feature = kv
-    got = dict(per_feature)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    save_stats({n: got.get(n, FeatureStats()) for n in names}, Path(out) / f"{split}.json")
-
-
-def _save_summary(rows_per_day: dict, split: dict, path: str) -> None:
-    Path(path).write_text(json.dumps({"rows_per_day": {str(k): int(v) for k, v in sorted(rows_per_day.items())},
-                                      TRAIN: split[TRAIN], "validation": split["validation"]}, default=int))
-
-
 class _ReadFile(beam.DoFn):
     """(file index, path) -> the file's record batches as joined pandas frames (side tables loaded once)."""
 
-    def __init__(self, config: RankstageConfig, batch_rows: int):
-        self.config, self.batch_rows = config, batch_rows
+    def __init__(self, config: RankstageConfig, batch_rows: int, keep: RowPass | None):
+        self.config, self.batch_rows, self.keep = config, batch_rows, keep
 
     def setup(self):
         self.sides = load_side_tables(self.config.data)
@@ -304,18 +377,20 @@ class _ReadFile(beam.DoFn):
     def process(self, element):
         index, path = element
         for _, start, batch in iter_batches([Path(path)], batch_rows=self.batch_rows):
-            yield joined_batch(batch, index, start, self.sides, self.config, path)
+            frame = joined_batch(batch, index, start, self.sides, self.config, path, self.keep)
+            if len(frame):
+                yield frame
 
 class ReadJoinedLog(beam.PTransform):
-    """The log's files -> pandas frames of joined rows (``ROW`` ids, side tables)."""
+    """The log's files -> pandas frames of joined rows (``ROW`` ids, side tables), of one pass's users (``keep``)."""
 
-    def __init__(self, config: RankstageConfig, files: list[Path], batch_rows: int):
+    def __init__(self, config: RankstageConfig, files: list[Path], batch_rows: int, keep: RowPass | None = None):
         super().__init__()
-        self.config, self.files, self.batch_rows = config, [str(f) for f in files], batch_rows
+        self.config, self.files, self.batch_rows, self.keep = config, [str(f) for f in files], batch_rows, keep
 
     def expand(self, p):
         return (p | "Files" >> beam.Create(list(enumerate(self.files))) | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadBatches" >> beam.ParDo(_ReadFile(self.config, self.batch_rows)))
+                | "ReadBatches" >> beam.ParDo(_ReadFile(self.config, self.batch_rows, self.keep)))
 
 class _SumFrames(beam.CombineFn):
     """Sums of frames by their index: per (key columns, ``DAY``) daily sums or per ``DAY`` totals."""
@@ -339,9 +414,10 @@ class _SumFrames(beam.CombineFn):
 
 class StatisticsTables(beam.PTransform):
     """Joined frames -> ((first key column, bucket), (key name, ``tables_by_day`` of the bucket's keys)); the
-    newest snapshot of every key written to ``snapshot_dir/<key>.parquet`` as a side effect."""
+    newest snapshot of every key written to ``snapshot_dir/<key>.parquet`` as a side effect. ``buckets``: the
+    bucket count of each first column (the rows' regrouping uses the same)."""
 
-    def __init__(self, config: RankstageConfig, buckets: int, days, snapshot_dir: Path):
+    def __init__(self, config: RankstageConfig, buckets: dict[str, int], days, snapshot_dir: Path):
         super().__init__()
         self.config, self.buckets, self.days, self.snapshot_dir = config, buckets, days, str(snapshot_dir)
 
@@ -354,7 +430,7 @@ class StatisticsTables(beam.PTransform):
             frame = frame.assign(**{DAY: day_numbers(frame[data.time_column], stats.date_format)})
             for key in stats.keys:
                 daily = daily_sums(frame, stats, key)
-                for b, part in split_by_bucket(daily, key.columns[0], buckets):
+                for b, part in split_by_bucket(daily, key.columns[0], buckets[key.columns[0]]):
                     yield (key.name, b), part.set_index([*key.columns, DAY])
 
         per_bucket = (frames | "DailySums" >> beam.FlatMap(sums)
@@ -411,12 +487,14 @@ class _JoinGroup(beam.DoFn):
 
 class JoinByBucket(beam.PTransform):
     """Frames -> frames regrouped by a hash bucket of ``column``; there, the history lists (``history``) and
-    the statistics of ``keys`` (whose first column is ``column``) are attached."""
+    the statistics of ``keys`` (whose first column is ``column``; their tables read from ``tables`` as
+    ``_save_table`` wrote them, only the buckets ``keep`` owns) are attached."""
 
-    def __init__(self, config: RankstageConfig, column: str, buckets: int, keys, tables, history: bool):
+    def __init__(self, config: RankstageConfig, column: str, buckets: int, keys, tables: Path,
+                 keep: RowPass | None, history: bool):
         super().__init__()
         self.config, self.column, self.buckets, self.keys = config, column, buckets, keys
-        self.tables, self.history = tables, history
+        self.tables, self.keep, self.history = tables, keep, history
 
     def expand(self, frames):
         column, buckets = self.column, self.buckets
@@ -426,21 +504,20 @@ class JoinByBucket(beam.PTransform):
             yield from split_by_bucket(frame, column, buckets)
 
         rows = frames | "KeyRows" >> beam.FlatMap(key_rows)
-        names = {k.name for k in self.keys}
-        if names:
-            tables = (self.tables | "KeyTables" >> beam.Filter(lambda kv: kv[0][0] == column and kv[1][0] in names)
-                      | "ByBucket" >> beam.MapTuple(lambda cb, t: (cb[1], t)))
-        else:
-            tables = rows.pipeline | "NoTables" >> beam.Create([])
+        paths = sorted(str(f) for k in self.keys for f in (self.tables / column).glob(f"*/{k.name}.pkl")
+                       if self.keep is None or self.keep.owns(int(f.parent.name)))
+        tables = (rows.pipeline | "TableFiles" >> beam.Create(paths) | "SpreadTables" >> beam.Reshuffle()
+                  | "LoadTables" >> beam.Map(lambda f: (int(Path(f).parent.name), (Path(f).stem, pd.read_pickle(f)))))
         return ({"rows": rows, "tables": tables} | "CoGroup" >> beam.CoGroupByKey()
                 | "Join" >> beam.ParDo(_JoinGroup(self.config, self.keys, self.history)))
+
 
 class _WriteExamples(beam.DoFn):
     """(bucket, joined rows) -> one shard per day of the rows' records; outputs (time value, rows) and, tagged
     "stats", ((split, feature), partial) for the training days and the whole window."""
 
-    def __init__(self, config: RankstageConfig, cols, out: str, verbose: bool):
-        self.config, self.cols, self.out, self.verbose = config, cols, out, verbose
+    def __init__(self, config: RankstageConfig, cols, out: str, verbose: bool, prefix: str = ""):
+        self.config, self.cols, self.out, self.verbose, self.prefix = config, cols, out, verbose, prefix
 
     def process(self, element, first_day, split):
         bucket, frame = element
@@ -454,7 +531,7 @@ class _WriteExamples(beam.DoFn):
         times = frame[d.time_column].to_numpy()
         for value in pd.unique(times).tolist():  # Python values: deterministic keys
             at = times == value
-            path = Path(self.out) / f"date={value}" / f"part-{bucket:05d}{examples.SUFFIX}"
+            path = Path(self.out) / f"date={value}" / f"part-{self.prefix}{bucket:05d}{examples.SUFFIX}"
             examples.write_shard(path, records[at])
             yield value, int(at.sum())
         for name, days in ((TRAIN, split[TRAIN]), (WINDOW, split[TRAIN] + split["validation"])):
@@ -464,7 +541,8 @@ class _WriteExamples(beam.DoFn):
                 for f in self.config.features:
                     yield beam.pvalue.TaggedOutput("stats", ((name, f.name), feature_partial(part, f)))
         if self.verbose:
-            print(f"features build: bucket {bucket}: {len(frame)} rows written", file=sys.stderr, flush=True)
+            print(f"features build: {self.prefix}bucket {bucket}: {len(frame)} rows written", file=sys.stderr,
+                  flush=True)
 
 
 class _MergePartials(beam.CombineFn):

@@ -20,6 +20,9 @@ Nothing is collected to the driver but that accumulator. B buckets, L lists, K b
 from __future__ import annotations
 
 import json
+import math
+import pickle
+import sys
 from pathlib import Path
 
 import apache_beam as beam
@@ -111,10 +114,13 @@ def take(packed: dict, idx: np.ndarray) -> dict:
 
 
 class ReadExampleShards(beam.DoFn):
-    """A shard path -> (bucket, fragment) per record batch: the batch's rows of each bucket, packed (``pack``)."""
+    """A shard path -> (bucket, fragment) per record batch: the batch's rows of each bucket, packed (``pack``); of
+    pass ``index`` of ``passes``, only the lists whose key hash h has (h // buckets) % passes == index."""
 
-    def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 16384):
+    def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 16384,
+                 passes: int = 1, index: int = 0):
         self.cols, self.key_columns, self.buckets, self.batch_rows = cols, key_columns, buckets, batch_rows
+        self.passes, self.index = passes, index
 
     def setup(self):
         import tensorflow as tf
@@ -136,6 +142,11 @@ class ReadExampleShards(beam.DoFn):
                     v = v.astype(str).astype(object) if k in self._keys else v.astype(bytes)
                 cols[k] = v
             cols[HASH] = key_hash([cols[k] for k in self.key_columns])
+            if self.passes > 1:
+                mine = (cols[HASH] // np.uint64(self.buckets)) % np.uint64(self.passes) == np.uint64(self.index)
+                if not mine.any():
+                    continue
+                cols = {k: v[mine] for k, v in cols.items()}
             bucket = cols[HASH] % np.uint64(self.buckets)
             by = np.argsort(bucket, kind="stable")
             cuts = np.flatnonzero(np.diff(bucket[by])) + 1
@@ -161,9 +172,9 @@ def merge_fragments(item) -> dict[str, np.ndarray]:
 class GroupIntoLists(beam.PTransform):
     """Shard paths -> buckets: every row of a list (all rows sharing the list key) in one element, in log order."""
 
-    def __init__(self, cols, key_columns, buckets, batch_rows=16384):
+    def __init__(self, cols, key_columns, buckets, batch_rows=16384, passes: int = 1, index: int = 0):
         super().__init__()
-        self.read = ReadExampleShards(cols, key_columns, buckets, batch_rows)
+        self.read = ReadExampleShards(cols, key_columns, buckets, batch_rows, passes, index)
 
     def expand(self, files):
         return (files
@@ -323,6 +334,13 @@ class ReplayCombineFn(beam.CombineFn):
         return {"days": sorted(acc["days"]), **result}
 
 
+class _Accumulate(ReplayCombineFn):
+    """``ReplayCombineFn`` whose output is its accumulator: one pass's part, merged with the others' on the driver."""
+
+    def extract_output(self, acc):
+        return acc
+
+
 # ---------------------------------------------------------------- scored lists as Parquet
 
 
@@ -360,6 +378,14 @@ def write_text(text: str, path: str) -> str:
     return path
 
 
+def write_bytes(data: bytes, path: str) -> str:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as f:
+        f.write(data)
+    return path
+
+
 def write_json(result: dict, path: str) -> str:
     return write_text(json.dumps(result, indent=1, default=float), path)
 
@@ -368,10 +394,13 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
                 days: list[int] | None = None, group: str = "user_day", min_list: int = 5, k: int = 5,
                 reps: int = 1000, reference: str | None = "click_only", list_column: str | None = None,
                 truth_columns: tuple[str, ...] = (), buckets: int = 64, batch_rows: int = 16384,
-                scored_out: str | None = None, pipeline_args: list[str] | None = None, extra: dict | None = None
-                ) -> dict:
+                scored_out: str | None = None, pipeline_args: list[str] | None = None, extra: dict | None = None,
+                passes: int | None = None, rows_per_pass: int = 1_000_000) -> dict:
     """Run the replay pipeline; writes ``out/replay.json`` (``evaluate``'s result, plus ``days``, ``model`` and
-    ``extra``) and returns it. ``scored_out``: also the scored rows as Parquet (``read_scored`` reads them)."""
+    ``extra``) and returns it. ``scored_out``: also the scored rows as Parquet (``read_scored`` reads them).
+    The lists go through in ``passes`` pipelines of disjoint lists (default: one per ``rows_per_pass`` rows of the
+    shards' manifest), so a runner that holds a shuffle in memory (DirectRunner) holds one pass's rows; each pass's
+    accumulator is merged on the driver by ``ReplayCombineFn.merge_accumulators``."""
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -401,21 +430,45 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
         write_json({"model": model, "examples": str(examples_dir), "days": days, "list_column": list_column,
                     "truth_columns": list(truth_columns)},
                    f"{scored_out.rstrip('/')}/{SCORED_META}")
+    if passes is None:
+        passes = max(1, math.ceil(manifest_rows(examples_dir, days) / rows_per_pass))
+    if passes < 1:
+        raise ConfigError(f"--passes {passes}: must be at least 1")
     options = PipelineOptions(pipeline_args or [])
-    with beam.Pipeline(options=options) as p:
-        scored = (p
-                  | "Shards" >> beam.Create(files)
-                  | "GroupIntoLists" >> GroupIntoLists(read_cols, keys, buckets, batch_rows)
-                  | "RunInference" >> RunInference(handler))
-        result = (scored
-                  | "ListMetrics" >> beam.ParDo(ListMetrics(model, profiles, group, min_list, k, calibration,
-                                                            list_column, truth_columns))
-                  | "Combine" >> beam.CombineGlobally(ReplayCombineFn(reps, reference, group, min_list, k)))
-        _ = (result
-             | "Describe" >> beam.Map(lambda r: {"model": model, **(extra or {}), **r})
-             | "WriteResult" >> beam.Map(write_json, f"{out.rstrip('/')}/replay.json"))
-        if scored_out:
-            _ = scored | "WriteScored" >> beam.ParDo(WriteScored(scored_out, tasks, list_column, truth_columns))
-    with FileSystems.open(f"{out.rstrip('/')}/replay.json") as f:
-        return json.loads(f.read())
+    combine = ReplayCombineFn(reps, reference, group, min_list, k)
+    parts = []
+    for index in range(passes):
+        if passes > 1:
+            print(f"replay: pass {index + 1}/{passes}", file=sys.stderr, flush=True)
+        part = f"{out.rstrip('/')}/.pass-{index}.pkl"
+        with beam.Pipeline(options=options) as p:
+            scored = (p
+                      | "Shards" >> beam.Create(files)
+                      | "GroupIntoLists" >> GroupIntoLists(read_cols, keys, buckets, batch_rows, passes, index)
+                      | "RunInference" >> RunInference(handler))
+            _ = (scored
+                 | "ListMetrics" >> beam.ParDo(ListMetrics(model, profiles, group, min_list, k, calibration,
+                                                           list_column, truth_columns))
+                 | "Combine" >> beam.CombineGlobally(_Accumulate(reps, reference, group, min_list, k))
+                 | "SavePart" >> beam.Map(lambda acc, path: write_bytes(pickle.dumps(acc), path), part))
+            if scored_out:
+                _ = scored | "WriteScored" >> beam.ParDo(WriteScored(scored_out, tasks, list_column, truth_columns))
+        with FileSystems.open(part) as f:
+            parts.append(pickle.loads(f.read()))
+        FileSystems.delete([part])
+    result = {"model": model, **(extra or {}), **combine.extract_output(combine.merge_accumulators(parts))}
+    write_json(result, f"{out.rstrip('/')}/replay.json")
+    return json.loads(json.dumps(result, default=float))
+
+
+def manifest_rows(examples_dir: str, days: list[int] | None) -> int:
+    """Rows of ``days`` (all if None) by the feature pipeline's ``manifest.json``; 0 without one."""
+    from apache_beam.io.filesystems import FileSystems
+
+    path = f"{examples_dir.rstrip('/')}/manifest.json"
+    if not FileSystems.exists(path):
+        return 0
+    with FileSystems.open(path) as f:
+        per_day = json.loads(f.read()).get("rows_per_day", {})
+    return sum(int(n) for d, n in per_day.items() if days is None or int(d) in set(days))
 

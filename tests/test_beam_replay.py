@@ -99,14 +99,15 @@ def test_beam_intervals_agree_with_the_in_process_bootstrap_within_monte_carlo_n
 
 
 def test_the_result_does_not_depend_on_how_lists_are_partitioned(beam_run, kuairand_model, shards, tmp_path):
-    # the weights are a function of the list key only: 3 buckets and batches of 1,000 records give the same sums
+    # the weights are a function of the list key only: 3 buckets, batches of 1,000 records and two passes over
+    # disjoint lists (their accumulators merged on the driver) give the same sums
     from fusion.beam_replay import beam_replay
     from fusion.replay import fusion_for_version, replay_profiles
 
     _, base = kuairand_model
     version_dir, config, cal = fusion_for_version(FUSION, base)
     other = beam_replay(version_dir, str(shards), replay_profiles(config), str(tmp_path), cal, DAYS, reps=REPS,
-                        buckets=3, batch_rows=1000)
+                        buckets=3, batch_rows=1000, passes=2)
     cells = dict(_cells(other))
     for key, cell in _cells(beam_run[0]):
         assert cells[key]["lists"] == cell["lists"]

@@ -22,7 +22,8 @@ from features.vocab import build_stats, load_stats
 @pytest.fixture(scope="module")
 def built(kuairand_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("features") / "kuairand"
-    manifest = build_features(kuairand_config, out, verbose=False, buckets=8, batch_rows=16384)
+    # two passes over disjoint users: the path a log larger than one pass takes, and equal to one pass's result
+    manifest = build_features(kuairand_config, out, verbose=False, buckets=8, batch_rows=16384, passes=2)
     return out, manifest
 
 
