@@ -275,7 +275,8 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
             if stats is not None:
                 days = times | "DayNumbers" >> beam.Map(
                     lambda ts: np.unique(day_numbers(pd.Series(sorted(ts)), stats.date_format)))
-                (frames | "Statistics" >> StatisticsTables(config, counts, days, tmp / "statistics")
+                snapshot_day = times | "SnapshotDay" >> beam.Map(_snapshot_day, config)
+                (frames | "Statistics" >> StatisticsTables(config, counts, days, snapshot_day, tmp / "statistics")
                  | "SaveTables" >> beam.Map(_save_table, str(tmp / TABLES)))
             times | "SavePlan" >> beam.Map(_save_plan, config, str(tmp / PLAN))
         plan = json.loads((tmp / PLAN).read_text())
@@ -339,6 +340,19 @@ def _save_plan(times: set, config: RankstageConfig, path: str) -> None:
         first = int(day_numbers(pd.Series(kept), stats.date_format).min())
         kept = [t for t in kept if after_warmup(day_numbers(pd.Series([t]), stats.date_format), first, stats)[0]]
     Path(path).write_text(json.dumps({"first_day": first, **split_days(kept, config)}, default=int))
+
+
+def _snapshot_day(times: set, config: RankstageConfig) -> int | None:
+    """The day number the snapshot is as of: the day after the last time value up to ``data.until``."""
+    d = config.data
+    values = pd.Series(sorted(times))
+    if d.until is not None:
+        try:
+            values = values[values <= d.until]
+        except TypeError as e:
+            raise ConfigError(f"data.until: {d.until!r} cannot be compared with column {d.time_column!r} "
+                              f"(dtype {values.dtype})") from e
+    return int(day_numbers(values, d.statistics.date_format).max()) + 1 if len(values) else None
 
 
 def _save_table(element, root: str) -> None:
@@ -414,12 +428,15 @@ class _SumFrames(beam.CombineFn):
 
 class StatisticsTables(beam.PTransform):
     """Joined frames -> ((first key column, bucket), (key name, ``tables_by_day`` of the bucket's keys)); the
-    newest snapshot of every key written to ``snapshot_dir/<key>.parquet`` as a side effect. ``buckets``: the
+    snapshot of every key as of ``snapshot_day`` (the day after the last one up to ``data.until``; what
+    ``features.statistics.snapshot_tables`` gives of those days) written to ``snapshot_dir/<key>.parquet`` as a
+    side effect. ``buckets``: the
     bucket count of each first column (the rows' regrouping uses the same)."""
 
-    def __init__(self, config: RankstageConfig, buckets: dict[str, int], days, snapshot_dir: Path):
+    def __init__(self, config: RankstageConfig, buckets: dict[str, int], days, snapshot_day, snapshot_dir: Path):
         super().__init__()
         self.config, self.buckets, self.days, self.snapshot_dir = config, buckets, days, str(snapshot_dir)
+        self.snapshot_day = snapshot_day
 
     def expand(self, frames):
         data, buckets = self.config.data, self.buckets
@@ -445,10 +462,11 @@ class StatisticsTables(beam.PTransform):
             key = keys[name]
             yield (key.columns[0], b), (name, tables_by_day(daily, stats, key, days, totals[name]))
 
-        def newest(element, days, totals):
+        def newest(element, day, totals):
             kb, daily = element
             key = keys[kb[0]]
-            day = int(days.max()) + 1
+            if day is None:  # no day up to data.until
+                return
             yield kb[0], table_as_of(daily, stats, key, day, totals[kb[0]]).assign(**{AS_OF: as_of_label(day,
                                                                                                         stats)})
 
@@ -458,7 +476,7 @@ class StatisticsTables(beam.PTransform):
             publish_table(table.reset_index(drop=True), Path(self.snapshot_dir) / f"{name}.parquet")
 
         days = beam.pvalue.AsSingleton(self.days)
-        (per_bucket | "Newest" >> beam.FlatMap(newest, days, totals)
+        (per_bucket | "Newest" >> beam.FlatMap(newest, beam.pvalue.AsSingleton(self.snapshot_day), totals)
          | "GroupSnapshot" >> beam.GroupByKey() | "PublishSnapshot" >> beam.MapTuple(publish))
         return per_bucket | "TablesByDay" >> beam.FlatMap(by_day, days, totals)
 

@@ -202,11 +202,18 @@ def write_snapshot(log: pd.DataFrame, data: DataConfig, path: str | Path | None 
     of the returned list, with a line on stderr saying so."""
     if data.statistics is None:
         return []
+    return publish_snapshot(snapshot_tables(log, data), data, path, replace_newer)
+
+
+def publish_snapshot(tables: dict[str, pd.DataFrame], data: DataConfig, path: str | Path | None = None,
+                     replace_newer: bool = False) -> list[Path]:
+    """``write_snapshot`` of tables already built (``snapshot_tables``' or the feature pipeline's
+    ``statistics/``)."""
     out = Path(path or data.statistics.path)
     out.mkdir(parents=True, exist_ok=True)
     fmt = data.statistics.date_format
     written = []
-    for name, table in snapshot_tables(log, data).items():
+    for name, table in tables.items():
         new_as_of = str(table[AS_OF].iloc[0]) if len(table) else None
         old_as_of = snapshot_as_of(out / f"{name}.parquet")
         if (not replace_newer and new_as_of is not None and old_as_of is not None

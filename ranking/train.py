@@ -20,7 +20,7 @@ import yaml
 from features.examples import DAY
 from features.logs import raw_inputs, read_log, time_split
 from features.spec import ConfigError, RankstageConfig
-from features.statistics import write_snapshot
+from features.statistics import publish_snapshot, write_snapshot
 from features.vocab import build_stats
 from ranking import loop
 from ranking.fit import DEFAULT_SHUFFLE_BUFFER, fit
@@ -151,7 +151,12 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         history["refit_loss"] = refit_history["loss"]
     if not chief:
         return out
-    written = write_statistics_snapshot(config, log, path=None if publish_statistics else out / STATISTICS)
+    target = None if publish_statistics else out / STATISTICS
+    built = sorted((Path(examples) / STATISTICS).glob("*.parquet")) if examples is not None else []
+    if built and config.data.statistics is not None:  # the pipeline's snapshot: the log is not read again
+        written = publish_snapshot({f.stem: pd.read_parquet(f) for f in built}, config.data, target)
+    else:
+        written = write_statistics_snapshot(config, log, path=target)
     if verbose and written:
         print(f"statistics snapshot written: {', '.join(map(str, written))}", flush=True)
     report = {"tasks": val_metrics, "validation_periods": art.validation_periods, "best_epoch": art.best_epoch,

@@ -109,3 +109,23 @@ def test_a_bad_value_a_worker_meets_fails_in_one_line_and_leaves_no_output(kuair
     message = str(err.value)
     assert message.startswith("task 'like': binary label 'is_like' has value 2.0") and "\n" not in message
     assert not out.exists() and list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_snapshot_is_as_of_the_day_after_data_until(kuairand_config, tmp_path):
+    """Days after ``data.until`` are written as examples (to judge on) but stay out of the snapshot serving joins,
+    as in ``rankstage statistics`` (``ranking.train.write_statistics_snapshot``)."""
+    log = pd.read_csv(kuairand_config.data.log).iloc[::10].reset_index(drop=True)  # every day, ~9,500 rows
+    log.to_csv(tmp_path / "log.csv", index=False)
+    config = _config_with_log(kuairand_config, tmp_path / "log.csv")
+    data = config.model_dump()
+    days = sorted(log[config.data.time_column].unique())
+    data["data"]["until"] = int(days[-2])
+    config = parse_config(data, "test")
+    out = tmp_path / "features"
+    manifest = build_features(config, out, verbose=False, buckets=2, passes=1)
+    assert str(days[-1]) in manifest["rows_per_day"]  # the later day's examples are there
+    window = read_log(config.data, statistics=False)
+    want = snapshot_tables(window[window[config.data.time_column] <= days[-2]], config.data)
+    assert want and sorted(p.stem for p in (out / "statistics").glob("*.parquet")) == sorted(want)
+    for name, table in want.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "statistics" / f"{name}.parquet"), table)
