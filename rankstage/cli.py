@@ -31,6 +31,13 @@ def cmd_train(args: argparse.Namespace) -> None:
             if examples is None:
                 raise ConfigError(f"--workers {args.workers}: several workers train from shards; give --examples DIR "
                                   "(features.pipeline is not installed to write them)")
+        from ranking.shards import read_layout
+
+        layout = read_layout(examples)  # refused here, before N processes start TensorFlow to refuse it
+        files = layout.files(layout.manifest["train_days"])
+        if args.workers > len(files):
+            raise ConfigError(f"--workers {args.workers}: file-based sharding needs at least one shard file per "
+                              f"worker; the training days have {len(files)}")
         argv = _without_option(args.argv, "--workers") + ([] if args.examples else ["--examples", str(examples)])
         raise SystemExit(launch_workers(argv, args.workers))
     from ranking.train import train
