@@ -267,6 +267,7 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
         k.columns[0] for k in (stats.keys if stats else []) if k.columns[0] != d.user_column))
     counts = {c: buckets * passes if c == d.user_column else buckets for c in stage_columns}
     say = (lambda msg: print(f"features build: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
+    t0 = time.perf_counter()
     with _one_line_errors():
         with beam.Pipeline(options=options) as p:
             frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows)
@@ -284,7 +285,8 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
         rows_per_day: dict[str, int] = {}
         partials: dict = {}
         for index in range(passes):
-            say(f"pass {index + 1}/{passes}: history lists, statistics and examples of 1/{passes} of the users")
+            say(f"pass {index + 1}/{passes}: history lists, statistics and examples of 1/{passes} of the users "
+                f"({time.perf_counter() - t0:.0f} s in)")
             keep = RowPass(d.user_column, counts[d.user_column], passes, index) if passes > 1 else None
             with beam.Pipeline(options=options) as p:
                 frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, keep)

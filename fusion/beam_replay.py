@@ -114,13 +114,10 @@ def take(packed: dict, idx: np.ndarray) -> dict:
 
 
 class ReadExampleShards(beam.DoFn):
-    """A shard path -> (bucket, fragment) per record batch: the batch's rows of each bucket, packed (``pack``); of
-    pass ``index`` of ``passes``, only the lists whose key hash h has (h // buckets) % passes == index."""
+    """A shard path -> (bucket, fragment) per record batch: the batch's rows of each bucket, packed (``pack``)."""
 
-    def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 16384,
-                 passes: int = 1, index: int = 0):
+    def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 16384):
         self.cols, self.key_columns, self.buckets, self.batch_rows = cols, key_columns, buckets, batch_rows
-        self.passes, self.index = passes, index
 
     def setup(self):
         import tensorflow as tf
@@ -142,11 +139,6 @@ class ReadExampleShards(beam.DoFn):
                     v = v.astype(str).astype(object) if k in self._keys else v.astype(bytes)
                 cols[k] = v
             cols[HASH] = key_hash([cols[k] for k in self.key_columns])
-            if self.passes > 1:
-                mine = (cols[HASH] // np.uint64(self.buckets)) % np.uint64(self.passes) == np.uint64(self.index)
-                if not mine.any():
-                    continue
-                cols = {k: v[mine] for k, v in cols.items()}
             bucket = cols[HASH] % np.uint64(self.buckets)
             by = np.argsort(bucket, kind="stable")
             cuts = np.flatnonzero(np.diff(bucket[by])) + 1
@@ -172,9 +164,9 @@ def merge_fragments(item) -> dict[str, np.ndarray]:
 class GroupIntoLists(beam.PTransform):
     """Shard paths -> buckets: every row of a list (all rows sharing the list key) in one element, in log order."""
 
-    def __init__(self, cols, key_columns, buckets, batch_rows=16384, passes: int = 1, index: int = 0):
+    def __init__(self, cols, key_columns, buckets, batch_rows=16384):
         super().__init__()
-        self.read = ReadExampleShards(cols, key_columns, buckets, batch_rows, passes, index)
+        self.read = ReadExampleShards(cols, key_columns, buckets, batch_rows)
 
     def expand(self, files):
         return (files
@@ -398,9 +390,10 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
                 passes: int | None = None, rows_per_pass: int = 1_000_000) -> dict:
     """Run the replay pipeline; writes ``out/replay.json`` (``evaluate``'s result, plus ``days``, ``model`` and
     ``extra``) and returns it. ``scored_out``: also the scored rows as Parquet (``read_scored`` reads them).
-    The lists go through in ``passes`` pipelines of disjoint lists (default: one per ``rows_per_pass`` rows of the
-    shards' manifest), so a runner that holds a shuffle in memory (DirectRunner) holds one pass's rows; each pass's
-    accumulator is merged on the driver by ``ReplayCombineFn.merge_accumulators``."""
+    The shards go through in ``passes`` pipelines over disjoint groups of files that each hold whole lists
+    (``pass_files``; default: one pass per ``rows_per_pass`` rows of the shards' manifest), so a runner that holds a
+    shuffle in memory (DirectRunner) holds one pass's rows and every shard is read once; each pass's accumulator is
+    merged on the driver by ``ReplayCombineFn.merge_accumulators``."""
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -434,6 +427,8 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
         passes = max(1, math.ceil(manifest_rows(examples_dir, days) / rows_per_pass))
     if passes < 1:
         raise ConfigError(f"--passes {passes}: must be at least 1")
+    groups = pass_files(files, group, passes)
+    passes = len(groups)
     options = PipelineOptions(pipeline_args or [])
     combine = ReplayCombineFn(reps, reference, group, min_list, k)
     parts = []
@@ -443,8 +438,8 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
         part = f"{out.rstrip('/')}/.pass-{index}.pkl"
         with beam.Pipeline(options=options) as p:
             scored = (p
-                      | "Shards" >> beam.Create(files)
-                      | "GroupIntoLists" >> GroupIntoLists(read_cols, keys, buckets, batch_rows, passes, index)
+                      | "Shards" >> beam.Create(groups[index])
+                      | "GroupIntoLists" >> GroupIntoLists(read_cols, keys, buckets, batch_rows)
                       | "RunInference" >> RunInference(handler))
             _ = (scored
                  | "ListMetrics" >> beam.ParDo(ListMetrics(model, profiles, group, min_list, k, calibration,
@@ -459,6 +454,30 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
     result = {"model": model, **(extra or {}), **combine.extract_output(combine.merge_accumulators(parts))}
     write_json(result, f"{out.rstrip('/')}/replay.json")
     return json.loads(json.dumps(result, default=float))
+
+
+def pass_files(files: list[str], group: str, passes: int) -> list[list[str]]:
+    """``files`` cut into at most ``passes`` groups, each holding whole lists, balanced by bytes (largest first onto
+    the lightest group). A list lies within one unit of files: the feature pipeline writes a user's rows of a pass
+    to files ``part-p<pass>-*`` (``features.pipeline``), and a user-day list within one day directory, so the units
+    are (day directory, pass) for ``user_day`` and the pass otherwise; more passes than units give one per unit."""
+    import re
+
+    from apache_beam.io.filesystems import FileSystems
+
+    units: dict[tuple[str, str], list[str]] = {}
+    for f in files:
+        parent, name = f.rstrip("/").rsplit("/", 2)[-2:]
+        match = re.match(r"part-(p\d+)-", name)
+        unit = (parent if group == "user_day" else "", match.group(1) if match else "")
+        units.setdefault(unit, []).append(f)
+    sizes = {u: sum(m.size_in_bytes for r in FileSystems.match(fs) for m in r.metadata_list)
+             for u, fs in units.items()}
+    bins: list[tuple[int, list[str]]] = [(0, []) for _ in range(min(passes, len(units)))]
+    for u in sorted(units, key=lambda u: (-sizes[u], u)):
+        i = min(range(len(bins)), key=lambda j: (bins[j][0], j))
+        bins[i] = (bins[i][0] + sizes[u], bins[i][1] + units[u])
+    return [sorted(fs) for _, fs in bins]
 
 
 def manifest_rows(examples_dir: str, days: list[int] | None) -> int:
