@@ -1,4 +1,5 @@
-"""Model comparison on one time split: default MMoE, shared-bottom, PLE, one single-task model per task, LightGBM.
+"""Model comparison on one time split: default MMoE, shared-bottom, PLE, the plain MMoE peer (DeepCTR's), one
+single-task model per task, LightGBM.
 
 Every neural variant goes through ``ranking.train.train`` (same reader, split, sampling, metrics); only the config
 differs. Writes ``compare.json`` and ``compare.md``: per model and task the global metric (AUC for binary tasks,
@@ -18,7 +19,7 @@ import pandas as pd
 
 from evaluation import metrics
 from features.logs import read_log, time_split
-from features.spec import RankstageConfig, load_config
+from features.spec import RankstageConfig, load_config, parse_config
 from ranking.baselines.gbdt import run_gbdt
 from ranking.judging import Judged, judged_predictions, judged_report, load_judged, save_judged
 from ranking.runs import PREDICTIONS, load_run
@@ -36,10 +37,43 @@ def _label(metric: str) -> str:
     return {"auc": "AUC", "spearman": "Spearman", "gauc": "GAUC"}.get(metric, metric.upper())
 
 
+PLAIN_EMBEDDING_DIM = 16
+
+
+def plain_mmoe(config: RankstageConfig) -> RankstageConfig:
+    """The plain MMoE peer (DeepCTR's ``MMOE`` with its defaults) on ``config``'s log, split and tasks: every
+    categorical and multi-valued feature as a 16-d embedding, the numeric ones as they are, no statistics, no
+    history lists or match features, no bias tower; no shared bottom, 4 experts of 256-128 under one softmax gate
+    per task (no gate dropout), towers of 64; every task's loss weight 1; 2 epochs at batch 512, Adam at 1e-3,
+    no early stopping (the second epoch's weights: patience 2 never stops within 2 epochs, and the best of the two by
+    the validation metric is kept, as the default is)."""
+    data = config.model_dump()
+    stat_names = {f["name"] for f in config.data.statistics.feature_specs()} if config.data.statistics else set()
+    features = []
+    for f in data["features"]:
+        if f["name"] in stat_names or f["kind"] == "match" or f.get("bias"):
+            continue
+        if f["kind"] in ("categorical", "multi_valued"):
+            f["embedding_dim"] = PLAIN_EMBEDDING_DIM
+        f["towers"] = None
+        features.append(f)
+    data["features"] = features
+    data["data"]["statistics"] = None
+    data["data"]["history"] = None
+    for t in data["tasks"]:
+        t["loss_weight"] = 1.0
+    data["model"].update(embedding_dim=PLAIN_EMBEDDING_DIM, bottom_units=[], num_experts=4, expert_units=[256, 128],
+                         gate_dropout=0.0, ple=None, tower_units=[64], dropout=0.0,
+                         bias_tower={"tasks": [], "position": None, "device": None})
+    data["training"].update(epochs=2, batch_size=512, learning_rate=1e-3, early_stopping_patience=2,
+                            negative_sampling={"task": None, "keep_fraction": 1.0}, pairwise_task=None)
+    return parse_config(data, "plain MMoE peer (ranking.compare.plain_mmoe)")
+
+
 def compare(config: RankstageConfig, out: str | Path, log: str | None = None, single_task: bool = True,
-            gbdt: bool = True, ple: bool = True) -> dict[str, dict]:
+            gbdt: bool = True, ple: bool = True, plain: bool = True) -> dict[str, dict]:
     """Train and judge every variant on ``config``'s split; ``ple``: PLE with its defaults (1 task expert, 2 shared,
-    2 levels) unless the config already sets ``model.ple``."""
+    2 levels) unless the config already sets ``model.ple``; ``plain``: the plain MMoE peer (``plain_mmoe``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -76,6 +110,8 @@ def compare(config: RankstageConfig, out: str | Path, log: str | None = None, si
     results["shared_bottom"] = run("shared_bottom", config.with_model(num_experts=0))
     if ple:
         results["ple"] = run("ple", config if config.model.ple else config.with_model(ple={}))
+    if plain:
+        results["plain_mmoe"] = run("plain_mmoe", plain_mmoe(config))
     if single_task:
         single: dict[str, dict] = {}
         for t in config.tasks:

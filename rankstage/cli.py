@@ -154,7 +154,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.set, None)
     compare(config, args.out, log=args.data, single_task=not args.no_single_task, gbdt=not args.no_gbdt,
-            ple=not args.no_ple)
+            ple=not args.no_ple, plain=not args.no_plain)
 
 
 def cmd_compare_runs(args: argparse.Namespace) -> None:
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-single-task", action="store_true")
     p.add_argument("--no-gbdt", action="store_true")
     p.add_argument("--no-ple", action="store_true")
+    p.add_argument("--no-plain", action="store_true", help="without the plain MMoE peer (DeepCTR's MMOE defaults)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("compare-runs", help="finished runs on the same validation rows, paired against the first")

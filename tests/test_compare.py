@@ -83,9 +83,9 @@ def small_compare(tmp_path_factory):
 
 def test_compare_judges_every_model_on_the_same_rows(small_compare):
     config, out, results = small_compare
-    assert set(results) == {"mmoe", "shared_bottom", "ple", "single_task", "lightgbm"}
+    assert set(results) == {"mmoe", "shared_bottom", "ple", "plain_mmoe", "single_task", "lightgbm"}
     runs = {"mmoe": "mmoe", "shared_bottom": "shared_bottom", "ple": "ple", "lightgbm": "lightgbm",
-            "single_click": "single_click"}
+            "single_click": "single_click", "plain_mmoe": "plain_mmoe"}
     judged = {name: load_judged(out / "runs" / d / PREDICTIONS) for name, d in runs.items()}
     y_click = judged["mmoe"]["click"][0]
     assert len(y_click) > 1000
@@ -101,7 +101,7 @@ def test_paired_differences_agree_with_the_separate_metrics(small_compare):
     config, out, results = small_compare
     report = json.loads((out / "compare.json").read_text())
     paired = report["paired_vs_mmoe"]
-    assert set(paired) == {"shared_bottom", "ple", "single_task", "lightgbm"}
+    assert set(paired) == {"shared_bottom", "ple", "plain_mmoe", "single_task", "lightgbm"}
     assert load_config(out / "runs" / "ple" / "config.yaml").model.ple is not None
     metrics_of = {"click": ("auc", "gauc", "ndcg@5"), "watch_time": ("spearman", "ndcg@5")}
     for other in paired:
@@ -120,6 +120,24 @@ def test_paired_differences_agree_with_the_separate_metrics(small_compare):
         assert table.count(row) == 2, row  # in the metrics table and in the paired differences
 
 
+def test_the_plain_peer_is_deepctrs_mmoe_on_the_same_inputs(kuairand_config):
+    """DeepCTR's MMOE defaults on the default config: no statistics, history lists or bias features; every
+    categorical a 16-d embedding; 4 experts of 256-128, towers of 64, no shared bottom; 2 epochs at batch 512."""
+    from ranking.compare import plain_mmoe
+
+    plain = plain_mmoe(kuairand_config)
+    assert plain.data.statistics is None and plain.data.history is None
+    kept = {f.name for f in kuairand_config.features if not f.name.startswith("stat_") and f.kind != "match"}
+    assert {f.name for f in plain.features} == kept and len(kept) < len(kuairand_config.features)
+    assert {f.embedding_dim for f in plain.features if f.kind in ("categorical", "multi_valued")} == {16}
+    m, tr = plain.model, plain.training
+    assert (m.bottom_units, m.num_experts, m.expert_units, m.tower_units, m.gate_dropout) == ([], 4, [256, 128], [64],
+                                                                                             0.0)
+    assert not m.bias_tower.tasks and (tr.epochs, tr.batch_size, tr.learning_rate) == (2, 512, 1e-3)
+    assert {t.loss_weight for t in plain.tasks} == {1.0}
+    assert [t.name for t in plain.tasks] == [t.name for t in kuairand_config.tasks]
+
+
 def test_a_run_without_saved_predictions_is_rescored_from_its_weights(small_compare):
     config, out, _ = small_compare
     path = out / "runs" / "mmoe" / PREDICTIONS
@@ -127,7 +145,7 @@ def test_a_run_without_saved_predictions_is_rescored_from_its_weights(small_comp
     weights = out / "runs" / "mmoe" / "model.weights.h5"
     trained_at = weights.stat().st_mtime_ns
     path.unlink()
-    compare(config, out, single_task=False, gbdt=False)
+    compare(config, out, single_task=False, gbdt=False, plain=False)
     assert weights.stat().st_mtime_ns == trained_at  # the finished run was reused, not trained again
     after = load_judged(path)
     for task, (y, p, u, d) in before.items():
