@@ -80,6 +80,7 @@ def models_config_text(name: str, base_path: Path) -> str:
 
 
 METRICS_FROM_THIS_MODEL = "this model on its validation periods"
+METRICS_FROM_WARM_START = "none: a warm start trains on its new days without a validation day (judge the next day)"
 METRICS_FROM_REFIT = ("validation run before refit (the refit model trained on the validation periods too, so it has "
                       "no held-out metrics of its own)")
 
@@ -110,7 +111,9 @@ def metadata(run: LoadedRun, version: int, run_dir: Path) -> dict:
                             "validation_periods": run.artifacts["validation_periods"],
                             "refit": run.artifacts["refit"], "epochs": run.artifacts["best_epoch"]},
         "metrics": run.metrics.get("tasks", {}),
-        "metrics_from": METRICS_FROM_REFIT if run.artifacts.get("refit") else METRICS_FROM_THIS_MODEL,
+        "metrics_from": (METRICS_FROM_WARM_START if run.artifacts.get("lineage") else METRICS_FROM_REFIT
+                         if run.artifacts.get("refit") else METRICS_FROM_THIS_MODEL),
+        **({"lineage": run.artifacts["lineage"]} if run.artifacts.get("lineage") else {}),
         "feature_spec": cfg.model_dump(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }

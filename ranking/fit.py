@@ -8,6 +8,7 @@ columns in memory); a frame is turned into in-memory records here, so both take 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class TrainingArtifacts:
     best_epoch: int | None = None
     refit: bool = False
     rows: dict[str, int] = field(default_factory=dict)
+    lineage: dict | None = None  # a warm start's parent and days seen (ranking.warm_start.lineage)
 
 
 def compile_model(models: RankingModels, config: RankstageConfig, priors: dict[str, float]) -> None:
@@ -58,10 +60,11 @@ def as_source(rows: pd.DataFrame | Source, config: RankstageConfig) -> Source:
 def fit(config: RankstageConfig, frame: pd.DataFrame | Source, stats: dict[str, FeatureStats], epochs: int,
         validation: pd.DataFrame | Source | None, log_dir: Path | None, verbose: bool = True, *,
         strategy: tf.distribute.Strategy | None = None, checkpoint_dir: Path | None = None,
-        checkpoint_every: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
-        ) -> tuple[RankingModels, dict, TrainingArtifacts]:
+        checkpoint_every: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        init: Callable[[RankingModels], None] | None = None) -> tuple[RankingModels, dict, TrainingArtifacts]:
     """Build and train on ``frame`` (down-sampled as configured); early-stop on ``validation`` if given, following
-    ``training.early_stopping_metric``. ``checkpoint_dir``: resume from and write checkpoints there."""
+    ``training.early_stopping_metric``. ``checkpoint_dir``: resume from and write checkpoints there. ``init``: sets
+    the built models' weights before training (a warm start's parent weights; a checkpoint still wins)."""
     import keras
 
     strategy = strategy or tf.distribute.get_strategy()
@@ -82,6 +85,8 @@ def fit(config: RankstageConfig, frame: pd.DataFrame | Source, stats: dict[str, 
     scales = {k: v for k, v in summary.weight_scales().items()}
     priors = summary.priors(config)
     models, optimizer = loop.build(config, stats, priors, strategy)
+    if init is not None:
+        init(models)
     workers = loop.num_workers(strategy)
     global_batch = tr.batch_size
     if global_batch % max(strategy.num_replicas_in_sync, 1):

@@ -79,10 +79,31 @@ def _day(value, kind: str):
     return int(value) if kind == "int" else str(value)
 
 
+def _warm_days(parent, window: list, days: list | None, kind: str | None = None) -> list:
+    """The days a warm start trains on: ``days`` (each must be in the window), default the window's days after
+    every day the parent has seen; a ConfigError when there are none."""
+    norm = (lambda d: _day(d, kind)) if kind else (lambda d: d)
+    window = [norm(d) for d in window]
+    if days:
+        chosen = [norm(type(window[0])(d)) if window else d for d in days]
+        missing = [d for d in chosen if d not in window]
+        if missing:
+            raise ConfigError(f"--days {missing}: not in the log's window {window}")
+        return sorted(chosen)
+    seen = parent.days_seen
+    last = max(norm(d) for d in seen) if seen else None
+    chosen = [d for d in window if last is None or d > last]
+    if not chosen:
+        raise ConfigError(f"--warm-start: no day in the window {window} after the parent's last day {last}; "
+                          "add the new day to the log (or data.until) or give --days")
+    return chosen
+
+
 def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None = None, refit: bool = False,
           verbose: bool = True, publish_statistics: bool = False, examples: str | Path | None = None,
           strategy: tf.distribute.Strategy | None = None, checkpoint_every: int = 0,
-          shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> Path:
+          shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, warm_start: str | Path | None = None,
+          days: list | None = None) -> Path:
     """Train, validate on the last period(s), optionally refit on the whole window; write the run directory.
 
     ``examples``: a feature pipeline's output directory (``ranking.shards``: shards per day, schema, stats, manifest)
@@ -92,7 +113,12 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
     ``out/checkpoints`` every ``checkpoint_every`` steps and each epoch; a restarted run resumes from them.
 
     The newest statistics snapshot goes into the run directory (``statistics/``), never over the one a running
-    service reads, unless ``publish_statistics`` (then to ``data.statistics.path``, as ``rankstage statistics``)."""
+    service reads, unless ``publish_statistics`` (then to ``data.statistics.path``, as ``rankstage statistics``).
+
+    ``warm_start``: a parent run or exported version (``ranking.warm_start``): its weights and vocabularies, grown
+    by the values the window (up to ``data.until``) adds, trained ``training.epochs`` epochs on ``days`` only
+    (default: the window's days after every day the parent has seen), with no validation day (judge the next day
+    separately); the run records its lineage."""
     strategy = strategy or loop.strategy_from_env()  # MWMS must exist before TensorFlow's first op
     chief = loop.is_chief(strategy)
     out = Path(out_dir)
@@ -105,6 +131,14 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         raise ConfigError(f"--workers {loop.num_workers(strategy)}: several workers train from shards; give "
                           "--examples DIR (a feature pipeline's output)")
     opts = {"strategy": strategy, "checkpoint_every": checkpoint_every, "shuffle_buffer": shuffle_buffer}
+    parent = None
+    if warm_start is not None:
+        from ranking import warm_start as ws
+
+        if refit:
+            raise ConfigError("--warm-start with --refit: a warm start trains on its new days once; drop --refit")
+        parent = ws.load_parent(warm_start)
+        ws.check_spec(parent, config)
     if examples is None:
         df = read_log(config.data, log)
         train_rows, val_rows = time_split(df, config)
@@ -114,6 +148,11 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         n_val = len(val_rows)
         window_stats = lambda: build_stats(raw_inputs(window, config.features), config.features)  # noqa: E731
         judged_of = lambda models, sampling: judged_predictions(config, models, val_rows, sampling)  # noqa: E731
+        if parent is not None:
+            col = config.data.time_column
+            days = _warm_days(parent, sorted(window[col].unique().tolist()), days)
+            train_rows, val_rows = window[window[col].isin(days)].reset_index(drop=True), None
+            stats = ws.grown_stats(parent.run.stats, window_stats())
     else:
         layout = read_layout(examples)
         kind = layout.kinds.get(DAY, "string")
@@ -127,14 +166,32 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         n_val = sum(int(per_day.get(str(d), 0)) for d in val_periods)
         window_stats = lambda: layout.stats("window")  # noqa: E731
         judged_of = lambda models, sampling: judged_from_records(config, models, val_rows, sampling)  # noqa: E731
-    if verbose:
+        if parent is not None:
+            days = _warm_days(parent, train_days + val_periods, days, kind)
+            train_rows, val_rows = shard_source(layout, days), None
+            stats = ws.grown_stats(parent.run.stats, window_stats())
+    grew: dict = {}
+    if parent is not None:
+        val_periods, n_val = [], 0
+        init = lambda models: grew.update(ws.transfer_weights(parent.run.models, models, config))  # noqa: E731
+        opts["init"] = init
+    if verbose and parent is not None:
+        print(f"warm start from {parent.run_dir} (days seen {parent.days_seen}): training on "
+              f"{config.data.time_column} {days} only, no validation day", flush=True)
+    elif verbose:
         print(f"training on {'shards of ' + str(examples) if examples else 'the log in memory'}; validation "
               f"{config.data.time_column} {val_periods}, {n_val} rows", flush=True)
     models, history, art = fit(config, train_rows, stats, config.training.epochs, val_rows, out / "tensorboard",
                                verbose, checkpoint_dir=_checkpoint_dir(config, out, CHECKPOINTS), **opts)
     art.validation_periods = val_periods
     art.rows["validation"] = n_val
-    if chief:
+    if parent is not None:
+        art.lineage = {**ws.lineage(parent, days), "grown": grew}
+        val_metrics = {}
+        if verbose:
+            shown = ", ".join(f"{k.split('/')[0]} {a} -> {b} rows" for k, (a, b) in grew.items())
+            print(f"vocabularies grown: {shown or 'none'}", flush=True)
+    elif chief:
         judged = judged_of(models, art.sampling)
         save_judged(judged, out / PREDICTIONS)
         val_metrics = judged_report(config, judged)

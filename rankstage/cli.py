@@ -43,7 +43,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from ranking.train import train
 
     train(config, args.out, log=args.data, refit=args.refit, examples=args.examples,
-          checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer)
+          checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer, warm_start=args.warm_start,
+          days=args.days)
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:
@@ -196,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", help="a feature pipeline's output directory (TFRecord shards per day, schema, stats, "
                                       "manifest) to train from; default: written by the pipeline under OUT/features, "
                                       "or the log read in memory when the pipeline is not installed")
+    p.add_argument("--warm-start", metavar="RUN_OR_VERSION", help="start from this run's (or exported version's) "
+                   "weights and vocabularies, grown by new ids; train on the new days only (ranking.warm_start)")
+    p.add_argument("--days", type=int, nargs="+", help="with --warm-start: the days to train on (default: the "
+                   "log's days after every day the parent has seen, up to data.until)")
     p.add_argument("--workers", type=int, help="train with N local worker processes (MultiWorkerMirroredStrategy on "
                                                "loopback, one shard file per worker at least); a cluster operator "
                                                "sets TF_CONFIG per process instead")

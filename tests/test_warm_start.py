@@ -1,0 +1,105 @@
+"""Daily warm start (``ranking.warm_start``, ``rankstage train --warm-start``) on a synthetic log whose last day
+brings users never seen before: the child trains on the days after the parent's only, its vocabulary grows with
+the old ids' rows unchanged and the new ids' rows trained, an incompatible parent is refused naming the field, and
+the exported version names its parent and the days it has seen."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import synthetic
+from conftest import TRUTH
+
+from features.spec import ConfigError, parse_config
+from ranking import warm_start as ws
+from ranking.model import build_models
+from ranking.runs import load_run
+from ranking.train import train
+
+NEW = 100_000  # offset of the last day's new user ids
+
+
+def _with(config, **data_changes):
+    d = config.model_dump()
+    d["data"].update(data_changes)
+    return parse_config(d, "test")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm")
+    log = synthetic.generate_log(16_000, TRUTH, seed=2)
+    last = int(log["day"].max())
+    moved = (log["day"] == last) & (log["user_id"] % 5 == 0)
+    log.loc[moved, "user_id"] += NEW  # ~100 users first seen on the last day
+    path = synthetic.write_log(log, root / "log.csv")
+    config = synthetic.config(path, ["user_id", "segment"], ["click"], epochs=1, batch_size=512)
+    parent = train(_with(config, until=last - 1), root / "parent", verbose=False)  # trains 0..5, validates on 6
+    child = train(config, root / "child", verbose=False, warm_start=parent)
+    return config, parent, child, last
+
+
+def test_the_child_trains_on_the_days_after_the_parent_and_records_its_lineage(chain):
+    config, parent, child, last = chain
+    art = json.loads((child / "artifacts.json").read_text())
+    parent_days = json.loads((parent / "artifacts.json").read_text())["train_periods"]
+    assert parent_days == list(range(last - 1))  # the parent's validation day was never trained on
+    assert art["train_periods"] == [last - 1, last]
+    assert art["lineage"]["parent"] == str(parent) and art["lineage"]["days"] == [last - 1, last]
+    assert art["lineage"]["days_seen"] == list(range(last + 1))
+    assert art["validation_periods"] == []
+
+
+def test_old_rows_are_kept_and_new_ids_get_rows_that_train(chain):
+    config, parent, child, _ = chain
+    p, c = load_run(parent), load_run(child)
+    old, grown = p.stats["user_id"].vocabulary, c.stats["user_id"].vocabulary
+    assert grown[:len(old)] == old  # old ids keep their index
+    added = grown[len(old):]
+    assert len(added) > 50 and all(v >= NEW for v in added)
+    oov = config.features[0].vocab.oov_buckets
+    before = p.models.train.get_layer("user_id_embedding").embeddings.numpy()
+    # the transfer itself: old rows copied exactly, new rows at the mean of the OOV rows
+    fresh = build_models(c.config, c.stats)
+    grew = ws.transfer_weights(p.models, fresh, c.config)
+    assert grew == {"user_id_embedding/embeddings": (len(old) + oov, len(grown) + oov)}
+    start = fresh.train.get_layer("user_id_embedding").embeddings.numpy()
+    np.testing.assert_array_equal(start[:len(old) + oov], before)
+    np.testing.assert_allclose(start[len(old) + oov:], np.repeat(before[:oov].mean(0, keepdims=True), len(added), 0))
+    # after training on the new days the new ids' rows have moved away from that start
+    after = c.models.train.get_layer("user_id_embedding").embeddings.numpy()
+    moved = np.abs(after[len(old) + oov:] - start[len(old) + oov:]).max(axis=1)
+    assert (moved > 1e-4).mean() > 0.9, moved
+
+
+def test_a_parent_of_another_spec_is_refused_naming_the_difference(chain, tmp_path):
+    config, parent, _, _ = chain
+    other = config.with_model(expert_units=[32])
+    with pytest.raises(ConfigError, match=r"model\.expert_units: parent \[16\], this \[32\]"):
+        train(other, tmp_path / "refused", verbose=False, warm_start=parent)
+    assert not (tmp_path / "refused" / "model.weights.h5").exists()
+    # paths, the window and the training settings may differ
+    d = config.model_dump()
+    d["training"]["epochs"] = 3
+    d["data"]["until"] = 5
+    assert ws.spec_difference(config, parse_config(d, "test")) is None
+
+
+def test_no_new_day_is_a_clear_error(chain, tmp_path):
+    config, parent, child, last = chain
+    with pytest.raises(ConfigError, match="no day in the window .* after the parent's last day"):
+        train(config, tmp_path / "again", verbose=False, warm_start=child)
+
+
+def test_the_exported_child_names_its_parent_and_the_days_it_has_seen(chain, tmp_path):
+    from ranking.export import export_run
+
+    _, parent, child, last = chain
+    version = export_run(child, tmp_path / "models", verbose=False)
+    meta = json.loads((version / "assets.extra" / "rankstage_metadata.json").read_text())
+    assert meta["lineage"]["parent"] == str(parent) and meta["lineage"]["days_seen"] == list(range(last + 1))
+    assert meta["metrics_from"].startswith("none: a warm start")
+    # a version is a parent too: its metadata leads back to the run
+    assert ws.resolve_run(version) == child
