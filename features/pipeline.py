@@ -224,19 +224,22 @@ def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "
     return manifest
 
 
+def log_columns(path: Path) -> list[str]:
+    """A log file's column names, without reading its rows."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if path.name.endswith((".parquet", ".pq")):
+        return pq.read_schema(path).names
+    with pacsv.open_csv(path) as reader:
+        return reader.schema.names
+
+
 def preflight(config: RankstageConfig, files: list[Path], sample_rows: int = 2000) -> list[examples.Column]:
     """Check the log on the driver before any worker starts (every file has the first file's columns; a sample
     of the first file goes through the same steps as ``read_log``, so a missing column fails here with
     ``read_log``'s one-line error) and return the record schema."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    def names(path: Path) -> list[str]:
-        if path.name.endswith((".parquet", ".pq")):
-            return pq.read_schema(path).names
-        with pacsv.open_csv(path) as reader:
-            return reader.schema.names
-
+    names = log_columns
     first = names(files[0])
     check_columns(first, str(files[0]), config)
     for f in files[1:]:
@@ -270,7 +273,7 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
     t0 = time.perf_counter()
     with _one_line_errors():
         with beam.Pipeline(options=options) as p:
-            frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows)
+            frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, columns=aggregated_columns(config))
             times = (frames | "TimeValues" >> beam.Map(lambda f: set(f[d.time_column].unique().tolist()))
                      | "AllTimeValues" >> beam.CombineGlobally(_union))
             if stats is not None:
@@ -317,6 +320,17 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
     for scratch in [tmp / TABLES, tmp / PLAN, *tmp.glob(".rows-*.pkl"), *tmp.glob(".partials-*.pkl")]:
         shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink(missing_ok=True)
     return {"rows_per_day": dict(sorted(rows_per_day.items())), **split}
+
+
+def aggregated_columns(config: RankstageConfig) -> list[str]:
+    """What phase 1 reads: the time, user and item columns, the statistics keys' columns, events and watch time."""
+    d = config.data
+    cols = required_columns(config)
+    if d.statistics is not None:
+        cols += [c for k in d.statistics.keys for c in k.columns] + list(d.statistics.events.values())
+        if d.statistics.watch_time is not None:
+            cols.append(d.statistics.watch_time.column)
+    return list(dict.fromkeys(cols))
 
 
 @contextmanager
@@ -384,29 +398,41 @@ def _union(sets) -> set:
 class _ReadFile(beam.DoFn):
     """(file index, path) -> the file's record batches as joined pandas frames (side tables loaded once)."""
 
-    def __init__(self, config: RankstageConfig, batch_rows: int, keep: RowPass | None):
-        self.config, self.batch_rows, self.keep = config, batch_rows, keep
+    def __init__(self, config: RankstageConfig, batch_rows: int, keep: RowPass | None, columns: list[str] | None):
+        self.config, self.batch_rows, self.keep, self.columns = config, batch_rows, keep, columns
 
     def setup(self):
-        self.sides = load_side_tables(self.config.data)
+        sides = load_side_tables(self.config.data)
+        if self.columns is not None:  # only what the columns need: each side table's keys and its wanted columns
+            want = set(self.columns) | {k for j in self.config.data.joins for k in j.keys}
+            sides = [(key, side[[c for c in side.columns if c in want]]) for key, side in sides
+                     if (set(side.columns) - ({key} if isinstance(key, str) else set(key))) & want]
+        self.sides = sides
 
     def process(self, element):
         index, path = element
-        for _, start, batch in iter_batches([Path(path)], batch_rows=self.batch_rows):
+        read = None
+        if self.columns is not None:
+            names = log_columns(Path(path))
+            read = [c for c in names if c in set(self.columns) | {k for j in self.config.data.joins for k in j.keys}]
+        for _, start, batch in iter_batches([Path(path)], columns=read, batch_rows=self.batch_rows):
             frame = joined_batch(batch, index, start, self.sides, self.config, path, self.keep)
             if len(frame):
                 yield frame
 
 class ReadJoinedLog(beam.PTransform):
-    """The log's files -> pandas frames of joined rows (``ROW`` ids, side tables), of one pass's users (``keep``)."""
+    """The log's files -> pandas frames of joined rows (``ROW`` ids, side tables), of one pass's users (``keep``);
+    ``columns``: only these (log or side-table columns; the join keys come along), for the passes that aggregate."""
 
-    def __init__(self, config: RankstageConfig, files: list[Path], batch_rows: int, keep: RowPass | None = None):
+    def __init__(self, config: RankstageConfig, files: list[Path], batch_rows: int, keep: RowPass | None = None,
+                 columns: list[str] | None = None):
         super().__init__()
         self.config, self.files, self.batch_rows, self.keep = config, [str(f) for f in files], batch_rows, keep
+        self.columns = columns
 
     def expand(self, p):
         return (p | "Files" >> beam.Create(list(enumerate(self.files))) | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadBatches" >> beam.ParDo(_ReadFile(self.config, self.batch_rows, self.keep)))
+                | "ReadBatches" >> beam.ParDo(_ReadFile(self.config, self.batch_rows, self.keep, self.columns)))
 
 class _SumFrames(beam.CombineFn):
     """Sums of frames by their index: per (key columns, ``DAY``) daily sums or per ``DAY`` totals."""
