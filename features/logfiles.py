@@ -104,6 +104,17 @@ def iter_batches(files: list[Path], columns: list[str] | None = None, batch_rows
             start += batch.num_rows
 
 
+def rss_gb() -> float:
+    """This process's resident memory now (Linux ``/proc/self/status``), GB; NaN elsewhere. For progress lines."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return float("nan")
+
+
 def count_rows(files: list[Path]) -> int:
     """Rows of ``files``: Parquet from the footers, CSV as newlines less the header (an estimate if a quoted field
     holds a newline); for choosing how many passes a pipeline makes, not for results."""

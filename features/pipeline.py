@@ -45,7 +45,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from features import examples
 from features.history import attach_history
-from features.logfiles import count_rows, iter_batches, log_files
+from features.logfiles import count_rows, iter_batches, log_files, rss_gb
 from features.logs import join_side_tables, load_side_tables, time_split
 from features.spec import ConfigError, RankstageConfig
 from features.statistics import (
@@ -289,7 +289,7 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
         partials: dict = {}
         for index in range(passes):
             say(f"pass {index + 1}/{passes}: history lists, statistics and examples of 1/{passes} of the users "
-                f"({time.perf_counter() - t0:.0f} s in)")
+                f"({time.perf_counter() - t0:.0f} s in, RSS {rss_gb():.2f} GB)")
             keep = RowPass(d.user_column, counts[d.user_column], passes, index) if passes > 1 else None
             with beam.Pipeline(options=options) as p:
                 frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, keep)

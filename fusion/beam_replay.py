@@ -33,6 +33,7 @@ from evaluation.bootstrap import interval_from_sums, poisson_weights, weighted_s
 from evaluation.lists import key_hash
 from evaluation.scoring import SCORED_META, ScoredLog, corrected_predictions, scored_table
 from features import examples
+from features.logfiles import rss_gb
 from features.spec import ConfigError
 
 PRED = "pred/"
@@ -434,7 +435,8 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
     parts = []
     for index in range(passes):
         if passes > 1:
-            print(f"replay: pass {index + 1}/{passes}", file=sys.stderr, flush=True)
+            print(f"replay: pass {index + 1}/{passes} ({len(groups[index])} shard files, RSS {rss_gb():.2f} GB)",
+                  file=sys.stderr, flush=True)
         part = f"{out.rstrip('/')}/.pass-{index}.pkl"
         with beam.Pipeline(options=options) as p:
             scored = (p
