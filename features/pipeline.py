@@ -107,17 +107,40 @@ def check_columns(columns: list[str], where: str, config: RankstageConfig) -> No
 
 
 def joined_batch(batch, file_index: int, start: int, sides, config: RankstageConfig, where: str,
-                 keep: RowPass | None = None) -> pd.DataFrame:
+                 keep: RowPass | None = None, days: DaySelect | None = None) -> pd.DataFrame:
     """One record batch of the log as pandas, with its row ids (``ROW``) and the side tables joined; with ``keep``,
-    only the rows of that pass (filtered before the join, row ids kept)."""
+    only the rows of that pass, with ``days`` only the rows of those days (filtered before the join, row ids
+    kept)."""
     check_columns(batch.schema.names, where, config)
     rows = examples.row_ids(file_index, start, batch.num_rows)
-    if keep is not None:
-        mine = keep.mask(batch.column(keep.column).to_pandas())
-        batch, rows = batch.filter(mine), rows[mine]
+    for select in (keep, days):
+        if select is not None:
+            mine = np.asarray(select.mask(batch.column(select.column).to_pandas()), dtype=bool)
+            batch, rows = batch.filter(mine), rows[mine]
     frame = batch.to_pandas()
     frame[ROW] = rows
     return join_side_tables(frame, sides)
+
+
+@dataclass(frozen=True)
+class DaySelect:
+    """The rows whose ``column`` (the time column) is after ``after`` (exclusive) and up to ``until``, or in
+    ``values``: the days a warm start writes examples for (phase 1 still reads every day for the statistics)."""
+
+    column: str
+    after: object = None
+    until: object = None
+    values: tuple = ()
+
+    def mask(self, times: pd.Series) -> np.ndarray:
+        if self.values:
+            return times.isin(list(self.values)).to_numpy()
+        keep = np.ones(len(times), dtype=bool)
+        if self.after is not None:
+            keep &= (times > self.after).to_numpy()
+        if self.until is not None:
+            keep &= (times <= self.until).to_numpy()
+        return keep
 
 
 @dataclass(frozen=True)
@@ -186,10 +209,11 @@ def finish_partial(partial, feature) -> FeatureStats:
 def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "DirectRunner",
                    pipeline_args=(), log: str | Path | list | None = None, verbose: bool = True,
                    buckets: int = 32, batch_rows: int = 65536, passes: int | None = None,
-                   rows_per_pass: int = 1_000_000) -> dict:
+                   rows_per_pass: int = 1_000_000, days: DaySelect | None = None) -> dict:
     """Run the feature pipeline over ``log`` (default ``config.data.log``) on ``runner`` into ``out_dir``; the
     manifest. ``pipeline_args`` are Beam pipeline options (``--direct_num_workers 2`` ...). The rows go through in
-    ``passes`` passes of disjoint users (default: enough for ``rows_per_pass`` rows each). ``out_dir`` must not
+    ``passes`` passes of disjoint users (default: enough for ``rows_per_pass`` rows each). ``days``: examples of
+    those days only (the statistics still see every earlier day; feature stats are of those days). ``out_dir`` must not
     exist; it appears whole when the run succeeds and not at all when it fails."""
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -209,11 +233,12 @@ def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "
         (tmp / "schema.json").write_text(json.dumps([asdict(c) for c in cols], indent=1))
         say(f"running on {runner} {' '.join(pipeline_args)}".rstrip())
         summary = run_pipeline(config, files, tmp, cols, runner, list(pipeline_args), buckets, batch_rows, verbose,
-                               passes)
+                               passes, days)
         manifest = {"config": config.name, "log_files": [str(f) for f in files],
                     "rows_per_day": summary["rows_per_day"], "rows": sum(summary["rows_per_day"].values()),
                     "train_days": summary["train"], "validation_days": summary["validation"],
                     "runner": runner, "pipeline_args": list(pipeline_args), "buckets": buckets, "passes": passes,
+                    "days": asdict(days) if days is not None else None,
                     "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)
@@ -255,7 +280,8 @@ def preflight(config: RankstageConfig, files: list[Path], sample_rows: int = 200
 
 
 def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: list[examples.Column], runner: str,
-                 pipeline_args: list[str], buckets: int, batch_rows: int, verbose: bool, passes: int = 1) -> dict:
+                 pipeline_args: list[str], buckets: int, batch_rows: int, verbose: bool, passes: int = 1,
+                 select: DaySelect | None = None) -> dict:
     """Phase 1, one pipeline over the whole log: the day split and the statistics tables by day (combines only:
     memory in keys x days, never in rows), written under ``tmp``. Phase 2, ``passes`` pipelines, each over the rows
     of 1/passes of the users (a user's rows all in one pass): history lists and statistics joined, examples
@@ -292,7 +318,7 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
                 f"({time.perf_counter() - t0:.0f} s in, RSS {rss_gb():.2f} GB)")
             keep = RowPass(d.user_column, counts[d.user_column], passes, index) if passes > 1 else None
             with beam.Pipeline(options=options) as p:
-                frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, keep)
+                frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, keep, days=select)
                 for i, column in enumerate(stage_columns):
                     keys = [k for k in (stats.keys if stats else []) if k.columns[0] == column]
                     frames = frames | f"JoinBy_{column}" >> JoinByBucket(
@@ -398,8 +424,9 @@ def _union(sets) -> set:
 class _ReadFile(beam.DoFn):
     """(file index, path) -> the file's record batches as joined pandas frames (side tables loaded once)."""
 
-    def __init__(self, config: RankstageConfig, batch_rows: int, keep: RowPass | None, columns: list[str] | None):
-        self.config, self.batch_rows, self.keep, self.columns = config, batch_rows, keep, columns
+    def __init__(self, config: RankstageConfig, batch_rows: int, keep: RowPass | None, columns: list[str] | None,
+                 days: DaySelect | None = None):
+        self.config, self.batch_rows, self.keep, self.columns, self.days = config, batch_rows, keep, columns, days
 
     def setup(self):
         sides = load_side_tables(self.config.data)
@@ -416,7 +443,7 @@ class _ReadFile(beam.DoFn):
             names = log_columns(Path(path))
             read = [c for c in names if c in set(self.columns) | {k for j in self.config.data.joins for k in j.keys}]
         for _, start, batch in iter_batches([Path(path)], columns=read, batch_rows=self.batch_rows):
-            frame = joined_batch(batch, index, start, self.sides, self.config, path, self.keep)
+            frame = joined_batch(batch, index, start, self.sides, self.config, path, self.keep, self.days)
             if len(frame):
                 yield frame
 
@@ -425,14 +452,15 @@ class ReadJoinedLog(beam.PTransform):
     ``columns``: only these (log or side-table columns; the join keys come along), for the passes that aggregate."""
 
     def __init__(self, config: RankstageConfig, files: list[Path], batch_rows: int, keep: RowPass | None = None,
-                 columns: list[str] | None = None):
+                 columns: list[str] | None = None, days: DaySelect | None = None):
         super().__init__()
         self.config, self.files, self.batch_rows, self.keep = config, [str(f) for f in files], batch_rows, keep
-        self.columns = columns
+        self.columns, self.days = columns, days
 
     def expand(self, p):
         return (p | "Files" >> beam.Create(list(enumerate(self.files))) | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadBatches" >> beam.ParDo(_ReadFile(self.config, self.batch_rows, self.keep, self.columns)))
+                | "ReadBatches" >> beam.ParDo(_ReadFile(self.config, self.batch_rows, self.keep, self.columns,
+                                                        self.days)))
 
 class _SumFrames(beam.CombineFn):
     """Sums of frames by their index: per (key columns, ``DAY``) daily sums or per ``DAY`` totals."""

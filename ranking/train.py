@@ -47,9 +47,9 @@ STATISTICS = "statistics"  # the run's statistics snapshot, <key>.parquet (not t
 CHECKPOINTS = "checkpoints"  # while training: tf.train checkpoints to resume from (removed when the run is written)
 
 
-def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool) -> Path | None:
+def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool, days=None) -> Path | None:
     """The feature pipeline's shards of the run (``out/features``) when ``features.pipeline`` exists, else None
-    (training then reads the log in memory)."""
+    (training then reads the log in memory). ``days``: a ``features.pipeline.DaySelect`` (a warm start's days)."""
     import features
 
     found = importlib.util.find_spec("features.pipeline")
@@ -58,7 +58,7 @@ def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool) ->
     from features.pipeline import build_features
 
     if not (out / "features" / "manifest.json").exists():  # a restarted run resumes on the shards it wrote
-        build_features(config, out / "features", log=log, verbose=verbose)
+        build_features(config, out / "features", log=log, verbose=verbose, days=days)
     return out / "features"
 
 
@@ -116,21 +116,15 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
     service reads, unless ``publish_statistics`` (then to ``data.statistics.path``, as ``rankstage statistics``).
 
     ``warm_start``: a parent run or exported version (``ranking.warm_start``): its weights and vocabularies, grown
-    by the values the window (up to ``data.until``) adds, trained ``training.epochs`` epochs on ``days`` only
-    (default: the window's days after every day the parent has seen), with no validation day (judge the next day
-    separately); the run records its lineage."""
+    by the new values of ``days``, trained ``training.epochs`` epochs on ``days`` only (default: the window's days
+    after every day the parent has seen, up to ``data.until``; the pipeline writes examples of those days only), with
+    no validation day (judge the next day separately); the run records its lineage."""
     strategy = strategy or loop.strategy_from_env()  # MWMS must exist before TensorFlow's first op
     chief = loop.is_chief(strategy)
     out = Path(out_dir)
     if chief:
         out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if examples is None and loop.num_workers(strategy) == 1:
-        examples = pipeline_examples(config, out, log, verbose)
-    if examples is None and loop.num_workers(strategy) > 1:
-        raise ConfigError(f"--workers {loop.num_workers(strategy)}: several workers train from shards; give "
-                          "--examples DIR (a feature pipeline's output)")
-    opts = {"strategy": strategy, "checkpoint_every": checkpoint_every, "shuffle_buffer": shuffle_buffer}
     parent = None
     if warm_start is not None:
         from ranking import warm_start as ws
@@ -139,6 +133,20 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
             raise ConfigError("--warm-start with --refit: a warm start trains on its new days once; drop --refit")
         parent = ws.load_parent(warm_start)
         ws.check_spec(parent, config)
+    if examples is None and loop.num_workers(strategy) == 1:
+        select = None
+        if parent is not None:  # examples of the new days only; the statistics still read every earlier day
+            from features.pipeline import DaySelect
+
+            col = config.data.time_column
+            select = (DaySelect(col, values=tuple(days)) if days else
+                      DaySelect(col, after=max(parent.days_seen) if parent.days_seen else None,
+                                until=config.data.until))
+        examples = pipeline_examples(config, out, log, verbose, select)
+    if examples is None and loop.num_workers(strategy) > 1:
+        raise ConfigError(f"--workers {loop.num_workers(strategy)}: several workers train from shards; give "
+                          "--examples DIR (a feature pipeline's output)")
+    opts = {"strategy": strategy, "checkpoint_every": checkpoint_every, "shuffle_buffer": shuffle_buffer}
     if examples is None:
         df = read_log(config.data, log)
         train_rows, val_rows = time_split(df, config)
@@ -152,24 +160,28 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
             col = config.data.time_column
             days = _warm_days(parent, sorted(window[col].unique().tolist()), days)
             train_rows, val_rows = window[window[col].isin(days)].reset_index(drop=True), None
-            stats = ws.grown_stats(parent.run.stats, window_stats())
+            stats = ws.grown_stats(parent.run.stats, build_stats(raw_inputs(train_rows, config.features),
+                                                                 config.features))
     else:
         layout = read_layout(examples)
         kind = layout.kinds.get(DAY, "string")
         train_days = [_day(d, kind) for d in layout.manifest["train_days"]]
         val_periods = [_day(d, kind) for d in layout.manifest["validation_days"]]
-        train_rows, val_rows = shard_source(layout, train_days), shard_source(layout, val_periods)
-        window = shard_source(layout, train_days + val_periods)
-        stats = layout.stats("train")
+        if parent is None:  # (a warm start's shards hold its new days only)
+            train_rows, val_rows = shard_source(layout, train_days), shard_source(layout, val_periods)
+            window = shard_source(layout, train_days + val_periods)
+            stats = layout.stats("train")
         rows = layout.manifest.get("rows_per_day", layout.manifest.get("rows"))  # the pipeline's key; the fixture's
         per_day = {str(k): v for k, v in rows.items()} if isinstance(rows, dict) else {}
         n_val = sum(int(per_day.get(str(d), 0)) for d in val_periods)
         window_stats = lambda: layout.stats("window")  # noqa: E731
         judged_of = lambda models, sampling: judged_from_records(config, models, val_rows, sampling)  # noqa: E731
         if parent is not None:
-            days = _warm_days(parent, train_days + val_periods, days, kind)
+            written = [_day(d, kind) for d in layout.manifest.get("rows_per_day", {})]
+            days = _warm_days(parent, [d for d in train_days + val_periods if not written or d in written], days,
+                              kind)
             train_rows, val_rows = shard_source(layout, days), None
-            stats = ws.grown_stats(parent.run.stats, window_stats())
+            stats = ws.grown_stats(parent.run.stats, window_stats())  # the written days': the new ones
     grew: dict = {}
     if parent is not None:
         val_periods, n_val = [], 0

@@ -3,8 +3,8 @@
 The parent is a finished run directory (or an exported version, whose metadata names its run). The child's spec must
 be the parent's: features, tasks, model, statistics and history definitions, joins' keys and the log's columns;
 only paths, ``data.until``, the split and the training settings may differ (``spec_difference`` names the first
-difference otherwise). Vocabularies grow: the parent's values keep their index (``oov + position``), values first
-seen since are appended (``grown_stats``); numeric normalisation stays the parent's, since the trained weights
+difference otherwise). Vocabularies grow: the parent's values keep their index (``oov + position``), the new days'
+values not in them are appended (``grown_stats``); numeric normalisation stays the parent's, since the trained weights
 expect it. Weights (``transfer_weights``): every variable of the same shape is copied; an embedding table that grew
 keeps its old rows and its new rows start from the mean of its OOV rows (the row an unseen id used at serving
 until now). Adam starts fresh: a run directory keeps no optimizer state.

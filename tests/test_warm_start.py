@@ -51,6 +51,8 @@ def test_the_child_trains_on_the_days_after_the_parent_and_records_its_lineage(c
     assert art["lineage"]["parent"] == str(parent) and art["lineage"]["days"] == [last - 1, last]
     assert art["lineage"]["days_seen"] == list(range(last + 1))
     assert art["validation_periods"] == []
+    # the pipeline wrote examples of the new days only (their statistics still came from every earlier day)
+    assert sorted(p.name for p in (child / "features" / "examples").iterdir()) == [f"date={last - 1}", f"date={last}"]
 
 
 def test_old_rows_are_kept_and_new_ids_get_rows_that_train(chain):
