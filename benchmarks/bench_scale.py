@@ -60,6 +60,8 @@ def stages(rows: int, days: int, work: Path, beam_args: list[str]) -> dict[str, 
         print(f"[{rows:,} rows] {name} ...", file=sys.stderr, flush=True)
         out[name] = timed(cmd, work / f"{name}.log")
         out[name]["rows_per_s"] = round(rows / out[name]["seconds"]) if out[name]["seconds"] else None
+        if name == "features":  # how many passes over disjoint users the pipeline chose (1 per 1M rows)
+            out[name]["passes"] = json.loads((feat / "manifest.json").read_text()).get("passes", 1)
         print(f"[{rows:,} rows] {name}: {out[name]}", file=sys.stderr, flush=True)
     return out
 
