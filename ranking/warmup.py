@@ -47,9 +47,6 @@ def warmup_rows(run: LoadedRun, log: str | None = None, sizes=WARMUP_SIZES) -> l
     """Real logged rows of the newest period ``data.until`` keeps (never a held-out day), as raw serving inputs, one
     batch per size; from the example shards the run trained on when it names them and no ``log`` is given (the log
     is not read), else from the log read from ``log`` (else ``data.log``)."""
-    shards = run.artifacts.get("examples")
-    if log is None and shards and (Path(shards) / "manifest.json").exists():
-        return warmup_from_examples(run.config, Path(shards), sizes)
     return warmup_batches(run.config, read_log(run.config.data, log), sizes)
 
 
