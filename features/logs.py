@@ -163,19 +163,25 @@ def evaluation_labels(frame: pd.DataFrame, config: RankstageConfig) -> dict[str,
     return task_labels(frame, [t.model_copy(update={"max_value": None}) for t in config.tasks])
 
 
+def up_to_until(times: pd.Series, data: DataConfig) -> np.ndarray:
+    """(N,) bool: the time values up to ``data.until`` (all when unset); a ConfigError when they cannot be
+    compared with it."""
+    if data.until is None:
+        return np.ones(len(times), dtype=bool)
+    try:
+        return (times <= data.until).to_numpy()
+    except TypeError as e:
+        raise ConfigError(f"data.until: {data.until!r} cannot be compared with column {data.time_column!r} "
+                          f"(dtype {times.dtype})") from e
+
+
 def time_split(df: pd.DataFrame, config: RankstageConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train on all but the last ``validation_periods`` distinct time values; validate on those. Never random.
 
     Rows later than ``data.until`` (when set) are dropped first, so days kept for testing never reach training.
     """
     col = config.data.time_column
-    until = config.data.until
-    if until is not None:
-        try:
-            df = df[df[col] <= until]
-        except TypeError as e:
-            raise ConfigError(f"data.until: {until!r} cannot be compared with column {col!r} "
-                              f"(dtype {df[col].dtype})") from e
+    df = df[up_to_until(df[col], config.data)]
     periods = np.sort(df[col].unique())
     n_val = config.data.validation_periods
     if len(periods) <= n_val:

@@ -46,7 +46,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from features import examples
 from features.history import attach_history
 from features.logfiles import count_rows, iter_batches, log_files, rss_gb
-from features.logs import join_side_tables, load_side_tables, time_split
+from features.logs import join_side_tables, load_side_tables, time_split, up_to_until
 from features.spec import ConfigError, RankstageConfig
 from features.statistics import (
     AS_OF,
@@ -264,11 +264,10 @@ def preflight(config: RankstageConfig, files: list[Path], sample_rows: int = 200
     """Check the log on the driver before any worker starts (every file has the first file's columns; a sample
     of the first file goes through the same steps as ``read_log``, so a missing column fails here with
     ``read_log``'s one-line error) and return the record schema."""
-    names = log_columns
-    first = names(files[0])
+    first = log_columns(files[0])
     check_columns(first, str(files[0]), config)
     for f in files[1:]:
-        absent = [c for c in first if c not in names(f)]
+        absent = [c for c in first if c not in log_columns(f)]
         if absent:
             raise ConfigError(f"data.log: {f} lacks columns {absent} of {files[0]}")
     _, start, batch = next(iter_batches(files[:1], batch_rows=sample_rows))
@@ -388,12 +387,7 @@ def _snapshot_day(times: set, config: RankstageConfig) -> int | None:
     """The day number the snapshot is as of: the day after the last time value up to ``data.until``."""
     d = config.data
     values = pd.Series(sorted(times))
-    if d.until is not None:
-        try:
-            values = values[values <= d.until]
-        except TypeError as e:
-            raise ConfigError(f"data.until: {d.until!r} cannot be compared with column {d.time_column!r} "
-                              f"(dtype {values.dtype})") from e
+    values = values[up_to_until(values, d)]
     return int(day_numbers(values, d.statistics.date_format).max()) + 1 if len(values) else None
 
 
@@ -430,18 +424,16 @@ class _ReadFile(beam.DoFn):
 
     def setup(self):
         sides = load_side_tables(self.config.data)
+        self.want = None
         if self.columns is not None:  # only what the columns need: each side table's keys and its wanted columns
-            want = set(self.columns) | {k for j in self.config.data.joins for k in j.keys}
-            sides = [(key, side[[c for c in side.columns if c in want]]) for key, side in sides
-                     if (set(side.columns) - ({key} if isinstance(key, str) else set(key))) & want]
+            self.want = set(self.columns) | {k for j in self.config.data.joins for k in j.keys}
+            sides = [(key, side[[c for c in side.columns if c in self.want]]) for key, side in sides
+                     if (set(side.columns) - ({key} if isinstance(key, str) else set(key))) & self.want]
         self.sides = sides
 
     def process(self, element):
         index, path = element
-        read = None
-        if self.columns is not None:
-            names = log_columns(Path(path))
-            read = [c for c in names if c in set(self.columns) | {k for j in self.config.data.joins for k in j.keys}]
+        read = None if self.want is None else [c for c in log_columns(Path(path)) if c in self.want]
         for _, start, batch in iter_batches([Path(path)], columns=read, batch_rows=self.batch_rows):
             frame = joined_batch(batch, index, start, self.sides, self.config, path, self.keep, self.days)
             if len(frame):

@@ -15,7 +15,6 @@ trained on (``days_seen``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from features.spec import ConfigError, RankstageConfig
 from features.vocab import FeatureStats
 from ranking.model import RankingModels
 from ranking.runs import LoadedRun, load_run
-
-METADATA = Path("assets.extra") / "rankstage_metadata.json"
+from ranking.servable import METADATA_FILE, load_metadata
 
 # config fields a child may change: where the data is, how much of it, and how training runs
 FREE = {("name",), ("data", "log"), ("data", "until"), ("data", "validation_periods"), ("data", "statistics", "path"),
@@ -51,13 +49,13 @@ def resolve_run(path: str | Path) -> Path:
     p = Path(path)
     if (p / "model.weights.h5").exists():
         return p
-    if (p / METADATA).exists():
-        run = Path(json.loads((p / METADATA).read_text())["run"])
+    if (p / "assets.extra" / METADATA_FILE).exists():
+        run = Path(load_metadata(p)["run"])
         if not (run / "model.weights.h5").exists():
             raise ConfigError(f"--warm-start {p}: its run {run} (from the version's metadata) has no model.weights.h5")
         return run
     raise ConfigError(f"--warm-start {p}: neither a run directory (model.weights.h5) nor an exported version "
-                      f"({METADATA})")
+                      f"(assets.extra/{METADATA_FILE})")
 
 
 def load_parent(path: str | Path) -> Parent:

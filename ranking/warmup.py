@@ -45,42 +45,8 @@ def _utf8(arr: np.ndarray) -> np.ndarray:
 
 def warmup_rows(run: LoadedRun, log: str | None = None, sizes=WARMUP_SIZES) -> list[dict[str, np.ndarray]]:
     """Real logged rows of the newest period ``data.until`` keeps (never a held-out day), as raw serving inputs, one
-    batch per size; from the example shards the run trained on when it names them and no ``log`` is given (the log
-    is not read), else from the log read from ``log`` (else ``data.log``)."""
+    batch per size; the log read from ``log`` (else ``data.log``)."""
     return warmup_batches(run.config, read_log(run.config.data, log), sizes)
-
-
-def warmup_from_examples(cfg: RankstageConfig, root: Path, sizes=WARMUP_SIZES, max_records: int = 20_000
-                         ) -> list[dict[str, np.ndarray]]:
-    """``warmup_batches`` from the feature pipeline's shards: up to ``max_records`` records of the newest kept day
-    (its files interleaved), C = min(size, records) of them sampled with seed i for the i-th size."""
-    from features.examples import COMPRESSION, parse_spec
-    from ranking.shards import read_layout
-
-    layout = read_layout(root)
-    days = layout.manifest.get("validation_days") or layout.manifest["train_days"]
-    files = layout.files([max(days)])
-    names = {f.name for f in cfg.serving_features}
-    cols = [c for c in layout.columns if c.name in names]
-    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=COMPRESSION), cycle_length=len(files))
-    spec = parse_spec(cols)
-    parts: dict[str, list] = {c.name: [] for c in cols}
-    for batch in ds.take(max_records).batch(4096):
-        for k, v in tf.io.parse_example(batch, spec).items():
-            parts[k].append(v.numpy())
-    data = {c.name: np.concatenate(parts[c.name]) for c in cols}
-    n = len(next(iter(data.values())))
-    batches = []
-    for i, size in enumerate(sizes):
-        idx = np.sort(np.random.default_rng(i).choice(n, size=min(size, n), replace=False))
-        batch = {}
-        for f in cfg.serving_features:
-            v = data[f.name][idx]
-            batch[f.name] = (v.astype(str).astype(object) if f.raw_dtype == "string" else
-                             v.astype(np.int64) if f.raw_dtype == "int" else v.astype(np.float32))
-        batches.append(batch)
-    return batches
 
 
 def warmup_batches(cfg: RankstageConfig, frame: pd.DataFrame, sizes=WARMUP_SIZES) -> list[dict[str, np.ndarray]]:
