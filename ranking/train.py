@@ -220,6 +220,7 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         history["refit_loss"] = refit_history["loss"]
     if not chief:
         return out
+    art.examples = str(Path(examples).resolve()) if examples is not None else None
     target = None if publish_statistics else out / STATISTICS
     built = sorted((Path(examples) / STATISTICS).glob("*.parquet")) if examples is not None else []
     if built and config.data.statistics is not None:  # the pipeline's snapshot: the log is not read again

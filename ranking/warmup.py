@@ -14,7 +14,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from features.logs import raw_inputs, read_log, time_split
-from features.spec import RankstageConfig
+from features.spec import ConfigError, RankstageConfig
 from ranking.runs import LoadedRun
 from ranking.servable import RANK_CANDIDATES_PACKED, pack_inputs
 from ranking.signatures import RANK_CANDIDATES, packed_layout, rank_candidates_omitted, split_request
@@ -45,8 +45,50 @@ def _utf8(arr: np.ndarray) -> np.ndarray:
 
 def warmup_rows(run: LoadedRun, log: str | None = None, sizes=WARMUP_SIZES) -> list[dict[str, np.ndarray]]:
     """Real logged rows of the newest period ``data.until`` keeps (never a held-out day), as raw serving inputs, one
-    batch per size; the log read from ``log`` (else ``data.log``)."""
+    batch per size. From the feature pipeline's example shards the run trained on when its artifacts name them and
+    no ``log`` is given (the log is not read again: at 10M rows reading it peaked at 8.8 GB), else from the log read
+    from ``log`` (else ``data.log``)."""
+    shards = (getattr(run, "artifacts", None) or {}).get("examples")
+    if log is None and shards and (Path(shards) / "manifest.json").exists():
+        return warmup_from_examples(run.config, Path(shards), sizes)
     return warmup_batches(run.config, read_log(run.config.data, log), sizes)
+
+
+def warmup_from_examples(cfg: RankstageConfig, root: Path, sizes=WARMUP_SIZES, max_records: int = 20_000
+                         ) -> list[dict[str, np.ndarray]]:
+    """``warmup_batches`` from a feature pipeline's output ``root``: up to ``max_records`` records of the newest kept
+    day (its shard files interleaved), C = min(size, records) of them sampled with seed i for the i-th size, as raw
+    serving inputs (C,) per feature (strings decoded from UTF-8)."""
+    from features.examples import COMPRESSION, parse_spec
+    from ranking.shards import read_layout
+
+    layout = read_layout(root)
+    days = layout.manifest.get("validation_days") or layout.manifest["train_days"]
+    files = layout.files([max(days)])
+    names = {f.name for f in cfg.serving_features}
+    cols = [c for c in layout.columns if c.name in names]
+    absent = names - {c.name for c in cols}
+    if absent:
+        raise ConfigError(f"--examples {root}: serving feature(s) {sorted(absent)} not in its schema.json")
+    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=COMPRESSION), cycle_length=len(files))
+    spec = parse_spec(cols)
+    parts: dict[str, list] = {c.name: [] for c in cols}
+    for batch in ds.take(max_records).batch(4096):
+        for k, v in tf.io.parse_example(batch, spec).items():
+            parts[k].append(v.numpy())
+    data = {c.name: np.concatenate(parts[c.name]) for c in cols}
+    n = len(next(iter(data.values())))
+    batches = []
+    for i, size in enumerate(sizes):
+        idx = np.sort(np.random.default_rng(i).choice(n, size=size, replace=n < size))
+        batch = {}
+        for f in cfg.serving_features:
+            v = data[f.name][idx]
+            batch[f.name] = (np.array([b.decode("utf-8") for b in v], dtype=object) if f.raw_dtype == "string" else
+                             v.astype(np.int64) if f.raw_dtype == "int" else v.astype(np.float32))
+        batches.append(batch)
+    return batches
 
 
 def warmup_batches(cfg: RankstageConfig, frame: pd.DataFrame, sizes=WARMUP_SIZES) -> list[dict[str, np.ndarray]]:
