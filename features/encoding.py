@@ -1,6 +1,6 @@
 """Preprocessing inside the graph: raw serving values -> dense feature vectors.
 
-B batch (candidates), L values per multi-valued row, D embedding width.
+B batch (candidates), L values per multi-valued row (events of a sequence), F fields per event, D embedding width.
 Lookups put unseen and missing values into OOV buckets (index 0..k-1); NaN numerics get the feature's default.
 These layers run on the TensorFlow backend (lookups are tf tables, string splitting is tf.strings), so the
 exported SavedModel needs no Python and no project code.
@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from features.logs import MISSING_INT
 from features.spec import ConfigError, FeatureSpec
 from features.vocab import FeatureStats
 
@@ -141,6 +142,69 @@ class MatchCount(keras.layers.Layer):
         return (tokens_shape[0],)
 
 
+@keras.saving.register_keras_serializable(package="rankstage")
+class SequenceFields(keras.layers.Layer):
+    """(B,) strings "a:b:c,d:e:f" -> (B, L, F) field tokens: ``max_values`` events split at ",", each split into
+    ``fields`` at ":"; missing events and fields are "" (an event's extra fields are dropped)."""
+
+    def __init__(self, max_values: int, fields: int, **kwargs):
+        super().__init__(**kwargs)
+        if int(max_values) < 1 or int(fields) < 1:
+            raise ValueError(f"SequenceFields: max_values and fields must be >= 1, got {max_values!r}, {fields!r}")
+        self.max_values, self.fields = int(max_values), int(fields)
+
+    def call(self, x):
+        events = tf.strings.split(tf.strings.strip(x), ",").to_tensor(default_value="",
+                                                                       shape=[None, self.max_values])  # (B, L)
+        flat = tf.strings.split(tf.strings.strip(tf.reshape(events, [-1])), ":")  # ragged (B * L, None)
+        parts = flat.to_tensor(default_value="", shape=[None, self.fields])  # (B * L, F)
+        return tf.reshape(parts, [-1, self.max_values, self.fields])
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor((x.shape[0], self.max_values, self.fields), dtype="string")
+
+    def get_config(self):
+        return {**super().get_config(), "max_values": self.max_values, "fields": self.fields}
+
+
+@keras.saving.register_keras_serializable(package="rankstage")
+class ParseIds(keras.layers.Layer):
+    """(...) string tokens -> (...) int64 ids; "" and anything not an integer -> the missing id (an OOV bucket)."""
+
+    def call(self, tokens):
+        ok = tf.strings.regex_full_match(tokens, r"[+-]?[0-9]{1,18}")
+        ids = tf.strings.to_number(tf.where(ok, tokens, "0"), out_type=tf.int64)
+        return tf.where(ok, ids, tf.constant(MISSING_INT, tf.int64))
+
+    def compute_output_spec(self, tokens):
+        return keras.KerasTensor(tokens.shape, dtype="int64")
+
+
+@keras.saving.register_keras_serializable(package="rankstage")
+class BucketIndex(keras.layers.Layer):
+    """(...) string numbers -> (...) int64: 0 if "" or not a finite number, else 1 + how many ``boundaries`` are
+    <= the value (``Discretization``'s bucket, shifted by the missing one)."""
+
+    def __init__(self, boundaries: list[float], **kwargs):
+        super().__init__(**kwargs)
+        if not boundaries or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+            raise ValueError(f"BucketIndex: boundaries must be non-empty and increasing, got {boundaries!r}")
+        self.boundaries = [float(b) for b in boundaries]
+
+    def call(self, tokens):
+        ok = tf.strings.regex_full_match(tokens, r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+        x = tf.strings.to_number(tf.where(ok, tokens, "0"), out_type=tf.float32)
+        ok = tf.logical_and(ok, tf.math.is_finite(x))
+        above = tf.add_n([tf.cast(x >= b, tf.int64) for b in self.boundaries])
+        return tf.where(ok, above + 1, tf.zeros_like(above))
+
+    def compute_output_spec(self, tokens):
+        return keras.KerasTensor(tokens.shape, dtype="int64")
+
+    def get_config(self):
+        return {**super().get_config(), "boundaries": self.boundaries}
+
+
 def lookup_layer(feature: FeatureSpec, stats: FeatureStats, name: str | None = None) -> keras.layers.Layer:
     """Raw id -> int index in [0, size): OOV buckets first, then the vocabulary; or a hash bucket."""
     name = name or f"{feature.name}_lookup"
@@ -164,9 +228,13 @@ def lookup_size(feature: FeatureSpec, stats: FeatureStats) -> int:
     return len(stats.vocabulary) + feature.vocab.oov_buckets
 
 
-def _indices(x, feature: FeatureSpec, stats: FeatureStats, seed: int | None):
-    """Lookup indices of raw ids or tokens, through ``OOVDropout`` when the vocabulary asks for it."""
-    idx = lookup_layer(feature, stats)(x)
+def _indices(x, feature: FeatureSpec, stats: FeatureStats, seed: int | None, shared: dict | None = None):
+    """Lookup indices of raw ids or tokens, through ``OOVDropout`` when the vocabulary asks for it; the lookup layer
+    is kept in ``shared[name]`` (for sequences sharing it)."""
+    lookup = lookup_layer(feature, stats)
+    if shared is not None:
+        shared[feature.name] = [lookup]
+    idx = lookup(x)
     if feature.vocab is not None and feature.vocab.oov_dropout > 0:
         idx = OOVDropout(feature.vocab.oov_dropout, feature.vocab.oov_buckets, seed=seed,
                          name=f"{feature.name}_oov_dropout")(idx)
@@ -174,9 +242,9 @@ def _indices(x, feature: FeatureSpec, stats: FeatureStats, seed: int | None):
 
 
 def encode_feature(x, feature: FeatureSpec, stats: FeatureStats, default_dim: int, seed: int | None = None,
-                   match=None):
+                   match=None, shared: dict | None = None):
     """Functional encoding of one raw input (B,) -> (B, D_f); ``match`` is the raw (B,) input of the candidate feature
-    a match feature counts."""
+    a match feature counts. A categorical or multi-valued feature leaves ``shared[name] = [lookup, embedding]``."""
     dim = feature.embedding_dim or default_dim
     if feature.kind == "match":  # the count is then encoded like a numeric feature
         tokens = SplitValues(feature.separator, feature.max_values, name=f"{feature.name}_split")(x)  # (B, L)
@@ -190,13 +258,55 @@ def encode_feature(x, feature: FeatureSpec, stats: FeatureStats, default_dim: in
                                           name=f"{feature.name}_buckets")(x)
         size = len(feature.boundaries or []) + 1
         return keras.layers.Embedding(size, dim, name=f"{feature.name}_embedding")(idx)
+    if feature.kind == "sequence":
+        raise ValueError(f"feature {feature.name!r}: a sequence is encoded by encode_sequence")
     if feature.kind == "categorical":
-        idx = _indices(x, feature, stats, seed)
-        return keras.layers.Embedding(lookup_size(feature, stats), dim, name=f"{feature.name}_embedding")(idx)
+        idx = _indices(x, feature, stats, seed, shared)
+        embedding = keras.layers.Embedding(lookup_size(feature, stats), dim, name=f"{feature.name}_embedding")
+        if shared is not None:
+            shared[feature.name].append(embedding)
+        return embedding(idx)
     tokens = SplitValues(feature.separator, feature.max_values, name=f"{feature.name}_split")(x)  # (B, L)
-    idx = _indices(tokens, feature, stats, seed)
-    emb = keras.layers.Embedding(lookup_size(feature, stats), dim, name=f"{feature.name}_embedding")(idx)
-    return MaskedMean(name=f"{feature.name}_mean")(emb, tokens)
+    idx = _indices(tokens, feature, stats, seed, shared)
+    embedding = keras.layers.Embedding(lookup_size(feature, stats), dim, name=f"{feature.name}_embedding")
+    if shared is not None:
+        shared[feature.name].append(embedding)
+    return MaskedMean(name=f"{feature.name}_mean")(embedding(idx), tokens)
+
+
+def sequence_keys(x, feature: FeatureSpec, features: dict[str, FeatureSpec], shared: dict):
+    """A sequence's raw (B,) strings -> (keys (B, L, D_k), valid (B, L)): each field embedded, by its target's own
+    lookup and embedding table (``shared``, from ``encode_feature``) or its own bucket table, concatenated. The
+    tensors are named ``<name>_keys`` / ``<name>_valid`` (``rank_candidates`` computes them once per request)."""
+    spec = feature.sequence
+    assert spec is not None
+    n = feature.name
+    tokens = SequenceFields(feature.max_values, len(spec.fields), name=f"{n}_fields")(x)  # (B, L, F)
+    parts = []
+    for j, fld in enumerate(spec.fields):
+        tok = tokens[:, :, j]  # (B, L)
+        if fld.target is not None:
+            lookup, embedding = shared[fld.target]
+            if features[fld.target].raw_dtype == "int":
+                tok = ParseIds(name=f"{n}_field{j}_ids")(tok)
+            parts.append(embedding(lookup(tok)))  # (B, L, D_target)
+        else:
+            idx = BucketIndex(fld.boundaries, name=f"{n}_field{j}_buckets")(tok)
+            parts.append(keras.layers.Embedding(len(fld.boundaries) + 2, fld.embedding_dim,
+                                                name=f"{n}_field{j}_embedding")(idx))  # (B, L, D_j)
+    keys = keras.layers.Concatenate(name=f"{n}_keys")(parts) if len(parts) > 1 else \
+        keras.layers.Identity(name=f"{n}_keys")(parts[0])  # (B, L, D_k)
+    valid = keras.layers.Identity(name=f"{n}_valid")(ops.cast(ops.not_equal(tokens[:, :, 0], ""), "float32"))
+    return keys, valid
+
+
+def sequence_query(feature: FeatureSpec, encoded: dict):
+    """The candidate's side of a sequence's attention: its encodings of the fields' targets, (B, D_q), named
+    ``<name>_query``."""
+    assert feature.sequence is not None
+    parts = [encoded[f.target] for f in feature.sequence.fields if f.target is not None]
+    return keras.layers.Concatenate(name=f"{feature.name}_query")(parts) if len(parts) > 1 else \
+        keras.layers.Identity(name=f"{feature.name}_query")(parts[0])
 
 
 def keras_dtype(feature: FeatureSpec) -> str:

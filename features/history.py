@@ -1,9 +1,12 @@
 """The user's earlier impressions of the same session as list columns (``data.history``), for features of kind
-``match``: what a gateway knows when it sends a request and passes on as a context list.
+``match`` and ``sequence``: what a gateway knows when it sends a request and passes on as a context list.
 
 N rows. For each list and row: the ``column`` values of the same user's rows of the same session (a value of
-``data.time_column``, the day) that came strictly earlier by ``history.order``, kept where ``where`` > 0, newest
-first, at most ``max_len``, comma-separated ("" when there are none).
+``data.time_column``, the day; ``scope: all``: of every session) that came strictly earlier by ``history.order``,
+kept where ``where`` > 0 (any of them, for a list), newest first, at most ``max_len``, comma-separated ("" when there
+are none). With several columns or ``age`` an entry is an event of ``:``-separated fields
+("video:author:tag:ratio:age"), the age being the request's ``order`` value minus the event's: built at the
+request, so it is point-in-time too.
 
 The request boundary: a user's rows at one ``order`` value are one request. They get one list (what the gateway
 sends once per request), built from the user's strictly earlier requests, so no row lists a click of its own
@@ -30,7 +33,32 @@ def _tokens(values: pd.Series) -> np.ndarray:
         finite = values.dropna()
         if (finite % 1 == 0).all():
             values = values.astype("Int64")
-    return values.astype(object).where(values.notna(), None).map(lambda v: None if v is None else str(v)).to_numpy()
+    return np.array([None if pd.isna(v) else str(v) for v in values.astype(object)], dtype=object)
+
+
+def _field_tokens(values: pd.Series) -> np.ndarray:
+    """(N,) object: ``_tokens`` as one field of an event: non-integral floats to 4 significant digits, a
+    multi-valued value cut to its first value, None if missing."""
+    if pd.api.types.is_float_dtype(values) and not (values.dropna() % 1 == 0).all():
+        return np.array([None if pd.isna(v) else f"{v:.4g}" for v in values.to_numpy()], dtype=object)
+    return np.array([None if v is None else v.split(",")[0].split(":")[0] for v in _tokens(values)], dtype=object)
+
+
+def _column(df: pd.DataFrame, col: str, where: str) -> pd.Series:
+    """A column of ``df``, or a pandas expression over its columns."""
+    if col in df.columns:
+        return df[col]
+    try:
+        out = df.eval(col)
+    except Exception as e:  # pandas raises many kinds for an unknown name or a bad expression
+        raise ConfigError(f"{where}: column {col!r} not in the log or its side tables ({e})") from None
+    if not isinstance(out, pd.Series):
+        raise ConfigError(f"{where}: {col!r} is not a column of the log")
+    return out.replace([np.inf, -np.inf], np.nan)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.4g}"
 
 
 def _request_sessions(users: np.ndarray, sessions: np.ndarray, times: np.ndarray) -> np.ndarray:
@@ -43,11 +71,13 @@ def history_lists(df: pd.DataFrame, data: DataConfig) -> dict[str, np.ndarray]:
     """List name -> (N,) object strings of ``df``'s rows (any row order; the result follows ``df``'s)."""
     h = data.history
     assert h is not None
-    for where, col in [("data.history.order", h.order)] + [
-            (f"data.history.lists[{i}].{part}", getattr(lst, part))
-            for i, lst in enumerate(h.lists) for part in ("column", "where") if getattr(lst, part) is not None]:
-        if col not in df.columns:
-            raise ConfigError(f"{where}: column {col!r} not in the log or its side tables")
+    if h.order not in df.columns:
+        raise ConfigError(f"data.history.order: column {h.order!r} not in the log or its side tables")
+    for i, lst in enumerate(h.lists):
+        for col in lst.wheres + ([lst.column] if isinstance(lst.column, str) else []):
+            if col not in df.columns:
+                part = "where" if col in lst.wheres else "column"
+                raise ConfigError(f"data.history.lists[{i}].{part}: column {col!r} not in the log or its side tables")
     users = df[data.user_column].to_numpy()
     times = pd.to_numeric(df[h.order], errors="coerce").to_numpy(dtype=np.float64)
     sessions = _request_sessions(users, df[data.time_column].to_numpy(), times)
@@ -59,18 +89,30 @@ def history_lists(df: pd.DataFrame, data: DataConfig) -> dict[str, np.ndarray]:
     new_block[1:] |= t[1:] != t[:-1]
     starts = np.flatnonzero(new_block).tolist() + [len(df)]
     out = {}
-    for lst in h.lists:
-        tokens = _tokens(df[lst.column])[order]
-        if lst.where is not None:
-            keep = pd.to_numeric(df[lst.where], errors="coerce").fillna(0).to_numpy()[order] > 0
+    for i, lst in enumerate(h.lists):
+        if isinstance(lst.column, str) and not lst.age:
+            tokens = _tokens(df[lst.column])[order]
+        else:  # events: ':'-joined fields, missing when the first (the id) is
+            parts = [_field_tokens(_column(df, c, f"data.history.lists[{i}].column"))[order] for c in lst.columns]
+            tokens = np.array([None if p[0] is None else ":".join("" if v is None else v for v in p)
+                               for p in zip(*parts)], dtype=object)
+        if lst.wheres:
+            keep = np.zeros(len(df), dtype=bool)
+            for w in lst.wheres:
+                keep |= pd.to_numeric(df[w], errors="coerce").fillna(0).to_numpy()[order] > 0
             tokens = np.where(keep, tokens, None)
+        clear = new_session if lst.scope == "session" else np.r_[True, u[1:] != u[:-1]] if len(df) else new_session
         texts = np.empty(len(df), dtype=object)
-        window: deque[str] = deque(maxlen=h.max_len)
+        window: deque = deque(maxlen=lst.max_len or h.max_len)
         for a, b in zip(starts[:-1], starts[1:]):
-            if new_session[a]:
+            if clear[a]:
                 window.clear()
-            texts[a:b] = ",".join(reversed(window))
-            window.extend(v for v in tokens[a:b] if v is not None)
+            if lst.age:  # (token, time): the age is the request's time minus the event's
+                texts[a:b] = ",".join(f"{v}:{_number(t[a] - when)}" for v, when in reversed(window))
+                window.extend((v, t[a + k]) for k, v in enumerate(tokens[a:b]) if v is not None)
+            else:
+                texts[a:b] = ",".join(reversed(window))
+                window.extend(v for v in tokens[a:b] if v is not None)
         result = np.empty(len(df), dtype=object)
         result[order] = texts
         out[lst.name] = result

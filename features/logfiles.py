@@ -172,9 +172,11 @@ def needed_columns(config: RankstageConfig) -> dict[str, str]:
     if d.history:
         need(d.history.order, "number")
         for x in d.history.lists:
-            need(x.column, feature_kind.get(x.column, "any"))
-            if x.where:
-                need(x.where, "number")
+            for c in x.columns:
+                for col in [c] if IDENT.fullmatch(c) else IDENT.findall(c):  # an expression reads numbers
+                    need(col, feature_kind.get(col, "any") if col == c else "number")
+            for w in x.wheres:
+                need(w, "number")
     if d.statistics:
         for col in d.statistics.events.values():
             need(col, "number")

@@ -17,7 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-FeatureKind = Literal["categorical", "numeric", "multi_valued", "bucketized", "match"]
+FeatureKind = Literal["categorical", "numeric", "multi_valued", "bucketized", "match", "sequence"]
 FeatureGroup = Literal["user", "item", "context", "bias"]
 RawDType = Literal["int", "string", "float"]
 TaskType = Literal["binary", "watch_time", "completion"]
@@ -45,6 +45,47 @@ class VocabPolicy(Strict):
     oov_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class SequenceField(Strict):
+    """One ``:``-separated field of each event of a sequence: ``target`` names a categorical or multi-valued item
+    feature whose lookup and embedding table it shares (the candidate's value of it is part of the attention query),
+    else ``boundaries`` bucket a number (play ratio, age) into its own ``embedding_dim``-wide table (key only)."""
+
+    target: str | None = None
+    boundaries: list[float] | None = None
+    embedding_dim: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SequenceField:
+        if (self.target is None) == (self.boundaries is None):
+            raise ValueError(f"give exactly one of 'target' or 'boundaries', got target {self.target!r}, "
+                             f"boundaries {self.boundaries!r}")
+        b = self.boundaries
+        if b is not None and (not b or any(not math.isfinite(x) for x in b) or any(x >= y for x, y in zip(b, b[1:]))):
+            raise ValueError(f"'boundaries' must be finite and strictly increasing, got {b!r}")
+        return self
+
+
+class SequenceSpec(Strict):
+    """A sequence feature's events: their fields in token order (the first shares the candidate's id embedding) and
+    the target-attention MLP's hidden widths (``ranking/layers/target_attention.py``)."""
+
+    fields: list[SequenceField] = Field(min_length=1)
+    units: list[int] = [32]
+
+    @field_validator("units")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(u < 1 for u in v):
+            raise ValueError(f"units must be a non-empty list of widths >= 1, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _first_is_a_target(self) -> SequenceSpec:
+        if self.fields[0].target is None:
+            raise ValueError("fields[0] must have a 'target' (the event's item id, matched against the candidate's)")
+        return self
+
+
 class FeatureSpec(Strict):
     """One model input: where it comes from, how it is encoded and how big its embedding is."""
 
@@ -69,6 +110,11 @@ class FeatureSpec(Strict):
     # recent history, newest first, e.g. the authors shown earlier today: ``data.history`` derives it from the log);
     # its encoding is how many of them equal the candidate's value of ``match`` (after ``transform``, normalised)
     match: str | None = None
+    # kind sequence: the raw value is a list of the user's past events, newest first, each event ``:``-separated
+    # fields (a ``data.history`` list with several columns); the candidate attends over them (``max_values`` events,
+    # ``embedding_dim`` the attention width D, default ``model.embedding_dim``). A user-side input: sent once per
+    # request, the keys computed once by ``rank_candidates``
+    sequence: SequenceSpec | None = None
 
     @property
     def source(self) -> str:
@@ -79,7 +125,7 @@ class FeatureSpec(Strict):
         if self.dtype is not None:
             return self.dtype
         return {"categorical": "int", "numeric": "float", "multi_valued": "string", "bucketized": "float",
-                "match": "string"}[
+                "match": "string", "sequence": "string"}[
             self.kind
         ]
 
@@ -104,6 +150,18 @@ class FeatureSpec(Strict):
                              f"needs kind 'match'; got kind {self.kind!r}, match {self.match!r}")
         if self.kind == "match" and self.raw_dtype != "string":
             raise ValueError(f"{where}: a match feature's raw value is a string list, got dtype {self.dtype!r}")
+        if (self.kind == "sequence") != (self.sequence is not None):
+            raise ValueError(f"{where}: kind 'sequence' needs 'sequence' (its fields), and 'sequence' needs kind "
+                             f"'sequence'; got kind {self.kind!r}, sequence {self.sequence!r}")
+        if self.kind == "sequence":
+            if self.raw_dtype != "string":
+                raise ValueError(f"{where}: a sequence feature's raw value is a string list, got dtype {self.dtype!r}")
+            if self.group != "user":
+                raise ValueError(f"{where}: a sequence is the user's, sent once per request: group must be 'user', "
+                                 f"got {self.group!r}")
+            if self.towers is not None:
+                raise ValueError(f"{where}: a sequence feature feeds the shared bottom; 'towers' must be unset, "
+                                 f"got {self.towers!r}")
         if self.kind == "numeric" and self.raw_dtype != "float":
             raise ValueError(f"{where}: numeric features have dtype 'float', got {self.dtype!r}")
         if not math.isfinite(self.default):
@@ -317,11 +375,37 @@ class StatisticsConfig(Strict):
 
 class HistoryList(Strict):
     """One list column derived from the log: per row, ``column``'s values of the same user's strictly earlier rows
-    of the same session (where ``where`` > 0, if given), newest first, comma-separated."""
+    of the same session (``scope: all``: of every earlier day too), where ``where`` > 0 if given, newest first,
+    comma-separated. Several columns (and ``age``) make each entry an event of ``:``-separated fields."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    column: str
-    where: str | None = None  # e.g. is_click: only the rows the user clicked
+    # a column or a pandas expression over columns (e.g. "play_time_ms / duration_ms"); a list: one field each (a
+    # multi-valued value contributes its first value; an event whose first field is missing is left out)
+    column: str | list[str]
+    where: str | list[str] | None = None  # e.g. is_click: only the rows the user clicked; a list: any of them > 0
+    scope: Literal["session", "all"] = "session"  # all: across sessions (days), strictly before the request
+    max_len: int | None = Field(None, ge=1)  # newest entries kept; default data.history.max_len
+    age: bool = False  # append a field: the request's ``order`` minus the event's (ms on KuaiRand)
+
+    @field_validator("column")
+    @classmethod
+    def _some_column(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("a list of columns must not be empty")
+        return v
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.column] if isinstance(self.column, str) else list(self.column)
+
+    @property
+    def wheres(self) -> list[str]:
+        return [] if self.where is None else [self.where] if isinstance(self.where, str) else list(self.where)
+
+    @property
+    def fields(self) -> int:
+        """Fields per entry: one per column, plus the age."""
+        return len(self.columns) + int(self.age)
 
 
 class HistoryConfig(Strict):
@@ -443,6 +527,21 @@ class RankstageConfig(Strict):
             if f.group in ("user", "context", "bias"):
                 raise ValueError(f"features[{i}] ({f.name!r}): a match feature's value differs per candidate: "
                                  f"group must be 'item', got {f.group!r} (the request may still send one list)")
+        lists = {x.name: x for x in self.data.history.lists} if self.data.history else {}
+        for i, f in enumerate(self.features):
+            if f.kind != "sequence":
+                continue
+            for j, fld in enumerate(f.sequence.fields):
+                target = feats.get(fld.target) if fld.target is not None else None
+                if fld.target is not None and (target is None or target.kind not in ("categorical", "multi_valued")
+                                               or target.bias or target.group in ("user", "context")):
+                    raise ValueError(f"features[{i}].sequence.fields[{j}].target: {fld.target!r} must name a "
+                                     f"categorical or multi-valued item feature of this config (its embedding is "
+                                     f"shared)")
+            made = lists.get(f.source)
+            if made is not None and made.fields != len(f.sequence.fields):
+                raise ValueError(f"features[{i}] ({f.name!r}).sequence.fields: {len(f.sequence.fields)} fields, but "
+                                 f"data.history list {made.name!r} writes {made.fields} per event")
         if not self.bottom_features:
             raise ValueError("features: every non-bias feature feeds towers only; the shared bottom needs one")
         unused = [f.name for f in self.features if f.bias and f.name not in (bt.position, bt.device)]

@@ -1,6 +1,7 @@
 """Assembly of the ranking model, named after its diagram:
 
-    raw inputs -> feature encoders -> shared bottom MLP -> MMoE (E experts, one gate per task) -> task towers
+    raw inputs -> feature encoders (+ the candidate's target attention over each sequence) -> shared bottom MLP
+    -> MMoE (E experts, one gate per task) -> task towers
     (features with ``towers``: encoder -> concatenated to those tasks' tower inputs, bypassing the bottom)
     bias features (position, device) -> PositionBiasTower -> + logit of the bias tasks   [training model]
     (position missing, device)       -> PositionBiasTower -> + logit of the bias tasks   [serving model]
@@ -17,12 +18,13 @@ from dataclasses import dataclass
 
 import keras
 
-from features.encoding import encode_feature, keras_dtype, lookup_layer, lookup_size
+from features.encoding import encode_feature, keras_dtype, lookup_layer, lookup_size, sequence_keys, sequence_query
 from features.spec import RankstageConfig
 from features.vocab import FeatureStats
 from ranking.layers.bias_tower import MISSING, PositionBiasTower
 from ranking.layers.mmoe import MMoE
 from ranking.layers.ple import PLE
+from ranking.layers.target_attention import TargetAttention
 from ranking.tasks import ServedValue
 
 
@@ -54,9 +56,18 @@ def build_models(config: RankstageConfig, stats: dict[str, FeatureStats]) -> Ran
     """Build the training and serving models from the spec and the training log's statistics."""
     m, seed = config.model, config.training.seed
     inputs = {f.name: keras.Input(shape=(), dtype=keras_dtype(f), name=f.name) for f in config.features}
+    shared: dict[str, list] = {}  # categorical / multi-valued name -> [lookup, embedding], shared with sequences
     encoded = {f.name: encode_feature(inputs[f.name], f, stats[f.name], m.embedding_dim, seed,
-                                      match=inputs[f.match] if f.match else None)
-               for f in config.model_features}  # name -> (B, D_f)
+                                      match=inputs[f.match] if f.match else None, shared=shared)
+               for f in config.model_features if f.kind != "sequence"}  # name -> (B, D_f)
+    feats = {f.name: f for f in config.features}
+    for f in config.model_features:
+        if f.kind == "sequence":  # the candidate (query) attends over the user's events (keys)
+            keys, valid = sequence_keys(inputs[f.name], f, feats, shared)  # (B, L, D_k), (B, L)
+            attention = TargetAttention(f.embedding_dim or m.embedding_dim, f.sequence.units,
+                                        name=f"{f.name}_attention")
+            encoded[f.name] = attention(sequence_query(f, encoded), keys, valid)  # (B, D)
+    encoded = {f.name: encoded[f.name] for f in config.model_features}  # config order
     bottom = [encoded[f.name] for f in config.bottom_features]
     x = keras.layers.Concatenate(name="features")(bottom) if len(bottom) > 1 else bottom[0]
     x = _mlp(x, m.bottom_units, m.dropout, "shared_bottom")

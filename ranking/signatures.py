@@ -76,7 +76,8 @@ class Packed:
 def rank_candidates_omitted(config: RankstageConfig) -> str | None:
     """Why ``rank_candidates`` cannot be exported for this model, or None if it can."""
     bottom = {f.name for f in config.bottom_features}  # not the bias tower's device, not tower-only features
-    if not [n for n in request_features(config) if n in bottom]:
+    per_request = bottom - {f.name for f in config.bottom_features if f.kind == "sequence"}  # a sequence's slot is
+    if not [n for n in request_features(config) if n in per_request]:  # per candidate
         return "the model has no user or context feature in its shared bottom: nothing to compute once per request"
     if not [n for n in candidate_features(config) if n in bottom]:
         return "the model has no item feature in its shared bottom: every input is per request"

@@ -1,5 +1,7 @@
 """The serving model cut at its first shared-bottom layer, so ``rank_candidates`` encodes the request side once:
-``W·[u; i] + b = W_u·u + (W_i·i + b)``, the user part broadcast to the C candidates.
+``W·[u; i] + b = W_u·u + (W_i·i + b)``, the user part broadcast to the C candidates. A sequence feature's slot is
+per candidate (the candidate attends over the user's events): its keys are computed once per request, (1, L, D),
+and broadcast over the C candidates' queries inside ``TargetAttention.attend``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import tensorflow as tf
 from keras import ops
 
 from features.spec import RankstageConfig
+from ranking.layers.target_attention import TargetAttention
 from ranking.signatures import candidate_features, rank_candidates_omitted, request_features
 
 
@@ -36,6 +39,11 @@ class UserSide:
     # tower-only features, fed to ``rest`` after the bias lookups: the request ones, then the candidate ones
     routed_request: keras.Model | None = None  # {name: (1,)} -> [(1, D_f)] per routed request feature
     routed_candidates: keras.Model | None = None  # {name: (C,)} -> [(C, D_f)] per routed candidate feature
+    # sequence features (S of them): their events, once per request, and the attention over them per candidate. The
+    # candidate encoder's last S outputs are their queries (C, D_q)
+    sequence_encoder: keras.Model | None = None  # {name: (1,)} -> [keys (1, L, D_k), valid (1, L)] per sequence
+    attentions: tuple[TargetAttention, ...] = ()
+    sequence_rows: tuple[np.ndarray, ...] = ()  # per sequence: its kernel rows (D,) int
 
     @classmethod
     def of(cls, serve: keras.Model, config: RankstageConfig) -> UserSide:
@@ -55,7 +63,8 @@ class UserSide:
         inputs = serve.input  # {name: (B,)}
         bias = tuple(f.name for f in config.serving_bias_features)  # read by the bias tower, not encoded
         lookups = {n: serve.get_layer("bias_device_lookup") for n in bias}  # device is the only served bias input
-        request = [n for n in request_features(config) if n in encoded]
+        sequences = [f.name for f in config.bottom_features if f.kind == "sequence"]
+        request = [n for n in request_features(config) if n in encoded and n not in sequences]
         candidates = [n for n in candidate_features(config) if n in encoded]
         routed_request = [n for n in request_features(config) if n in routed_encoded]
         routed_candidates = [n for n in candidate_features(config) if n in routed_encoded]
@@ -73,9 +82,16 @@ class UserSide:
             extra = [f.match for f in config.features if f.name in names and f.match and f.match not in names]
             return {n: inputs[n] for n in [*names, *dict.fromkeys(extra)]}
 
+        queries = [serve.get_layer(f"{n}_query").output for n in sequences]  # (B, D_q), from candidate inputs
+        targets = [fld.target for f in config.features if f.name in sequences for fld in f.sequence.fields
+                   if fld.target is not None]
+        candidate_inputs = {**reads(candidates), **{n: inputs[n] for n in targets}}
+        events = [t for n in sequences for t in (serve.get_layer(f"{n}_keys").output,
+                                                  serve.get_layer(f"{n}_valid").output)]
+
         return cls(
             keras.Model(reads(request), [encoded[n] for n in request], name="request_encoder"),
-            keras.Model(reads(candidates), [encoded[n] for n in candidates], name="candidate_encoder"),
+            keras.Model(candidate_inputs, [encoded[n] for n in candidates] + queries, name="candidate_encoder"),
             first,
             np.concatenate([rows[n] for n in request]).astype(np.int32),
             np.concatenate([rows[n] for n in candidates]).astype(np.int32),
@@ -87,6 +103,9 @@ class UserSide:
                         name="routed_request_encoder") if routed_request else None,
             keras.Model(reads(routed_candidates), [routed_encoded[n] for n in routed_candidates],
                         name="routed_candidate_encoder") if routed_candidates else None,
+            keras.Model({n: inputs[n] for n in sequences}, events, name="sequence_encoder") if sequences else None,
+            tuple(serve.get_layer(f"{n}_attention") for n in sequences),
+            tuple(rows[n].astype(np.int32) for n in sequences),
         )
 
     def __call__(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -94,10 +113,20 @@ class UserSide:
         request = {n: inputs[n] for n in self.request_encoder.input}  # the encoders' own inputs (a match feature
         candidates = {n: inputs[n] for n in self.candidate_encoder.input}  # also reads its candidate id)
         u = _concat(self.request_encoder(request, training=False))  # (1, D_u)
-        i = _concat(self.candidate_encoder(candidates, training=False))  # (C, D_i)
+        encoded = _as_list(self.candidate_encoder(candidates, training=False))
+        n_seq = len(self.attentions)
+        i = _concat(encoded[:len(encoded) - n_seq])  # (C, D_i)
         kernel = self.first.kernel  # (D_u + D_i, H)
         user_part = ops.matmul(u, ops.take(kernel, self.request_rows, axis=0))  # (1, H), once per request
         item_part = ops.matmul(i, ops.take(kernel, self.candidate_rows, axis=0)) + self.first.bias  # (C, H)
+        if self.sequence_encoder is not None:
+            events = _as_list(self.sequence_encoder({n: inputs[n] for n in self.sequence_encoder.input},
+                                                    training=False))  # per sequence: (1, L, D_k), (1, L)
+            queries = encoded[len(encoded) - n_seq:]  # (C, D_q) each
+            for j, (attention, rows) in enumerate(zip(self.attentions, self.sequence_rows)):
+                keys = attention.project_keys(events[2 * j])  # (1, L, D), once per request
+                pooled = attention.attend(queries[j], keys, events[2 * j + 1])  # (C, D)
+                item_part = item_part + ops.matmul(pooled, ops.take(kernel, rows, axis=0))  # (C, H)
         hidden = self.first.activation(item_part + user_part)  # (C, H), user part broadcast over C
         bias = [ops.broadcast_to(lookup(inputs[n]), ops.shape(hidden)[:1]) for n, lookup in self.bias_lookups]  # (C,)
         routed = []

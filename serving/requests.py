@@ -21,7 +21,7 @@ def logged_requests(config: RankstageConfig, n: int = 3, log: str | None = None,
     when the model has match features."""
     d = config.data
     df = read_table(log or d.log)
-    lists = [f for f in config.serving_features if f.kind == "match"]  # the user's history: one list per request
+    lists = [f for f in config.serving_features if f.kind in ("match", "sequence")]  # the user's history lists
     if lists and d.history is not None:
         df = attach_history(join_side_tables(df, load_side_tables(d)), d)
     day = df[df[d.time_column] == df[d.time_column].max()]

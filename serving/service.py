@@ -127,15 +127,16 @@ def check_features(req: DecodedRequest, snap: Snapshot) -> None:
                 known = sorted(f for f, s in snap.features.items() if s.group in groups)
                 raise RequestError(f"{where}: not a {'/'.join(groups)} feature of model {snap.model.name} version "
                                    f"{snap.model.version} (known: {', '.join(known)})")
-            if spec.group not in groups and not (spec.kind == "match" and field == "context_features"):
-                # a match feature (the user's history list) may come once per request, the same for every candidate
+            if spec.group not in groups and not (spec.kind in ("match", "sequence") and field == "context_features"):
+                # a match or sequence feature (the user's history list) may come once per request in the context,
+                # as the gateway sends its session lists
                 home = {"user": "user_features", "context": "context_features"}.get(spec.group, "candidates.features")
                 if spec.kind == "match":
                     home = "context_features (one list for the request) or candidates.features (one per candidate)"
                 raise RequestError(f"{where}: {name!r} is a {spec.group} feature; send it in {home}")
             want = spec.raw_dtype
             got = {"i": "int", "f": "float", "O": "string"}[arr.dtype.kind]
-            if spec.kind in ("multi_valued", "match") and got == "string":
+            if spec.kind in ("multi_valued", "match", "sequence") and got == "string":
                 continue
             if want != got and not (want == "float" and got == "int"):
                 field_name = "int64_values" if want == "int" else f"{want}_values"
