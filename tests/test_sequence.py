@@ -258,3 +258,44 @@ def test_the_pipeline_builds_the_same_sequences_as_the_frame(kuairand_config, tm
     days = frame["date"].to_numpy()
     assert (frame["clicked_videos"][days == days.max()] != "").mean() > 0.5  # later days carry earlier days' events
     assert frame["clicked_videos"].str.contains(":", regex=False).any()
+
+
+def test_the_service_takes_the_sequence_once_in_the_context(sequence_export, tmp_path):
+    """Over loopback gRPC: the sequence sent once in context_features scores every candidate as serving_default does
+    with it repeated per row; a list of numbers is refused naming the field."""
+    import grpc
+    import yaml
+
+    from serving.client import RankingClient, build_request
+    from serving.codec import response_arrays
+    from serving.config import parse_serving_config
+    from serving.service import RankingService
+
+    _, _, base = sequence_export
+    sv = load_servable(base / "1")
+    fusion = tmp_path / "fusion.yaml"
+    fusion.write_text(yaml.safe_dump({"version": "f1", "default_profile": "c", "profiles": {
+        "c": {"formula": "weighted_sum", "weights": {"click": 1.0}}}}))
+    svc = RankingService(parse_serving_config({
+        "model": {"base_path": str(base), "backend": "in_process"}, "fusion": str(fusion),
+        "server": {"port": 0, "metrics_port": 0, "drain_s": 1}, "reload": {"interval_s": 0.5}}))
+    port = svc.start()
+    try:
+        assert svc.wait_until_ready(60)
+        client = RankingClient(f"127.0.0.1:{port}", timeout_s=10)
+        items = np.array([1, 2, 3, 4], dtype=np.int64)
+        cand = {"segment": np.array(["news", "sports", "music", "music"], dtype=object),
+                "tags": np.array(["t1", "", "t2,t3", "t4"], dtype=object)}
+        events = "3:music:t2:12:5000,9:news::0.5:90000,1:sports:t1:3:400000"
+        got = response_arrays(client.send(build_request(
+            {"user_id": 7}, items, {"clicked_events": events}, cand, return_predictions=True)))
+        want = sv.predict({"user_id": np.full(4, 7, np.int64), "item_id": items, **cand,
+                           "clicked_events": np.array([events] * 4, dtype=object)}, SERVING_DEFAULT)["click"]
+        np.testing.assert_allclose(got["click"][np.argsort(got["candidate_indices"])], want, rtol=2e-4, atol=1e-6)
+        with pytest.raises(grpc.RpcError) as err:
+            client.send(build_request({"user_id": 7}, items, {"clicked_events": 3}, cand))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "context_features[clicked_events]" in err.value.details()
+        client.close()
+    finally:
+        svc.stop(1)
