@@ -43,15 +43,15 @@ PLAIN_EMBEDDING_DIM = 16
 def plain_mmoe(config: RankstageConfig) -> RankstageConfig:
     """The plain MMoE peer (DeepCTR's ``MMOE`` with its defaults) on ``config``'s log, split and tasks: every
     categorical and multi-valued feature as a 16-d embedding, the numeric ones as they are, no statistics, no
-    history lists or match features, no bias tower; no shared bottom, 4 experts of 256-128 under one softmax gate
-    per task (no gate dropout), towers of 64; every task's loss weight 1; 2 epochs at batch 512, Adam at 1e-3,
-    no early stopping (the second epoch's weights: patience 2 never stops within 2 epochs, and the best of the two by
-    the validation metric is kept, as the default is)."""
+    history lists, match or sequence features, no bias tower; no shared bottom, 4 experts of 256-128 under one
+    softmax gate per task (no gate dropout), towers of 64; every task's loss weight 1; 2 epochs at batch 512, Adam at
+    1e-3, no early stopping (the second epoch's weights: patience 2 never stops within 2 epochs, and the best of the
+    two by the validation metric is kept, as the default is)."""
     data = config.model_dump()
     stat_names = {f["name"] for f in config.data.statistics.feature_specs()} if config.data.statistics else set()
     features = []
     for f in data["features"]:
-        if f["name"] in stat_names or f["kind"] == "match" or f.get("bias"):
+        if f["name"] in stat_names or f["kind"] in ("match", "sequence") or f.get("bias"):
             continue
         if f["kind"] in ("categorical", "multi_valued"):
             f["embedding_dim"] = PLAIN_EMBEDDING_DIM

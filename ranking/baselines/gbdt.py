@@ -30,10 +30,11 @@ EARLY_STOPPING_ROUNDS = 50  # trees without a better validation loss before stop
 def gbdt_frame(frame: pd.DataFrame, config: RankstageConfig, categories: dict | None = None
                ) -> tuple[pd.DataFrame, dict]:
     """Serving features as a LightGBM frame: categoricals as pandas categories (first value of multi-valued), match
-    features as their counts."""
-    raw = raw_inputs(frame, config.serving_features)
+    features as their counts; sequences are left out (nothing for a tree to split on without the attention)."""
+    features = [f for f in config.serving_features if f.kind != "sequence"]
+    raw = raw_inputs(frame, features)
     cols, cats = {}, dict(categories or {})
-    for f in config.serving_features:
+    for f in features:
         x = raw[f.name]
         if f.kind == "multi_valued":
             x = np.array([v.split(f.separator)[0] if v else "" for v in x], dtype=object)
