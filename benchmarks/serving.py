@@ -104,10 +104,10 @@ def logged_requests(config, sizes: list[int], seed: int) -> dict[int, LoggedRequ
     user = day[d.user_column].value_counts().index[0]
     first = day[day[d.user_column] == user].iloc[0].copy()
     for f in config.serving_features:
-        if f.kind == "match":  # the lists the gateway sends with the request
+        if f.kind in ("match", "sequence"):  # the lists the gateway sends with the request
             first[f.source] = day[day[d.user_column] == user].sort_values(d.history.order)[f.source].iloc[-1]
     logged_context = [f for f in config.serving_features
-                      if (f.group == "context" or f.kind == "match") and f.source in day.columns]
+                      if (f.group == "context" or f.kind in ("match", "sequence")) and f.source in day.columns]
     context = {f.name: first[f.source].item() if hasattr(first[f.source], "item") else first[f.source]
                for f in logged_context}
     pool = day[d.item_column].unique()

@@ -1,7 +1,8 @@
 """The declarative spec: features, tasks, model, training and data, loaded from one YAML file.
 
 Every section is a pydantic model validated at load; errors name the field and the bad value, e.g.
-``features[3].kind: Input should be 'categorical', 'numeric', 'multi_valued' or 'bucketized' (got 'catgorical')``.
+``features[3].kind: Input should be 'categorical', 'numeric', 'multi_valued', 'bucketized', 'match' or
+'sequence' (got 'catgorical')``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from ranking.export import export_run
 from ranking.layers.target_attention import TargetAttention
 from ranking.model import build_models
 from ranking.servable import load_servable
-from ranking.signatures import RANK_CANDIDATES, SERVING_DEFAULT, split_request
+from ranking.signatures import RANK_CANDIDATES, SERVING_DEFAULT, rank_candidates_signature, split_request
 from ranking.warmup import warmup_batches
 
 EVENTS = {"name": "events", "column": ["item", "author", "watch / 1000"], "where": ["click", "long"],
@@ -213,6 +213,7 @@ def test_rank_candidates_computes_the_sequence_once_and_equals_serving_default(s
     user = day[day["clicked_events"].str.count(",") >= 5]["user_id"].value_counts().index[0]
     rows = raw_inputs(day[day["user_id"] == user].reset_index(drop=True), config.serving_features)
     ranked, repeated = split_request(rows, config)  # the first row's sequence for the request, repeated per row
+    assert ranked["clicked_events"].shape == (1,) and rank_candidates_signature(config)["clicked_events"].shape == [1]
     got = sv.predict(ranked, RANK_CANDIDATES)["click"]
     np.testing.assert_allclose(got, sv.predict(repeated, SERVING_DEFAULT)["click"], rtol=1e-5, atol=1e-6)
     empty = {**ranked, "clicked_events": np.array([""], dtype=object)}
