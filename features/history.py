@@ -67,6 +67,26 @@ def _request_sessions(users: np.ndarray, sessions: np.ndarray, times: np.ndarray
     return frame.groupby(["user", "time"], dropna=False, sort=False)["session"].transform("min").to_numpy()
 
 
+def _layout(users: np.ndarray, sessions: np.ndarray, times: np.ndarray, scope: str):
+    """(order (N,), block starts (K + 1,), clear (N,) bool, sorted times (N,)): rows sorted by user, then session
+    (``scope: session``), then time; a block is one request (same user, session and time), ``clear`` marks the rows
+    where a list starts empty (a new user, or a new session when the scope is the session). Across sessions the
+    order is the time alone, so a row dated the next day but stamped earlier never sees a later event."""
+    if scope == "session":
+        order = np.lexsort((times, sessions, users))
+        u, s, t = users[order], sessions[order], times[order]
+        clear = np.ones(len(users), dtype=bool)
+        clear[1:] = (u[1:] != u[:-1]) | (s[1:] != s[:-1])
+    else:
+        order = np.lexsort((times, users))
+        u, t = users[order], times[order]
+        clear = np.ones(len(users), dtype=bool)
+        clear[1:] = u[1:] != u[:-1]
+    new_block = clear.copy()  # ... or whose time differs (rows of one request share user and time, hence session)
+    new_block[1:] |= t[1:] != t[:-1]
+    return order, np.flatnonzero(new_block).tolist() + [len(users)], clear, t
+
+
 def history_lists(df: pd.DataFrame, data: DataConfig) -> dict[str, np.ndarray]:
     """List name -> (N,) object strings of ``df``'s rows (any row order; the result follows ``df``'s)."""
     h = data.history
@@ -81,15 +101,10 @@ def history_lists(df: pd.DataFrame, data: DataConfig) -> dict[str, np.ndarray]:
     users = df[data.user_column].to_numpy()
     times = pd.to_numeric(df[h.order], errors="coerce").to_numpy(dtype=np.float64)
     sessions = _request_sessions(users, df[data.time_column].to_numpy(), times)
-    order = np.lexsort((times, sessions, users))  # by user, then session, then time
-    u, s, t = users[order], sessions[order], times[order]
-    new_session = np.ones(len(df), dtype=bool)  # a row whose (user, session) differs from the previous row's
-    new_session[1:] = (u[1:] != u[:-1]) | (s[1:] != s[:-1])
-    new_block = new_session.copy()  # ... or whose time does
-    new_block[1:] |= t[1:] != t[:-1]
-    starts = np.flatnonzero(new_block).tolist() + [len(df)]
+    layouts = {scope: _layout(users, sessions, times, scope) for scope in {lst.scope for lst in h.lists}}
     out = {}
     for i, lst in enumerate(h.lists):
+        order, starts, clear, t = layouts[lst.scope]
         if isinstance(lst.column, str) and not lst.age:
             tokens = _tokens(df[lst.column])[order]
         else:  # events: ':'-joined fields, missing when the first (the id) is
@@ -101,7 +116,6 @@ def history_lists(df: pd.DataFrame, data: DataConfig) -> dict[str, np.ndarray]:
             for w in lst.wheres:
                 keep |= pd.to_numeric(df[w], errors="coerce").fillna(0).to_numpy()[order] > 0
             tokens = np.where(keep, tokens, None)
-        clear = new_session if lst.scope == "session" else np.r_[True, u[1:] != u[:-1]] if len(df) else new_session
         texts = np.empty(len(df), dtype=object)
         window: deque = deque(maxlen=lst.max_len or h.max_len)
         for a, b in zip(starts[:-1], starts[1:]):

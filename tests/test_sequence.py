@@ -69,6 +69,15 @@ def test_events_span_days_newest_first_with_fields_and_age_at_the_request():
     assert session[4] == "" and session[5] == ""  # the default scope starts each day empty
 
 
+def test_across_days_the_order_is_the_time_not_the_date():
+    """A row dated the next day but stamped before an event of the previous day (7 user-days of KuaiRand's ten) does
+    not see that later event; a row after both sees them by time."""
+    df = pd.DataFrame({"user": [3, 3, 3], "day": [0, 1, 1], "ts": [50000, 40000, 60000], "item": [30, 31, 32],
+                       "author": [7.0, 8.0, 9.0], "click": [1, 1, 0], "long": [0, 0, 0], "watch": [1000, 2000, 0]})
+    got = history_lists(df, data_config())["events"].tolist()
+    assert got == ["31:8:2:10000", "", "30:7:1:10000,31:8:2:20000"]
+
+
 def test_later_events_change_nothing_and_an_earlier_one_appears():
     """Every event at or after a row's request changed (items, authors, labels): that row's list is unchanged;
     one event strictly before it changed: it shows in the list."""
