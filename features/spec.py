@@ -72,6 +72,7 @@ class SequenceSpec(Strict):
 
     fields: list[SequenceField] = Field(min_length=1)
     units: list[int] = [32]
+    softmax: bool = False  # normalise the attention weights over the events (DIN does not)
 
     @field_validator("units")
     @classmethod

@@ -64,7 +64,7 @@ def build_models(config: RankstageConfig, stats: dict[str, FeatureStats]) -> Ran
     for f in config.model_features:
         if f.kind == "sequence":  # the candidate (query) attends over the user's events (keys)
             keys, valid = sequence_keys(inputs[f.name], f, feats, shared)  # (B, L, D_k), (B, L)
-            attention = TargetAttention(f.embedding_dim or m.embedding_dim, f.sequence.units,
+            attention = TargetAttention(f.embedding_dim or m.embedding_dim, f.sequence.units, f.sequence.softmax,
                                         name=f"{f.name}_attention")
             encoded[f.name] = attention(sequence_query(f, encoded), keys, valid)  # (B, D)
     encoded = {f.name: encoded[f.name] for f in config.model_features}  # config order

@@ -124,7 +124,7 @@ def test_history_and_sequence_errors_name_the_field():
 
 
 def _reference(layer: TargetAttention, query, keys, valid) -> np.ndarray:
-    """numpy DIN pooling with the layer's weights."""
+    """numpy DIN pooling with the layer's weights (softmax over the valid events if the layer has it)."""
     w = [np.asarray(v) for v in layer.weights]
     wq, wk, hidden, (wo, bo) = w[0], w[1], list(zip(w[2:-2:2], w[3:-2:2])), w[-2:]
     q, k = query @ wq, keys @ wk  # (B, D), (B, L, D)
@@ -132,13 +132,18 @@ def _reference(layer: TargetAttention, query, keys, valid) -> np.ndarray:
     h = np.concatenate([qs, k, qs - k, qs * k], axis=-1)
     for kernel, bias in hidden:
         h = np.maximum(h @ kernel + bias, 0)
-    a = (h @ wo + bo)[..., 0] * valid  # (B, L)
+    a = (h @ wo + bo)[..., 0]  # (B, L)
+    if layer.softmax:
+        e = np.exp(a - a.max(axis=1, keepdims=True)) * valid
+        a = e / np.maximum(e.sum(axis=1, keepdims=True), 1e-30)
+    a = a * valid
     return np.einsum("bl,bld->bd", a, k)
 
 
-def test_attention_masks_padding_matches_numpy_and_broadcasts_one_request():
+@pytest.mark.parametrize("softmax", [False, True])
+def test_attention_masks_padding_matches_numpy_and_broadcasts_one_request(softmax):
     rng = np.random.default_rng(0)
-    layer = TargetAttention(6, [5, 3])
+    layer = TargetAttention(6, [5, 3], softmax=softmax)
     query = rng.normal(size=(4, 3)).astype(np.float32)  # (B, D_q)
     keys = rng.normal(size=(4, 7, 5)).astype(np.float32)  # (B, L, D_k)
     valid = (rng.random((4, 7)) < 0.6).astype(np.float32)

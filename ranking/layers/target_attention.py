@@ -9,10 +9,11 @@ D_k key width (all of an event's field embeddings), D attention width, U attenti
     w = MLP([q, k, q - k, q * k]) -> 1    (B, L)              ReLU hidden layers, a linear output
     out = sum_l valid_l · w_l · k_l       (B, D)              ``attend``
 
-As in DIN the weights are not softmax-normalised: the pooled vector keeps how much of the history is relevant to the
-candidate (three past clicks on the candidate's author weigh more than one), which a softmax would divide away; the
-same-day ``match`` counts showed that the count itself carries the click signal. Padded events (``valid`` 0) add
-nothing and a user with no events gets zeros.
+By default, as in DIN, the weights are not softmax-normalised: the pooled vector keeps how much of the history is
+relevant to the candidate (three past clicks on the candidate's author weigh more than one), which a softmax would
+divide away; the same-day ``match`` counts showed that the count itself carries the click signal. ``softmax=True``
+normalises w over the valid events instead (a weighted mean). Padded events (``valid`` 0) add nothing and a user
+with no events gets zeros either way.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ class TargetAttention(keras.layers.Layer):
     Keys of batch 1 (one request's sequence) are broadcast over the B candidates.
     """
 
-    def __init__(self, dim: int, units: list[int] | tuple[int, ...] = (32,), **kwargs):
+    def __init__(self, dim: int, units: list[int] | tuple[int, ...] = (32,), softmax: bool = False, **kwargs):
         super().__init__(**kwargs)
         if int(dim) < 1:
             raise ValueError(f"TargetAttention: dim must be >= 1, got {dim!r}")
         if not units or any(int(u) < 1 for u in units):
             raise ValueError(f"TargetAttention: units must be a non-empty list of widths >= 1, got {units!r}")
-        self.dim, self.units = int(dim), [int(u) for u in units]
+        self.dim, self.units, self.softmax = int(dim), [int(u) for u in units], bool(softmax)
 
     def build(self, query_shape, keys_shape, valid_shape=None):
         self.query_kernel = self.add_weight(shape=(int(query_shape[-1]), self.dim), name="query_kernel",
@@ -65,7 +66,10 @@ class TargetAttention(keras.layers.Layer):
         for kernel, bias in zip(self.hidden_kernels, self.hidden_biases):
             h = ops.relu(ops.matmul(h, kernel) + bias)  # (B, L, U)
         w = ops.squeeze(ops.matmul(h, self.out_kernel) + self.out_bias, -1)  # (B, L)
-        w = w * ops.broadcast_to(ops.cast(valid, w.dtype), (b, length))  # padding weighs 0
+        v = ops.broadcast_to(ops.cast(valid, w.dtype), (b, length))
+        if self.softmax:  # over the valid events; a row without any sums zeros
+            w = ops.softmax(w + (v - 1.0) * 1e9, axis=-1)
+        w = w * v  # padding weighs 0
         return ops.einsum("bl,bld->bd", w, k)
 
     def call(self, query, keys, valid):
@@ -75,4 +79,4 @@ class TargetAttention(keras.layers.Layer):
         return (query_shape[0], self.dim)
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "units": self.units}
+        return {**super().get_config(), "dim": self.dim, "units": self.units, "softmax": self.softmax}
