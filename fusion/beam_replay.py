@@ -179,6 +179,9 @@ class GroupIntoLists(beam.PTransform):
 # ---------------------------------------------------------------- scoring
 
 
+_SERVABLES: dict = {}  # version dir -> ranking.servable.Servable, loaded once per worker process
+
+
 class ServableHandler(ModelHandler):
     """RunInference on buckets: the exported version loaded once per worker (``ranking.servable.load_servable``),
     its serving signature called on a batch of buckets' feature columns; each bucket comes back with ``pred/<task>``
@@ -191,9 +194,13 @@ class ServableHandler(ModelHandler):
         self.signature_name, self.max_rows = signature, max_rows
 
     def load_model(self):
+        """One load per process for every pass: each pass is a new pipeline, and loading the SavedModel again per
+        pass grew the driver by ~28 MB a pass (40 passes at 10M rows: 0.18 -> 2.3 GB before the passes' own rows)."""
         from ranking.servable import load_servable
 
-        return load_servable(self.version_dir)
+        if self.version_dir not in _SERVABLES:
+            _SERVABLES[self.version_dir] = load_servable(self.version_dir)
+        return _SERVABLES[self.version_dir]
 
     def run_inference(self, batch, model, inference_args=None):
         sizes = [len(b[examples.ROW]) for b in batch]
