@@ -156,19 +156,27 @@ def write_shard(path: str | Path, records: np.ndarray) -> Path:
     return path
 
 
-def read_columns(files: list[str | Path], cols: list[Column], batch_size: int = 65536) -> dict[str, np.ndarray]:
-    """Every record of ``files`` parsed back into (N,) numpy columns (strings as str objects), file order kept.
-    For tests and small reads; training streams the files with tf.data instead."""
+def read_columns(files: list[str | Path], cols: list[Column], batch_size: int = 65536, limit: int | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Every record of ``files`` parsed back into (N,) numpy columns (strings as str objects, decoded from UTF-8),
+    file order kept; with ``limit``, the first ``limit`` records of the files read interleaved (one record of each
+    file in turn), so that they span every file. For tests and small reads; training streams the files with tf.data
+    instead."""
     import tensorflow as tf
 
-    ds = tf.data.TFRecordDataset([str(f) for f in files], compression_type=COMPRESSION).batch(batch_size)
+    names = [str(f) for f in files]
+    if limit is None:
+        ds = tf.data.TFRecordDataset(names, compression_type=COMPRESSION)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(names).interleave(
+            lambda f: tf.data.TFRecordDataset(f, compression_type=COMPRESSION), cycle_length=len(names)).take(limit)
     spec = parse_spec(cols)
     parts: dict[str, list] = {c.name: [] for c in cols}
-    for batch in ds:
+    for batch in ds.batch(batch_size):
         for k, v in tf.io.parse_example(batch, spec).items():
             parts[k].append(v.numpy())
     out = {}
     for c in cols:
         arr = np.concatenate(parts[c.name]) if parts[c.name] else np.zeros(0)
-        out[c.name] = arr.astype(str).astype(object) if c.kind == "string" else arr
+        out[c.name] = np.array([b.decode("utf-8") for b in arr], dtype=object) if c.kind == "string" else arr
     return out

@@ -59,33 +59,25 @@ def warmup_from_examples(cfg: RankstageConfig, root: Path, sizes=WARMUP_SIZES, m
     """``warmup_batches`` from a feature pipeline's output ``root``: up to ``max_records`` records of the newest kept
     day (its shard files interleaved), C = min(size, records) of them sampled with seed i for the i-th size, as raw
     serving inputs (C,) per feature (strings decoded from UTF-8)."""
-    from features.examples import COMPRESSION, parse_spec
+    from features.examples import read_columns
     from ranking.shards import read_layout
 
     layout = read_layout(root)
     days = layout.manifest.get("validation_days") or layout.manifest["train_days"]
-    files = layout.files([max(days)])
     names = {f.name for f in cfg.serving_features}
     cols = [c for c in layout.columns if c.name in names]
     absent = names - {c.name for c in cols}
     if absent:
         raise ConfigError(f"--examples {root}: serving feature(s) {sorted(absent)} not in its schema.json")
-    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=COMPRESSION), cycle_length=len(files))
-    spec = parse_spec(cols)
-    parts: dict[str, list] = {c.name: [] for c in cols}
-    for batch in ds.take(max_records).batch(4096):
-        for k, v in tf.io.parse_example(batch, spec).items():
-            parts[k].append(v.numpy())
-    data = {c.name: np.concatenate(parts[c.name]) for c in cols}
+    data = read_columns(layout.files([max(days)]), cols, batch_size=4096, limit=max_records)
     n = len(next(iter(data.values())))
     batches = []
     for i, size in enumerate(sizes):
-        idx = np.sort(np.random.default_rng(i).choice(n, size=size, replace=n < size))
+        idx = np.sort(np.random.default_rng(i).choice(n, size=min(size, n), replace=False))
         batch = {}
         for f in cfg.serving_features:
             v = data[f.name][idx]
-            batch[f.name] = (np.array([b.decode("utf-8") for b in v], dtype=object) if f.raw_dtype == "string" else
+            batch[f.name] = (v if f.raw_dtype == "string" else
                              v.astype(np.int64) if f.raw_dtype == "int" else v.astype(np.float32))
         batches.append(batch)
     return batches
