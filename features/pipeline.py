@@ -294,6 +294,7 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
     stage_columns = [d.user_column] + list(dict.fromkeys(
         k.columns[0] for k in (stats.keys if stats else []) if k.columns[0] != d.user_column))
     counts = {c: buckets * passes if c == d.user_column else buckets for c in stage_columns}
+    past_lists = d.history is not None and any(lst.scope == "all" for lst in d.history.lists)
     say = (lambda msg: print(f"features build: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
     t0 = time.perf_counter()
     with _one_line_errors():
@@ -302,8 +303,8 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
             times = (frames | "TimeValues" >> beam.Map(lambda f: set(f[d.time_column].unique().tolist()))
                      | "AllTimeValues" >> beam.CombineGlobally(_union))
             if stats is not None:
-                days = times | "DayNumbers" >> beam.Map(
-                    lambda ts: np.unique(day_numbers(pd.Series(sorted(ts)), stats.date_format)))
+                days = times | "DayNumbers" >> beam.Map(_table_days, stats.date_format,
+                                                         None if past_lists else select)
                 snapshot_day = times | "SnapshotDay" >> beam.Map(_snapshot_day, config)
                 (frames | "Statistics" >> StatisticsTables(config, counts, days, snapshot_day, tmp / "statistics")
                  | "SaveTables" >> beam.Map(_save_table, str(tmp / TABLES)))
@@ -317,11 +318,15 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
                 f"({time.perf_counter() - t0:.0f} s in, RSS {rss_gb():.2f} GB)")
             keep = RowPass(d.user_column, counts[d.user_column], passes, index) if passes > 1 else None
             with beam.Pipeline(options=options) as p:
-                frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, keep, days=select)
+                # a scope-all history list holds events of earlier days: those rows are read too, dropped after
+                frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, keep,
+                                                              days=None if past_lists else select)
                 for i, column in enumerate(stage_columns):
                     keys = [k for k in (stats.keys if stats else []) if k.columns[0] == column]
                     frames = frames | f"JoinBy_{column}" >> JoinByBucket(
                         config, column, counts[column], keys, tmp / TABLES, keep if i == 0 else None, history=i == 0)
+                if past_lists and select is not None:
+                    frames = frames | "SelectDays" >> beam.FlatMap(_selected_rows, select, d.time_column)
                 prefix = f"p{index:03d}-" if passes > 1 else ""
                 written = frames | "WriteExamples" >> beam.ParDo(
                     _WriteExamples(config, cols, str(tmp / "examples"), verbose, prefix),
@@ -389,6 +394,23 @@ def _snapshot_day(times: set, config: RankstageConfig) -> int | None:
     values = pd.Series(sorted(times))
     values = values[up_to_until(values, d)]
     return int(day_numbers(values, d.statistics.date_format).max()) + 1 if len(values) else None
+
+
+def _table_days(times: set, date_format: str, select: DaySelect | None) -> np.ndarray:
+    """The day numbers whose statistics tables phase 2 joins: every kept time value's, or with ``select`` (a warm
+    start) only the selected days' (their rows are the only ones read; the tables still sum every earlier day)."""
+    values = pd.Series(sorted(times))
+    if select is not None and select.mask(values).any():
+        values = values[select.mask(values)]
+    return np.unique(day_numbers(values, date_format))
+
+
+def _selected_rows(element, select: DaySelect, column: str):
+    """(bucket, frame) -> (bucket, the frame's rows of ``select``'s days), nothing when it has none."""
+    bucket, frame = element
+    frame = frame[select.mask(frame[column])].reset_index(drop=True)
+    if len(frame):
+        yield bucket, frame
 
 
 def _save_table(element, root: str) -> None:

@@ -6,6 +6,7 @@ leaves no output directory."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -129,3 +130,48 @@ def test_the_snapshot_is_as_of_the_day_after_data_until(kuairand_config, tmp_pat
     assert want and sorted(p.stem for p in (out / "statistics").glob("*.parquet")) == sorted(want)
     for name, table in want.items():
         pd.testing.assert_frame_equal(pd.read_parquet(out / "statistics" / f"{name}.parquet"), table)
+
+
+def _sequence_config(base, tmp_path):
+    """configs/kuairand_sequence.yaml (a ``scope: all`` behaviour sequence, which needs every earlier day's rows)
+    on ``base``'s data paths."""
+    from features.spec import load_config
+
+    data = load_config(Path(__file__).resolve().parent.parent / "configs" / "kuairand_sequence.yaml").model_dump()
+    data["data"].update(log=base.data.log, joins=[j.model_dump() for j in base.data.joins])
+    data["data"]["statistics"]["path"] = str(tmp_path / "stats")
+    return parse_config(data, "sequence test")
+
+
+@pytest.mark.parametrize("which", ["default", "sequence"])
+def test_a_warm_starts_day_selection_writes_that_days_examples_of_the_full_build(kuairand_config, tmp_path, which):
+    """``days`` (a warm start's ``DaySelect``): only the selected day's examples, equal to the full build's rows of
+    that day column for column: its statistics features still sum every earlier day (the tables are computed for
+    the selected days only, so a wrong day there would change them) and a ``scope: all`` sequence still holds the
+    events of earlier days."""
+    from features.pipeline import DaySelect
+
+    log = pd.read_csv(kuairand_config.data.log).iloc[::10].reset_index(drop=True)  # every day, ~9,500 rows
+    log.to_csv(tmp_path / "log.csv", index=False)
+    config = _config_with_log(kuairand_config, tmp_path / "log.csv")
+    if which == "sequence":
+        config = _sequence_config(config, tmp_path)
+    col = config.data.time_column
+    day = int(sorted(log[col].unique())[-2])  # a day with earlier days (statistics) and a later one (not written)
+    full = build_features(config, tmp_path / "full", verbose=False, buckets=2, passes=1)
+    one = build_features(config, tmp_path / "one", verbose=False, buckets=2, passes=1,
+                         days=DaySelect(col, values=(day,)))
+    assert list(one["rows_per_day"]) == [str(day)] and one["rows_per_day"][str(day)] == full["rows_per_day"][str(day)]
+    cols = [examples.Column(**c) for c in json.loads((tmp_path / "full" / "schema.json").read_text())]
+    got, want = ({k: v[np.argsort(x[examples.ROW], kind="stable")] for k, v in x.items()}
+                 for x in (examples.read_columns(sorted((tmp_path / d / "examples" / f"date={day}").glob(
+                     "*" + examples.SUFFIX)), cols) for d in ("one", "full")))
+    stat = [c.name for c in cols if c.name.startswith("stat_")]
+    assert stat and np.isfinite(want[stat[0]]).any()  # the day has statistics to get wrong
+    if which == "sequence":
+        assert any(v for v in want["clicked_videos"].tolist())  # the day has earlier events to lose
+    for c in cols:
+        if c.kind == "float":
+            np.testing.assert_array_equal(got[c.name], want[c.name], err_msg=c.name)
+        else:
+            assert got[c.name].tolist() == want[c.name].tolist(), c.name
