@@ -30,7 +30,8 @@ def register(sub) -> None:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     b.add_argument("--out", required=True, help="output directory (must not exist; written whole or not at all)")
     b.add_argument("--runner", default="DirectRunner", choices=RUNNERS)
-    b.add_argument("--buckets", type=int, default=16, help="hash buckets of users / keys: the groups of the shuffles")
+    b.add_argument("--buckets", type=int, help="hash buckets of users / keys per pass: the groups of the shuffles "
+                   "(default: one per 65,536 rows of a pass, 4 to 32; features.pipeline.default_buckets)")
     b.add_argument("--passes", type=int, help="passes over disjoint users, each holding only its rows in the "
                    "runner's shuffles (default: one per --rows-per-pass rows)")
     b.add_argument("--rows-per-pass", type=int, default=1_000_000, help="rows per pass when --passes is not given")
