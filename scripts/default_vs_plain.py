@@ -69,9 +69,25 @@ def _peer_network(d: dict) -> dict:
     return d
 
 
+def _peer_experts(d: dict) -> dict:
+    """The peer's experts (256-128) and 16-d embeddings, keeping the default's shared bottom and gate dropout."""
+    for f in d["features"]:
+        if f["kind"] in ("categorical", "multi_valued"):
+            f["embedding_dim"] = 16
+    d["model"].update(expert_units=[256, 128])
+    return d
+
+
+def _gate_dropout(d: dict) -> dict:
+    """Dropout 0.1 on the gate outputs in training (after ``peer_network``, which sets it to 0)."""
+    d["model"].update(gate_dropout=0.1)
+    return d
+
+
 CHANGES: dict[str, Callable[[dict], dict]] = {
     "no_statistics": _no_statistics, "no_history": _no_history, "unit_loss_weights": _unit_loss_weights,
-    "two_epochs": _two_epochs, "peer_network": _peer_network,
+    "two_epochs": _two_epochs, "peer_network": _peer_network, "peer_experts": _peer_experts,
+    "gate_dropout": _gate_dropout,
 }
 
 

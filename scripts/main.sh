@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the bundled real data: set up; train on KuaiRand Apr 25-29 (validate Apr 30, refit on the whole
-# window); export a versioned SavedModel; publish the statistics snapshot; start the model server (TF Serving's gRPC API) and the ranking service in
+# The main job on the bundled real data: set up; train on KuaiRand Apr 25 - May 3 (validate May 4, refit on all ten
+# days); export a versioned SavedModel; publish the statistics snapshot; start the model server (TF Serving's gRPC API) and the ranking service in
 # front of it; send rank requests of real logged users of the newest day (ids and context only: the service joins
 # the side-table features); print the ranked lists; shut both down with SIGTERM (graceful drain).
 set -euo pipefail

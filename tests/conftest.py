@@ -137,7 +137,8 @@ def kuairand_config(tmp_path_factory) -> RankstageConfig:
     # half of click's negatives kept: the served click is corrected (p = a q / ((1 - q) + a q)), so the service tests'
     # hand-written correction is exercised, not a no-op at a = 1 as in configs/kuairand.yaml
     data["training"].update(epochs=1, batch_size=4096, negative_sampling={"task": "click", "keep_fraction": 0.5})
-    data["data"] = {**data["data"], "log": str(root / data["data"]["log"]),
+    # the first of the config's two files only (Apr 25-30): the suite's minutes, not the shipped model's quality
+    data["data"] = {**data["data"], "log": str(root / data["data"]["log"][0]),
                     "joins": [{**j, "path": str(root / j["path"])} for j in data["data"]["joins"]]}
     if data["data"]["statistics"]:  # the snapshot training writes and serving joins, outside the checkout
         data["data"]["statistics"]["path"] = str(tmp_path_factory.mktemp("stats"))
