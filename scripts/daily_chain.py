@@ -8,7 +8,7 @@ through D from the previous day's warm start (``ranking.warm_start``: trained on
 ``--warm-epochs``), both timed; then the stale model, the full retrain and the warm start are judged on D+1
 (May 2, 3, 4) on the same rows: click AUC and GAUC, like AUC, long view AUC, watch time Spearman, and each binary
 task's predicted / observed mean. Writes ``<out>/daily_chain.json`` and ``<out>/daily_chain.md`` (per judged day and
-model: the mean over seeds and each seed's value). About 40 min on 2 cores for two seeds.
+model: the mean over seeds and each seed's value). About 22 min on 2 cores for two seeds.
 """
 
 from __future__ import annotations
