@@ -10,6 +10,7 @@ The parts: ``ranking.shards`` (tf.data input from example records: down-sampling
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def write_statistics_snapshot(config: RankstageConfig, log: str | Path | None = 
 
 
 STATISTICS = "statistics"  # the run's statistics snapshot, <key>.parquet (not the one serving reads)
+FEATURES_CONFIG = "features.config.yaml"  # the config the run's features/ were built with (reused only for it)
 FULL_BUILD_BUCKETS = 32  # hash buckets of the feature pipeline a full (not warm-start) training run builds
 CHECKPOINTS = "checkpoints"  # while training: tf.train checkpoints to resume from (removed when the run is written)
 
@@ -58,12 +60,20 @@ def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool, da
         return None
     from features.pipeline import build_features
 
+    mark = out / FEATURES_CONFIG
+    text = yaml.safe_dump({"config": config.model_dump(), "log": None if log is None else str(log),
+                           "days": None if days is None else repr(days)}, sort_keys=False)
+    if (out / "features").exists() and not (mark.exists() and mark.read_text() == text):
+        if verbose:  # derived from the log by another config (or not finished): built again, never reused
+            print(f"{out / 'features'}: shards of another config; building them again", flush=True)
+        shutil.rmtree(out / "features")
     if not (out / "features" / "manifest.json").exists():  # a restarted run resumes on the shards it wrote
         # a warm start's days: the buckets by rows (4 on the bundled log: its one day 21 s -> 6 s); a full build keeps
         # the 32 every training result so far was measured with (fewer changed the simulated bias-tower level
         # test_bias_serving checks: 0.97 -> 1.19 at 4, not understood; see the issue 20 note)
         build_features(config, out / "features", log=log, verbose=verbose, days=days,
                        buckets=None if days is not None else FULL_BUILD_BUCKETS)
+        mark.write_text(text)
     return out / "features"
 
 

@@ -106,3 +106,20 @@ def test_the_exported_child_names_its_parent_and_the_days_it_has_seen(chain, tmp
     assert meta["metrics_from"].startswith("none: a warm start")
     # a version is a parent too: its metadata leads back to the run
     assert ws.resolve_run(version) == child
+
+
+def test_a_run_directory_trained_again_with_another_config_rebuilds_its_features(chain, tmp_path):
+    """``out/features`` resumes a restarted run of the same config; trained again into the same ``--out`` with
+    another ``data.until``, the shards are built again (reused, the run validated on the old day)."""
+    import shutil
+
+    config, parent, _, last = chain
+    out = tmp_path / "again"
+    shutil.copytree(parent, out)
+    assert (out / "features" / "manifest.json").exists()
+    before = json.loads((out / "artifacts.json").read_text())["validation_periods"]
+    train(config, out, verbose=False)
+    after = json.loads((out / "artifacts.json").read_text())["validation_periods"]
+    assert before == [last - 1] and after == [last], (before, after)
+    manifest = json.loads((out / "features" / "manifest.json").read_text())
+    assert str(last) in manifest["rows_per_day"]
