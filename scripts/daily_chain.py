@@ -22,8 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "kuairand-pure"
-LOGS = [str(DATA / f"log_standard_pure_{span}.csv") for span in ("20220425_to_20220430", "20220501_to_20220504")]
+from kuairand_days import LOGS, seed_row  # noqa: E402  (scripts/ is on sys.path as the script's directory)
+
 CHAIN = [20220501, 20220502, 20220503]
 FIGURES = [("click", "auc"), ("click", "gauc"), ("like", "auc"), ("long_view", "auc"), ("watch_time", "spearman")]
 LEVELS = ["click", "like", "long_view"]
@@ -99,18 +99,11 @@ def main() -> None:
 
 
 def report_md(results: dict) -> str:
-    import numpy as np
-
     names = [f"{t} {m}" for t, m in FIGURES] + [f"{t} level" for t in LEVELS]
     lines = [f"Daily chain, seeds {results['seeds']} (mean, then each seed); level = predicted / observed mean.", ""]
     for day, per in results["days"].items():
         lines += [f"### judged on {day}", "", "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for model, rows in per.items():
-            cells = []
-            for n in names:
-                vals = [r[n] for r in rows]
-                cells.append(f"{np.mean(vals):.4f} ({', '.join(f'{v:.4f}' for v in vals)})")
-            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines += [seed_row(model, rows, names) for model, rows in per.items()]
         lines.append("")
     lines += ["| step | seconds per seed |", "|---|---|"]
     lines += [f"| {k} | {', '.join(f'{v:.0f}' for v in vals)} |" for k, vals in results["seconds"].items()]

@@ -26,8 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "kuairand-pure"
-LOGS = [str(DATA / f"log_standard_pure_{span}.csv") for span in ("20220425_to_20220430", "20220501_to_20220504")]
+from kuairand_days import LOGS, seed_row  # noqa: E402  (scripts/ is on sys.path as the script's directory)
+
 FIGURES = [("click", "auc"), ("click", "gauc"), ("click", "ndcg@5"), ("like", "auc"), ("long_view", "auc"),
            ("watch_time", "spearman")]
 LEVELS = ["click", "like", "long_view"]
@@ -162,20 +162,13 @@ def main() -> None:
 
 
 def report_md(results: dict) -> str:
-    import numpy as np
-
     names = [f"{t} {m}" for t, m in FIGURES] + [f"{t} level" for t in LEVELS] + ["epochs"]
     lines = ["Judged on a day no variant saw (trained through the day before, refit); mean over seeds, then each "
              "seed's value. level = predicted / observed mean.", ""]
     for day, per in sorted(results["days"].items()):
         lines += [f"### judged on {day}", "", "| variant | " + " | ".join(names) + " |",
                   "|---" * (len(names) + 1) + "|"]
-        for name, by_seed in per.items():
-            cells = []
-            for n in names:
-                vals = [r[n] for _, r in sorted(by_seed.items())]
-                cells.append(f"{np.mean(vals):.4f} ({', '.join(f'{v:.4f}' for v in vals)})")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += [seed_row(name, [r for _, r in sorted(by_seed.items())], names) for name, by_seed in per.items()]
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -26,8 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "kuairand-pure"
-LOGS = [str(DATA / f"log_standard_pure_{span}.csv") for span in ("20220425_to_20220430", "20220501_to_20220504")]
+from kuairand_days import LOGS, seed_row  # noqa: E402  (scripts/ is on sys.path as the script's directory)
+
 FIGURES = [("click", "auc"), ("click", "gauc"), ("click", "ndcg@5"), ("like", "auc"), ("long_view", "auc"),
            ("watch_time", "spearman")]
 CONFIGS = {"no sequence": "configs/kuairand.yaml", "sequence as counts": "configs/kuairand_sequence.yaml"}
@@ -96,12 +96,7 @@ def report_md(results: dict, command: str, commit: str, args: argparse.Namespace
     for day, per in sorted(results["days"].items()):
         lines += [f"### judged on {day}", "", "| LightGBM | " + " | ".join(names) + " |",
                   "|---" * (len(names) + 1) + "|"]
-        for name, by_seed in per.items():
-            cells = []
-            for n in names:
-                vals = [r[n] for _, r in sorted(by_seed.items())]
-                cells.append(f"{np.mean(vals):.4f} ({', '.join(f'{v:.4f}' for v in vals)})")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += [seed_row(name, [r for _, r in sorted(by_seed.items())], names) for name, by_seed in per.items()]
         diff = [np.mean([per["sequence as counts"][s][n] - per["no sequence"][s][n] for s in per["no sequence"]])
                 for n in names] if len(per) == 2 else []
         if diff:
