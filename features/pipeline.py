@@ -418,8 +418,9 @@ def _table_days(times: set, date_format: str, select: DaySelect | None) -> np.nd
     """The day numbers whose statistics tables phase 2 joins: every kept time value's, or with ``select`` (a warm
     start) only the selected days' (their rows are the only ones read; the tables still sum every earlier day)."""
     values = pd.Series(sorted(times))
-    if select is not None and select.mask(values).any():
-        values = values[select.mask(values)]
+    chosen = select.mask(values) if select is not None else None
+    if chosen is not None and chosen.any():
+        values = values[chosen]
     return np.unique(day_numbers(values, date_format))
 
 
