@@ -496,24 +496,40 @@ class ReadJoinedLog(beam.PTransform):
                                                         self.days)))
 
 class _SumFrames(beam.CombineFn):
-    """Sums of frames by their index: per (key columns, ``DAY``) daily sums or per ``DAY`` totals."""
+    """Sums of frames by their index: per (key columns, ``DAY``) daily sums or per ``DAY`` totals.
+
+    The accumulator is ``[summed, *pending]``: inputs are appended and summed into one frame only once the pending
+    rows reach the summed frame's (and ``MIN_PENDING``). Summing on every input cost O(keys) per frame, O(rows x
+    keys) in all: phase 1 took 13 s at 1M synthetic rows and 355 s at 10M. Doubling keeps it linear."""
+
+    MIN_PENDING = 200_000
 
     def create_accumulator(self):
-        return None
+        return []
+
+    @staticmethod
+    def _sum(frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
+        if len(frames) < 2:
+            return frames
+        levels = list(range(frames[0].index.nlevels))
+        return [pd.concat(frames).groupby(level=levels, sort=False).sum()]
 
     def add_input(self, acc, frame):
-        return frame if acc is None else pd.concat([acc, frame]).groupby(level=list(range(frame.index.nlevels)),
-                                                                         sort=False).sum()
+        acc.append(frame)
+        pending = sum(len(f) for f in acc[1:])
+        if pending >= max(len(acc[0]), self.MIN_PENDING):
+            acc = self._sum(acc)
+        return acc
 
     def merge_accumulators(self, accs):
-        acc = None
-        for a in accs:
-            if a is not None:
-                acc = self.add_input(acc, a)
-        return acc
+        return self._sum([f for a in accs for f in a])
+
+    def compact(self, acc):
+        return self._sum(acc)
 
     def extract_output(self, acc):
-        return acc
+        summed = self._sum(acc)
+        return summed[0] if summed else None
 
 class StatisticsTables(beam.PTransform):
     """Joined frames -> ((first key column, bucket), (key name, ``tables_by_day`` of the bucket's keys)); the

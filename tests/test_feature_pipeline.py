@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import examples
+from features import examples, pipeline
 from features.logs import raw_inputs, read_log, time_split
 from features.pipeline import build_features
 from features.spec import ConfigError, parse_config
@@ -23,8 +23,11 @@ from features.vocab import build_stats, load_stats
 @pytest.fixture(scope="module")
 def built(kuairand_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("features") / "kuairand"
-    # two passes over disjoint users: the path a log larger than one pass takes, and equal to one pass's result
-    manifest = build_features(kuairand_config, out, verbose=False, buckets=8, batch_rows=16384, passes=2)
+    # two passes over disjoint users: the path a log larger than one pass takes, and equal to one pass's result;
+    # the daily sums summed as they arrive (every input past the summed frame's size), as a large log's are
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline._SumFrames, "MIN_PENDING", 1)
+        manifest = build_features(kuairand_config, out, verbose=False, buckets=8, batch_rows=16384, passes=2)
     return out, manifest
 
 
