@@ -1,14 +1,16 @@
 """The daily chain on the ten KuaiRand days: stale / full retrain / warm start, each judged on the next day.
 
     .venv/bin/python scripts/daily_chain.py [--seeds 0 1] [--out reports/daily_chain]
+    .venv/bin/python scripts/daily_chain.py --reuse reports/daily_chain --warm-lr 3e-4 --warm-buffer 1 --out ...
 
 Start: the default config trained through Apr 30 with ``--refit`` (the stale model, and the first parent). For each
 day D of May 1-3: a full retrain through D (``data.until=D``, validated on D, refit through D) and a warm start
-through D from the previous day's warm start (``ranking.warm_start``: trained on D only, ``training.epochs`` =
-``--warm-epochs``), both timed; then the stale model, the full retrain and the warm start are judged on D+1
-(May 2, 3, 4) on the same rows: click AUC and GAUC, like AUC, long view AUC, watch time Spearman, and each binary
-task's predicted / observed mean. Writes ``<out>/daily_chain.json`` and ``<out>/daily_chain.md`` (per judged day and
-model: the mean over seeds and each seed's value). About 22 min on 2 cores for two seeds.
+through D from the previous day's warm start (``ranking.warm_start``: trained on D only, or with ``--warm-buffer``
+earlier days too; ``training.epochs`` = ``--warm-epochs``, at ``--warm-lr``), both timed; then the stale model, the
+full retrain and the warm start are judged on D+1 (May 2, 3, 4) on the same rows: click AUC and GAUC, like AUC,
+long view AUC, watch time Spearman, and each binary task's predicted / observed mean. Writes
+``<out>/daily_chain.json`` and ``<out>/daily_chain.md`` (per judged day and model: the mean over seeds and each
+seed's value). About 22 min on 2 cores for two seeds; with ``--reuse`` (the warm starts only) about 4.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "kuairand.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--warm-epochs", type=int, default=1)
+    ap.add_argument("--warm-lr", type=float, help="the warm starts' learning rate (default: the config's)")
+    ap.add_argument("--warm-buffer", type=int, default=0,
+                    help="a replay buffer: each warm start on D also trains on the N days before D")
+    ap.add_argument("--reuse", help="a previous chain's --out: its stale models and full retrains are linked, not "
+                                    "trained again (only the warm starts run)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "daily_chain"))
     args = ap.parse_args()
     os.chdir(ROOT)  # the config's side-table paths are relative to the project root
@@ -58,7 +65,17 @@ def main() -> None:
 
     frame = read_log(config(0, 20220504).data)
     col = frame.columns[frame.columns.get_loc(base["data"]["time_column"])]
-    results: dict = {"seeds": args.seeds, "warm_epochs": args.warm_epochs, "days": {}, "seconds": {}}
+    results: dict = {"seeds": args.seeds, "warm_epochs": args.warm_epochs, "warm_lr": args.warm_lr,
+                     "warm_buffer": args.warm_buffer, "reuse": args.reuse, "days": {}, "seconds": {}}
+    warm_training = {"epochs": args.warm_epochs, **({"learning_rate": args.warm_lr} if args.warm_lr else {})}
+    chain_days = sorted({int(d) for d in frame[col].unique()})
+
+    def reuse(run_dir: Path) -> None:
+        """Link ``run_dir`` to the same run of ``--reuse`` (stale and full retrains do not depend on the warm
+        settings)."""
+        if args.reuse and not run_dir.exists():
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.symlink_to(Path(args.reuse).resolve() / run_dir.parent.name / run_dir.name)
 
     def judge(run_dir: Path, day: int) -> dict:
         run = load_run(run_dir)
@@ -73,20 +90,25 @@ def main() -> None:
         runs = out / f"seed{seed}"
         t0 = time.perf_counter()
         stale = runs / "through_20220430"
+        reuse(stale)
         if not (stale / "metrics.json").exists():
             train(config(seed, 20220430), stale, refit=True, verbose=False)
-        results["seconds"].setdefault("stale (through Apr 30, refit)", []).append(time.perf_counter() - t0)
+        if not args.reuse:
+            results["seconds"].setdefault("stale (through Apr 30, refit)", []).append(time.perf_counter() - t0)
         parent = stale
         for day in CHAIN:
             judged_day = day + 1
             full, warm = runs / f"full_{day}", runs / f"warm_{day}"
+            reuse(full)
+            days = chain_days[max(0, chain_days.index(day) - args.warm_buffer):chain_days.index(day) + 1]
             t0 = time.perf_counter()
             if not (full / "metrics.json").exists():
                 train(config(seed, day), full, refit=True, verbose=False)
-            results["seconds"].setdefault(f"full retrain through {day}", []).append(time.perf_counter() - t0)
+            if not args.reuse:
+                results["seconds"].setdefault(f"full retrain through {day}", []).append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             if not (warm / "metrics.json").exists():
-                train(config(seed, day, epochs=args.warm_epochs), warm, verbose=False, warm_start=parent)
+                train(config(seed, day, **warm_training), warm, verbose=False, warm_start=parent, days=days)
             results["seconds"].setdefault(f"warm start on {day}", []).append(time.perf_counter() - t0)
             parent = warm
             per = results["days"].setdefault(str(judged_day), {})
