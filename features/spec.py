@@ -268,6 +268,9 @@ class TrainingConfig(Strict):
     pairwise_weight: float = Field(1.0, ge=0)
     list_loss: Literal["ranknet", "softmax"] = "ranknet"
     seed: int = 0
+    # a warm start (rankstage train --warm-start) continues the parent's Adam state when its run kept one; false:
+    # Adam starts fresh
+    warm_start_optimizer: bool = True
 
 
 class JoinSpec(Strict):

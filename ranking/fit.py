@@ -62,10 +62,11 @@ def fit(config: RankstageConfig, frame: pd.DataFrame | Source, stats: dict[str, 
         validation: pd.DataFrame | Source | None, log_dir: Path | None, verbose: bool = True, *,
         strategy: tf.distribute.Strategy | None = None, checkpoint_dir: Path | None = None,
         checkpoint_every: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-        init: Callable[[RankingModels], None] | None = None) -> tuple[RankingModels, dict, TrainingArtifacts]:
+        init: Callable[[RankingModels, object], None] | None = None) -> tuple[RankingModels, dict, TrainingArtifacts]:
     """Build and train on ``frame`` (down-sampled as configured); early-stop on ``validation`` if given, following
     ``training.early_stopping_metric``. ``checkpoint_dir``: resume from and write checkpoints there. ``init``: sets
-    the built models' weights before training (a warm start's parent weights; a checkpoint still wins)."""
+    the built models' weights and the built optimizer's state before training (a warm start's parent's; a checkpoint
+    still wins). The returned models keep the optimizer (``models.optimizer``: the run saves its state)."""
     import keras
 
     strategy = strategy or tf.distribute.get_strategy()
@@ -87,7 +88,7 @@ def fit(config: RankstageConfig, frame: pd.DataFrame | Source, stats: dict[str, 
     priors = summary.priors(config)
     models, optimizer = loop.build(config, stats, priors, strategy)
     if init is not None:
-        init(models)
+        init(models, optimizer)
     workers = loop.num_workers(strategy)
     global_batch = tr.batch_size
     if global_batch % max(strategy.num_replicas_in_sync, 1):
@@ -112,4 +113,5 @@ def fit(config: RankstageConfig, frame: pd.DataFrame | Source, stats: dict[str, 
     art = TrainingArtifacts(sampling=sampling_rates(config), weight_scales=scales, priors=priors,
                             train_periods=summary.days, validation_periods=[], best_epoch=best,
                             rows={"train": summary.kept, "train_before_sampling": summary.rows})
+    models.optimizer = optimizer
     return models, history, art

@@ -33,6 +33,7 @@ class RankingModels:
     train: keras.Model  # inputs: all features; outputs: {task: (B, 1) logit}
     serve: keras.Model  # inputs: serving features (device, no position); outputs: {task: (B,) served value}
     bias_tower: PositionBiasTower | None
+    optimizer: keras.optimizers.Optimizer | None = None  # the one training ended with (None when loaded from a run)
 
 
 def _mlp(x, units: list[int], dropout: float, prefix: str):

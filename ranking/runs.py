@@ -51,10 +51,25 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                      json.loads(metrics_path.read_text()) if metrics_path.exists() else {})
 
 
+OPTIMIZER_FILE = "optimizer.npz"
+
+
+def optimizer_state(models: RankingModels) -> dict[str, np.ndarray]:
+    """Adam's state after training: ``iterations`` and, per trainable variable, ``m/<path>`` and ``v/<path>`` (its
+    first and second moments, the variable's shape)."""
+    opt = models.optimizer
+    state = {"iterations": np.asarray(int(opt.iterations.numpy()), dtype=np.int64)}
+    for var, m, v in zip(models.train.trainable_variables, opt._momentums, opt._velocities, strict=True):
+        state[f"m/{var.path}"], state[f"v/{var.path}"] = np.asarray(m.numpy()), np.asarray(v.numpy())
+    return state
+
+
 def save_run(out: Path, config: RankstageConfig, models: RankingModels, stats: dict[str, FeatureStats],
              artifacts: dict, history: dict[str, list[float]], report: dict) -> None:
     """Write what ``load_run`` reads, and the run's history and metrics report, into ``out``."""
     models.train.save_weights(out / "model.weights.h5")
+    if models.optimizer is not None:  # what a warm start from this run continues with
+        np.savez(out / OPTIMIZER_FILE, **optimizer_state(models))
     save_stats(stats, out / "stats.json")
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     (out / "artifacts.json").write_text(json.dumps(artifacts, indent=2, default=_jsonable))

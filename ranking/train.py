@@ -26,6 +26,7 @@ from features.vocab import build_stats
 from ranking import loop
 from ranking.fit import DEFAULT_SHUFFLE_BUFFER, fit
 from ranking.judging import format_metrics, judged_from_records, judged_predictions, judged_report, save_judged
+from ranking.model import RankingModels
 from ranking.runs import PREDICTIONS, save_run
 from ranking.shards import read_layout, shard_source
 
@@ -200,11 +201,19 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
     grew: dict = {}
     if parent is not None:
         val_periods, n_val = [], 0
-        init = lambda models: grew.update(ws.transfer_weights(parent.run.models, models, config))  # noqa: E731
+        carried = ws.parent_optimizer(parent) if config.training.warm_start_optimizer else None
+
+        def init(models: RankingModels, optimizer) -> None:
+            grew.update(ws.transfer_weights(parent.run.models, models, config))
+            if carried is not None:
+                ws.restore_optimizer(optimizer, models, carried, config)
+
         opts["init"] = init
     if verbose and parent is not None:
         print(f"warm start from {parent.run_dir} (days seen {parent.days_seen}): training on "
-              f"{config.data.time_column} {days} only, no validation day", flush=True)
+              f"{config.data.time_column} {days} only, no validation day; Adam "
+              f"{'continues from step ' + str(int(carried['iterations'])) if carried is not None else 'starts fresh'}",
+              flush=True)
     elif verbose:
         print(f"training on {'shards of ' + str(examples) if examples else 'the log in memory'}; validation "
               f"{config.data.time_column} {val_periods}, {n_val} rows", flush=True)

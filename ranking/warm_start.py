@@ -7,7 +7,10 @@ difference otherwise). Vocabularies grow: the parent's values keep their index (
 values not in them are appended (``grown_stats``); numeric normalisation stays the parent's, since the trained weights
 expect it. Weights (``transfer_weights``): every variable of the same shape is copied; an embedding table that grew
 keeps its old rows and its new rows start from the mean of its OOV rows (the row an unseen id used at serving
-until now). Adam starts fresh: a run directory keeps no optimizer state.
+until now). Adam continues from the parent's state (``optimizer.npz`` in its run directory, ``restore_optimizer``;
+a grown table's new rows take the mean of its OOV rows' moments, like their weights); a parent trained before runs
+kept it, or ``training.warm_start_optimizer: false``, starts Adam fresh: its first steps then move every weight by
+about the learning rate whatever its gradient's size.
 
 Lineage (in the run's ``artifacts.json`` and the exported metadata): the parent run, and the days every ancestor
 trained on (``days_seen``).
@@ -23,7 +26,7 @@ import numpy as np
 from features.spec import ConfigError, RankstageConfig
 from features.vocab import FeatureStats
 from ranking.model import RankingModels
-from ranking.runs import LoadedRun, load_run
+from ranking.runs import OPTIMIZER_FILE, LoadedRun, load_run
 from ranking.servable import METADATA_FILE, load_metadata
 
 # config fields a child may change: where the data is, how much of it, and how training runs
@@ -141,6 +144,35 @@ def transfer_weights(parent: RankingModels, child: RankingModels, config: Rankst
         v.assign(np.concatenate([w, np.repeat(start, v.shape[0] - w.shape[0], axis=0)]).astype(w.dtype))
         grew[v.path] = (int(w.shape[0]), int(v.shape[0]))
     return grew
+
+
+def parent_optimizer(parent: Parent) -> dict[str, np.ndarray] | None:
+    """The parent run's saved Adam state (``ranking.runs.optimizer_state``), None if it kept none."""
+    path = parent.run_dir / OPTIMIZER_FILE
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def restore_optimizer(optimizer, child: RankingModels, state: dict[str, np.ndarray], config: RankstageConfig
+                      ) -> int:
+    """``state`` (the parent's Adam) into ``optimizer``, built on ``child``'s trainable variables: its step count,
+    and each variable's moments by path; a grown embedding table's new rows get the mean of the old OOV rows'
+    moments. -> how many variables' moments were restored (every one, or a ConfigError names the first missing)."""
+    oov = {f"{f.name}_embedding": f.vocab.oov_buckets for f in config.features if f.vocab is not None}
+    optimizer.iterations.assign(int(state["iterations"]))
+    for var, m, v in zip(child.train.trainable_variables, optimizer._momentums, optimizer._velocities, strict=True):
+        for slot, key in ((m, f"m/{var.path}"), (v, f"v/{var.path}")):
+            if key not in state:
+                raise ConfigError(f"--warm-start: the parent's optimizer state has no {key!r}")
+            old = state[key]
+            if old.shape != tuple(slot.shape):  # a table that grew (transfer_weights checked the shapes)
+                layer = var.path.split("/")[-2] if "/" in var.path else var.path
+                start = old[:oov[layer]].mean(axis=0, keepdims=True)
+                old = np.concatenate([old, np.repeat(start, slot.shape[0] - old.shape[0], axis=0)])
+            slot.assign(np.asarray(old, dtype=slot.dtype))
+    return len(child.train.trainable_variables)
 
 
 def lineage(parent: Parent, days: list) -> dict:

@@ -76,6 +76,38 @@ def test_old_rows_are_kept_and_new_ids_get_rows_that_train(chain):
     assert (moved > 1e-4).mean() > 0.9, moved
 
 
+def test_the_child_continues_the_parents_adam_state(chain):
+    """The parent's run keeps Adam's moments and step count; the child's optimizer starts from them (a grown
+    table's new rows from the OOV rows' mean, like the weights) and its own saved step count continues the
+    parent's."""
+    import keras
+
+    config, parent, child, _ = chain
+    state = ws.parent_optimizer(ws.load_parent(parent))
+    assert state is not None and int(state["iterations"]) > 0
+    c = load_run(child)
+    fresh = build_models(c.config, c.stats)
+    ws.transfer_weights(load_run(parent).models, fresh, c.config)
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(fresh.train.trainable_variables)
+    assert ws.restore_optimizer(optimizer, fresh, state, c.config) == len(fresh.train.trainable_variables)
+    assert int(optimizer.iterations.numpy()) == int(state["iterations"])
+    oov = config.features[0].vocab.oov_buckets
+    for var, m, v in zip(fresh.train.trainable_variables, optimizer._momentums, optimizer._velocities, strict=True):
+        for slot, key in ((m, f"m/{var.path}"), (v, f"v/{var.path}")):
+            got, old = slot.numpy(), state[key]
+            np.testing.assert_array_equal(got[:len(old)], old, err_msg=key)
+            if len(got) > len(old):  # the grown user table: new rows at the OOV rows' mean
+                assert var.path == "user_id_embedding/embeddings"
+                np.testing.assert_allclose(got[len(old):], np.repeat(old[:oov].mean(0, keepdims=True),
+                                                                     len(got) - len(old), 0), rtol=1e-6)
+    assert np.abs(state["v/user_id_embedding/embeddings"]).max() > 0  # real moments, not a fresh optimizer's zeros
+    art = json.loads((child / "artifacts.json").read_text())
+    steps = -(-art["rows"]["train"] // config.training.batch_size)
+    with np.load(child / "optimizer.npz") as saved:
+        assert int(saved["iterations"]) == int(state["iterations"]) + steps
+
+
 def test_a_parent_of_another_spec_is_refused_naming_the_difference(chain, tmp_path):
     config, parent, _, _ = chain
     other = config.with_model(expert_units=[32])
