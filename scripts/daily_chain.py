@@ -41,6 +41,10 @@ def main() -> None:
                     help="a replay buffer: each warm start on D also trains on the N days before D")
     ap.add_argument("--reuse", help="a previous chain's --out: its stale models and full retrains are linked, not "
                                     "trained again (only the warm starts run)")
+    ap.add_argument("--train-stale", action="store_true",
+                    help="with --reuse: train the stale models again (a run before optimizer.npz kept no Adam state)")
+    ap.add_argument("--fresh-adam", action="store_true",
+                    help="warm starts start Adam fresh (training.warm_start_optimizer: false)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "daily_chain"))
     args = ap.parse_args()
     os.chdir(ROOT)  # the config's side-table paths are relative to the project root
@@ -66,8 +70,10 @@ def main() -> None:
     frame = read_log(config(0, 20220504).data)
     col = frame.columns[frame.columns.get_loc(base["data"]["time_column"])]
     results: dict = {"seeds": args.seeds, "warm_epochs": args.warm_epochs, "warm_lr": args.warm_lr,
-                     "warm_buffer": args.warm_buffer, "reuse": args.reuse, "days": {}, "seconds": {}}
-    warm_training = {"epochs": args.warm_epochs, **({"learning_rate": args.warm_lr} if args.warm_lr else {})}
+                     "warm_buffer": args.warm_buffer, "reuse": args.reuse,
+                     "train_stale": args.train_stale, "fresh_adam": args.fresh_adam, "days": {}, "seconds": {}}
+    warm_training = {"epochs": args.warm_epochs, "warm_start_optimizer": not args.fresh_adam,
+                     **({"learning_rate": args.warm_lr} if args.warm_lr else {})}
     chain_days = sorted({int(d) for d in frame[col].unique()})
 
     def reuse(run_dir: Path) -> None:
@@ -90,10 +96,11 @@ def main() -> None:
         runs = out / f"seed{seed}"
         t0 = time.perf_counter()
         stale = runs / "through_20220430"
-        reuse(stale)
+        if not args.train_stale:
+            reuse(stale)
         if not (stale / "metrics.json").exists():
             train(config(seed, 20220430), stale, refit=True, verbose=False)
-        if not args.reuse:
+        if not args.reuse or args.train_stale:
             results["seconds"].setdefault("stale (through Apr 30, refit)", []).append(time.perf_counter() - t0)
         parent = stale
         for day in CHAIN:
