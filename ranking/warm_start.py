@@ -122,11 +122,26 @@ def grown_stats(parent: dict[str, FeatureStats], new: dict[str, FeatureStats]) -
     return out
 
 
+def oov_rows(config: RankstageConfig) -> dict[str, int]:
+    """Embedding layer name -> its OOV rows (the first rows of the table), for every vocabulary feature."""
+    return {f"{f.name}_embedding": f.vocab.oov_buckets for f in config.features if f.vocab is not None}
+
+
+def _layer(path: str) -> str:
+    return path.split("/")[-2] if "/" in path else path
+
+
+def grown_rows(old: np.ndarray, rows: int, oov: int) -> np.ndarray:
+    """(old rows, d) -> (rows, d): ``old`` then new rows at the mean of its first ``oov`` (OOV) rows."""
+    start = old[:oov].mean(axis=0, keepdims=True)
+    return np.concatenate([old, np.repeat(start, rows - old.shape[0], axis=0)])
+
+
 def transfer_weights(parent: RankingModels, child: RankingModels, config: RankstageConfig) -> dict[str, tuple]:
     """Copy ``parent``'s weights into ``child`` (built with grown vocabularies) by variable path; a grown embedding
     table keeps its rows and its new rows are the mean of its OOV rows. -> {path: (old rows, new rows)} of the
     tables that grew. A variable the parent lacks, or of another shape that is not a grown table, is a ConfigError."""
-    oov = {f"{f.name}_embedding": f.vocab.oov_buckets for f in config.features if f.vocab is not None}
+    oov = oov_rows(config)
     old = {v.path: v for v in parent.train.weights}
     grew = {}
     for v in child.train.weights:
@@ -136,12 +151,11 @@ def transfer_weights(parent: RankingModels, child: RankingModels, config: Rankst
         if tuple(w.shape) == tuple(v.shape):
             v.assign(w)
             continue
-        layer = v.path.split("/")[-2] if "/" in v.path else v.path
+        layer = _layer(v.path)
         if layer not in oov or w.ndim != 2 or v.shape[1] != w.shape[1] or v.shape[0] < w.shape[0]:
             raise ConfigError(f"--warm-start: variable {v.path!r} has shape {tuple(v.shape)}, the parent's "
                               f"{tuple(w.shape)}: not a vocabulary that grew")
-        start = w[:oov[layer]].mean(axis=0, keepdims=True)
-        v.assign(np.concatenate([w, np.repeat(start, v.shape[0] - w.shape[0], axis=0)]).astype(w.dtype))
+        v.assign(grown_rows(w, v.shape[0], oov[layer]).astype(w.dtype))
         grew[v.path] = (int(w.shape[0]), int(v.shape[0]))
     return grew
 
@@ -160,7 +174,7 @@ def restore_optimizer(optimizer, child: RankingModels, state: dict[str, np.ndarr
     """``state`` (the parent's Adam) into ``optimizer``, built on ``child``'s trainable variables: its step count,
     and each variable's moments by path; a grown embedding table's new rows get the mean of the old OOV rows'
     moments. -> how many variables' moments were restored (every one, or a ConfigError names the first missing)."""
-    oov = {f"{f.name}_embedding": f.vocab.oov_buckets for f in config.features if f.vocab is not None}
+    oov = oov_rows(config)
     optimizer.iterations.assign(int(state["iterations"]))
     for var, m, v in zip(child.train.trainable_variables, optimizer._momentums, optimizer._velocities, strict=True):
         for slot, key in ((m, f"m/{var.path}"), (v, f"v/{var.path}")):
@@ -168,9 +182,7 @@ def restore_optimizer(optimizer, child: RankingModels, state: dict[str, np.ndarr
                 raise ConfigError(f"--warm-start: the parent's optimizer state has no {key!r}")
             old = state[key]
             if old.shape != tuple(slot.shape):  # a table that grew (transfer_weights checked the shapes)
-                layer = var.path.split("/")[-2] if "/" in var.path else var.path
-                start = old[:oov[layer]].mean(axis=0, keepdims=True)
-                old = np.concatenate([old, np.repeat(start, slot.shape[0] - old.shape[0], axis=0)])
+                old = grown_rows(old, slot.shape[0], oov[_layer(var.path)])
             slot.assign(np.asarray(old, dtype=slot.dtype))
     return len(child.train.trainable_variables)
 
