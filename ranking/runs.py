@@ -54,13 +54,19 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 OPTIMIZER_FILE = "optimizer.npz"
 
 
+def adam_slots(optimizer, models: RankingModels):
+    """Yield (variable, its ``key``, the slot) for Adam's first (``m/<path>``) and second (``v/<path>``) moment of
+    each trainable variable of ``models`` (the list the optimizer was built on, in its order)."""
+    for var, m, v in zip(models.train.trainable_variables, optimizer._momentums, optimizer._velocities, strict=True):
+        yield var, f"m/{var.path}", m
+        yield var, f"v/{var.path}", v
+
+
 def optimizer_state(models: RankingModels) -> dict[str, np.ndarray]:
-    """Adam's state after training: ``iterations`` and, per trainable variable, ``m/<path>`` and ``v/<path>`` (its
-    first and second moments, the variable's shape)."""
+    """Adam's state after training: ``iterations`` and ``adam_slots``' moments by key (each the variable's shape)."""
     opt = models.optimizer
     state = {"iterations": np.asarray(int(opt.iterations.numpy()), dtype=np.int64)}
-    for var, m, v in zip(models.train.trainable_variables, opt._momentums, opt._velocities, strict=True):
-        state[f"m/{var.path}"], state[f"v/{var.path}"] = np.asarray(m.numpy()), np.asarray(v.numpy())
+    state.update({key: np.asarray(slot.numpy()) for _, key, slot in adam_slots(opt, models)})
     return state
 
 

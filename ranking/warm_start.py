@@ -26,7 +26,7 @@ import numpy as np
 from features.spec import ConfigError, RankstageConfig
 from features.vocab import FeatureStats
 from ranking.model import RankingModels
-from ranking.runs import OPTIMIZER_FILE, LoadedRun, load_run
+from ranking.runs import OPTIMIZER_FILE, LoadedRun, adam_slots, load_run
 from ranking.servable import METADATA_FILE, load_metadata
 
 # config fields a child may change: where the data is, how much of it, and how training runs
@@ -176,14 +176,13 @@ def restore_optimizer(optimizer, child: RankingModels, state: dict[str, np.ndarr
     moments. -> how many variables' moments were restored (every one, or a ConfigError names the first missing)."""
     oov = oov_rows(config)
     optimizer.iterations.assign(int(state["iterations"]))
-    for var, m, v in zip(child.train.trainable_variables, optimizer._momentums, optimizer._velocities, strict=True):
-        for slot, key in ((m, f"m/{var.path}"), (v, f"v/{var.path}")):
-            if key not in state:
-                raise ConfigError(f"--warm-start: the parent's optimizer state has no {key!r}")
-            old = state[key]
-            if old.shape != tuple(slot.shape):  # a table that grew (transfer_weights checked the shapes)
-                old = grown_rows(old, slot.shape[0], oov[_layer(var.path)])
-            slot.assign(np.asarray(old, dtype=slot.dtype))
+    for var, key, slot in adam_slots(optimizer, child):
+        if key not in state:
+            raise ConfigError(f"--warm-start: the parent's optimizer state has no {key!r}")
+        old = state[key]
+        if old.shape != tuple(slot.shape):  # a table that grew (transfer_weights checked the shapes)
+            old = grown_rows(old, slot.shape[0], oov[_layer(var.path)])
+        slot.assign(np.asarray(old, dtype=slot.dtype))
     return len(child.train.trainable_variables)
 
 
