@@ -262,8 +262,7 @@ def default_buckets(rows: int, passes: int) -> int:
     """Hash buckets per pass for ``rows`` rows in ``passes`` passes: one per ``ROWS_PER_BUCKET`` rows of a pass, at
     least 4, at most 32. Each bucket costs the runner a group per shuffle whatever its size: on the ten bundled days
     (171,671 rows, one pass) 32 buckets took 54.5 s and 8 took 33.0 s; a warm start's one day 21.4 s against 5.7 s
-    at 4. At 1M rows per pass this gives the 16 the 10M benchmark ran with. (``ranking.train`` still builds a full
-    training run with 32: see ``FULL_BUILD_BUCKETS`` there.)"""
+    at 4. At 1M rows per pass this gives the 16 the 10M benchmark ran with."""
     return int(min(32, max(4, math.ceil(rows / max(passes, 1) / ROWS_PER_BUCKET))))
 
 

@@ -128,8 +128,9 @@ def _tf_column(values: np.ndarray, kind: str) -> tf.Tensor:
 def records(source: Source, names: list[str], block: int, shuffle_seed: int | None = None,
             shuffle_buffer: int = 65536, repeat: bool = False, list_order: bool = False) -> tf.data.Dataset:
     """Batches of at most ``block`` parsed records, ``names`` -> (≤block,) tensors. ``shuffle_seed`` (None: file
-    order) shuffles rows with a buffer of ``shuffle_buffer`` (in memory: all rows); ``list_order`` (in memory only)
-    keeps each user-day list together and shuffles the lists' order instead (``ranking.datasets.make_list_dataset``).
+    order) shuffles the files, then rows with a buffer of ``shuffle_buffer`` (in memory: all rows); ``list_order``
+    (in memory only) keeps each user-day list together and shuffles the lists' order instead
+    (``ranking.datasets.make_list_dataset``).
     ``repeat``: endlessly, each pass reshuffled."""
     kinds = source.kinds
     missing = [n for n in names if n not in kinds]
@@ -140,6 +141,8 @@ def records(source: Source, names: list[str], block: int, shuffle_seed: int | No
             raise ConfigError("training.pairwise_task: batches of whole user-day lists need in-memory rows; "
                               "shards are not grouped by list (unset it to train from --examples)")
         files = tf.data.Dataset.from_tensor_slices(list(source.files))
+        if shuffle_seed is not None:  # else an epoch runs from the first day's files to the last's
+            files = files.shuffle(len(source.files), seed=shuffle_seed, reshuffle_each_iteration=True)
         ds = files.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=examples.COMPRESSION),
                               cycle_length=min(4, len(source.files)) if shuffle_seed is not None else 1,
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)  # unshuffled: file order

