@@ -127,17 +127,34 @@ def score_log(model, log: str | Path | list | None = None, days: list[int] | Non
                      cat(keep["request"]) if list_column else None, {k: cat(v) for k, v in truth.items()})
 
 
+def padded_rows(n: int, steps: int = 8) -> int:
+    """The row count a batch of ``n`` rows is padded to: the next of ``steps`` evenly spaced sizes between two powers
+    of two (at most ``n / steps`` extra rows), so a signature sees a bounded set of batch shapes whatever the sizes
+    asked for. TensorFlow's oneDNN kernels cache their primitives per input shape, and a long replay that called
+    the model with a new row count every time grew by those caches (~0.7 MB a shape)."""
+    unit = 1 << max(0, (n - 1).bit_length() - 1 - (steps - 1).bit_length())
+    return -(-n // unit) * unit
+
+
+def pad_rows(v: np.ndarray, rows: int) -> np.ndarray:
+    """``v`` (n, ...) with its last row repeated up to ``rows`` rows."""
+    return v if len(v) == rows else np.concatenate([v, np.repeat(v[-1:], rows - len(v), axis=0)])
+
+
 def corrected_predictions(fn, inputs: dict[str, np.ndarray], sampling: dict, tasks: list[str],
                           max_batch: int = 65536) -> dict[str, np.ndarray]:
     """(C,) raw inputs per feature -> (C,) float32 corrected predictions per task: ``fn`` (a serving signature)
-    called on slices of at most ``max_batch`` rows, outputs through ``correct_outputs``. What a scored row keeps."""
+    called on slices of at most ``max_batch`` rows, each padded to ``padded_rows`` rows (the padding's outputs are
+    dropped), outputs through ``correct_outputs``. What a scored row keeps."""
     import tensorflow as tf
 
     n = len(next(iter(inputs.values())))
     parts: dict[str, list] = {t: [] for t in tasks}
     for start in range(0, n, max_batch):
-        tensors = {k: tf.constant(v[start:start + max_batch]) for k, v in inputs.items()}
-        out = correct_outputs({k: np.asarray(v) for k, v in fn(**tensors).items()}, sampling)
+        rows = min(max_batch, n - start)
+        size = padded_rows(rows)
+        tensors = {k: tf.constant(pad_rows(v[start:start + rows], size)) for k, v in inputs.items()}
+        out = correct_outputs({k: np.asarray(v)[:rows] for k, v in fn(**tensors).items()}, sampling)
         for task in tasks:
             parts[task].append(out[task].astype(np.float32))
     return {t: np.concatenate(p) if p else np.zeros(0, np.float32) for t, p in parts.items()}
