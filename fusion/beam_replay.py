@@ -114,17 +114,24 @@ def take(packed: dict, idx: np.ndarray) -> dict:
             "rest": {k: v[idx] for k, v in packed["rest"].items()}}
 
 
+_PARSERS: dict = {}  # the columns' (name, kind) -> the traced record parser, once per worker process
+
+
 class ReadExampleShards(beam.DoFn):
-    """A shard path -> (bucket, fragment) per record batch: the batch's rows of each bucket, packed (``pack``)."""
+    """A shard path -> (bucket, fragment) per record batch: the batch's rows of each bucket, packed (``pack``).
+    The parser is traced once per process (``_PARSERS``), not per pass: a pass is a new pipeline, a new DoFn."""
 
     def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 16384):
         self.cols, self.key_columns, self.buckets, self.batch_rows = cols, key_columns, buckets, batch_rows
 
     def setup(self):
-        import tensorflow as tf
+        key = tuple((c.name, c.kind) for c in self.cols)
+        if key not in _PARSERS:
+            import tensorflow as tf
 
-        spec = examples.parse_spec(self.cols)
-        self._parse = tf.function(lambda b: tf.io.parse_example(b, spec))
+            spec = examples.parse_spec(self.cols)
+            _PARSERS[key] = tf.function(lambda b: tf.io.parse_example(b, spec))
+        self._parse = _PARSERS[key]
         self._keys = {c.name for c in self.cols if c.kind == "string"
                       and (c.name.startswith("key/") or c.name in self.key_columns)}
 
@@ -439,7 +446,7 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
     passes = len(groups)
     options = PipelineOptions(pipeline_args or [])
     combine = ReplayCombineFn(reps, reference, group, min_list, k)
-    parts = []
+    total = combine.create_accumulator()  # the passes' parts merged as they come: one accumulator held, not P
     for index in range(passes):
         if passes > 1:
             print(f"replay: pass {index + 1}/{passes} ({len(groups[index])} shard files, RSS {rss_gb():.2f} GB)",
@@ -458,9 +465,9 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
             if scored_out:
                 _ = scored | "WriteScored" >> beam.ParDo(WriteScored(scored_out, tasks, list_column, truth_columns))
         with FileSystems.open(part) as f:
-            parts.append(pickle.loads(f.read()))
+            total = combine.merge_accumulators([total, pickle.loads(f.read())])
         FileSystems.delete([part])
-    result = {"model": model, **(extra or {}), **combine.extract_output(combine.merge_accumulators(parts))}
+    result = {"model": model, **(extra or {}), **combine.extract_output(total)}
     write_json(result, f"{out.rstrip('/')}/replay.json")
     return json.loads(json.dumps(result, default=float))
 
