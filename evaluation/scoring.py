@@ -129,9 +129,9 @@ def score_log(model, log: str | Path | list | None = None, days: list[int] | Non
 
 def padded_rows(n: int, steps: int = 8) -> int:
     """The row count a batch of ``n`` rows is padded to: the next of ``steps`` (a power of two) evenly spaced sizes
-    between two powers of two (at most ``n / steps`` extra rows), so a signature sees a bounded set of batch shapes whatever the sizes
-    asked for. TensorFlow's oneDNN kernels cache their primitives per input shape, and a long replay that called
-    the model with a new row count every time grew by those caches (~0.7 MB a shape)."""
+    between two powers of two (at most ``n / steps`` extra rows), so a signature sees a bounded set of batch shapes
+    whatever the sizes asked for. TensorFlow's oneDNN kernels cache their primitives per input shape, and a long
+    replay that called the model with a new row count every time grew by those caches (~0.7 MB a shape)."""
     unit = 1 << max(0, (n - 1).bit_length() - 1 - (steps - 1).bit_length())
     return -(-n // unit) * unit
 
