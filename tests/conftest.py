@@ -6,13 +6,16 @@ run directory, plus the in-memory models ``fit`` returned (to compare reloads ag
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import time
 
 # TFRS (retrieval tests) needs tf-keras, chosen before TensorFlow's first import; Keras 3 is unaffected
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from dataclasses import dataclass  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,27 @@ def train_run(config: RankstageConfig, out: Path) -> Trained:
         mp.setattr(ranking.train, "fit", spy)
         run_dir = ranking.train.train(config, out, verbose=False)
     return Trained(config, run_dir, captured["models"])
+
+
+def run_shared(tmp_path_factory, name: str) -> Path:
+    """``<root>/<name>`` under a temp root that every xdist process of this run shares (the run's own directory;
+    without xdist, this process's), for what is built once per run."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
+
+
+def built_once(path: Path, build: Callable[[Path], object]) -> Path:
+    """``build(path)`` in the first process of the run to get here, under a file lock; the others wait for it and
+    reuse ``path``. A build that raised leaves no mark, so the next process builds (and fails) again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = path.with_name(path.name + ".done")
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -127,8 +151,9 @@ KUAIRAND = Path(__file__).resolve().parent.parent / "configs" / "kuairand.yaml"
 @pytest.fixture(scope="session")
 def kuairand_config(tmp_path_factory) -> RankstageConfig:
     """configs/kuairand.yaml made small: KuaiRand-Pure Apr 25-29 (validated on Apr 30), 1 epoch, narrow layers, two
-    bottom layers (the rank_candidates cut is exercised below a deeper bottom); absolute data paths, statistics
-    snapshots written outside the checkout."""
+    bottom layers (the rank_candidates cut is exercised below a deeper bottom), without its behaviour sequence;
+    absolute data paths, statistics snapshots written outside the checkout (in the run's shared temp root:
+    ``kuairand_model`` publishes them once)."""
     from features.spec import load_config, parse_config
 
     root = KUAIRAND.parent.parent
@@ -137,11 +162,16 @@ def kuairand_config(tmp_path_factory) -> RankstageConfig:
     # half of click's negatives kept: the served click is corrected (p = a q / ((1 - q) + a q)), so the service tests'
     # hand-written correction is exercised, not a no-op at a = 1 as in configs/kuairand.yaml
     data["training"].update(epochs=1, batch_size=4096, negative_sampling={"task": "click", "keep_fraction": 0.5})
+    # the behaviour sequence has its own tests (test_sequence.py, test_feature_pipeline.py on the shipped config); the
+    # service tests here send the same-day lists only, as a gateway without a session store would
+    sequences = {f["name"] for f in data["features"] if f["kind"] == "sequence"}
+    data["features"] = [f for f in data["features"] if f["name"] not in sequences]
+    data["data"]["history"]["lists"] = [h for h in data["data"]["history"]["lists"] if h["name"] not in sequences]
     # the first of the config's two files only (Apr 25-30): the suite's minutes, not the shipped model's quality
     data["data"] = {**data["data"], "log": str(root / data["data"]["log"][0]),
                     "joins": [{**j, "path": str(root / j["path"])} for j in data["data"]["joins"]]}
     if data["data"]["statistics"]:  # the snapshot training writes and serving joins, outside the checkout
-        data["data"]["statistics"]["path"] = str(tmp_path_factory.mktemp("stats"))
+        data["data"]["statistics"]["path"] = str(run_shared(tmp_path_factory, "kuairand_stats"))
     return parse_config(data, "kuairand tiny")
 
 
@@ -154,23 +184,24 @@ def kuairand_frame(kuairand_config) -> pd.DataFrame:
 
 @pytest.fixture(scope="session")
 def kuairand_model(tmp_path_factory, kuairand_config, kuairand_frame):
-    """``kuairand_config`` trained and exported as version 1 -> (config, base path). Tests that copy the base path
-    may add versions to their copy."""
-    import os
-
+    """``kuairand_config`` trained and exported as version 1 -> (config, base path), once per test run: the first
+    xdist process to ask trains, the other reuses its export (and its published statistics). Tests must not modify
+    the base path; those that add versions copy it first."""
     from ranking.export import export_run
 
     config = kuairand_config
-    cwd = os.getcwd()
-    os.chdir(KUAIRAND.parent.parent)  # the config's paths are relative to the project root
-    try:
-        run = ranking.train.train(config, tmp_path_factory.mktemp("runs") / "kuairand", verbose=False,
-                                  publish_statistics=True)  # to the tmp path above, which the tests serve from
-        base = tmp_path_factory.mktemp("models") / "kuairand"
-        export_run(run, base, verbose=False, warmup=warmup_batches(config, kuairand_frame))
-    finally:
-        os.chdir(cwd)
-    return config, base
+
+    def build(out: Path) -> None:
+        cwd = os.getcwd()
+        os.chdir(KUAIRAND.parent.parent)  # the config's paths are relative to the project root
+        try:
+            run = ranking.train.train(config, out / "run", verbose=False,
+                                      publish_statistics=True)  # to the shared path the tests serve from
+            export_run(run, out / "models", verbose=False, warmup=warmup_batches(config, kuairand_frame))
+        finally:
+            os.chdir(cwd)
+
+    return config, built_once(run_shared(tmp_path_factory, "kuairand_model"), build) / "models"
 
 
 def wait_for(predicate, timeout_s: float = 30.0) -> bool:
