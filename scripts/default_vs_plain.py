@@ -54,6 +54,14 @@ def _unit_loss_weights(d: dict) -> dict:
     return d
 
 
+def _long_view_x3(d: dict) -> dict:
+    """Long view's loss weight 3, as click's and like's (1 in the default)."""
+    for t in d["tasks"]:
+        if t["name"] == "long_view":
+            t["loss_weight"] = 3.0
+    return d
+
+
 def _two_epochs(d: dict) -> dict:
     d["training"].update(epochs=2, early_stopping_patience=2)
     return d
@@ -86,8 +94,8 @@ def _gate_dropout(d: dict) -> dict:
 
 CHANGES: dict[str, Callable[[dict], dict]] = {
     "no_statistics": _no_statistics, "no_history": _no_history, "unit_loss_weights": _unit_loss_weights,
-    "two_epochs": _two_epochs, "peer_network": _peer_network, "peer_experts": _peer_experts,
-    "gate_dropout": _gate_dropout,
+    "long_view_x3": _long_view_x3, "two_epochs": _two_epochs, "peer_network": _peer_network,
+    "peer_experts": _peer_experts, "gate_dropout": _gate_dropout,
 }
 
 
