@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python scripts/gbdt_sequence_eval.py --days 20220503 20220504 --seeds 0 1 --threads 2
 
-For each judged day and LightGBM seed, and each config (configs/kuairand.yaml, no sequence; configs/kuairand_sequence
+For each judged day and LightGBM seed, and each config (configs/kuairand_nosequence.yaml, no sequence; configs/kuairand
 .yaml, whose ``clicked_videos`` reaches the trees as ``ranking.baselines.gbdt.sequence_counts``): one LightGBM per
 judged task trained on the ten KuaiRand-Pure days up to ``data.until`` = the day before the judged day, that last day
 its validation day (early stopping on click GAUC, as the configs say), then scored on the judged day
@@ -30,7 +30,7 @@ from kuairand_days import LOGS, seed_row  # noqa: E402  (scripts/ is on sys.path
 
 FIGURES = [("click", "auc"), ("click", "gauc"), ("click", "ndcg@5"), ("like", "auc"), ("long_view", "auc"),
            ("watch_time", "spearman")]
-CONFIGS = {"no sequence": "configs/kuairand.yaml", "sequence as counts": "configs/kuairand_sequence.yaml"}
+CONFIGS = {"no sequence": "configs/kuairand_nosequence.yaml", "sequence as counts": "configs/kuairand.yaml"}
 
 
 def day_before(day: int) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# configs/kuairand_sequence.yaml (the default + the cross-day behaviour sequence) against configs/kuairand.yaml on
+# configs/kuairand.yaml (the default, with the cross-day behaviour sequence) against configs/kuairand_nosequence.yaml on
 # the ten KuaiRand-Pure days (both CSVs): trained through May 3, judged on May 4, and through May 2, judged on
 # May 3 (data.until; the judged day is the validation day, as in docs/results.md), seeds 0 and 1; then each pair
 # paired on the same rows (compare-runs), and serving cost at 500 candidates of the seed-0 May 4 models
@@ -12,7 +12,7 @@ LOGS='[../shared/data/kuairand-pure/log_standard_pure_20220425_to_20220430.csv, 
 for until in 20220504 20220503; do
   day=may$((${until: -1}))
   for seed in 0 1; do
-    for variant in base:configs/kuairand.yaml seq:configs/kuairand_sequence.yaml; do
+    for variant in base:configs/kuairand_nosequence.yaml seq:configs/kuairand.yaml; do
       "$RS" train --config "${variant#*:}" --out "runs/${variant%%:*}_${day}_s$seed" --set "data.log=$LOGS" \
         --set data.until=$until --set training.seed=$seed > "runs/${variant%%:*}_${day}_s$seed.log" 2>&1
     done

@@ -136,11 +136,11 @@ def test_the_snapshot_is_as_of_the_day_after_data_until(kuairand_config, tmp_pat
 
 
 def _sequence_config(base, tmp_path):
-    """configs/kuairand_sequence.yaml (a ``scope: all`` behaviour sequence, which needs every earlier day's rows)
+    """configs/kuairand.yaml as it ships (a ``scope: all`` behaviour sequence, which needs every earlier day's rows)
     on ``base``'s data paths."""
     from features.spec import load_config
 
-    data = load_config(Path(__file__).resolve().parent.parent / "configs" / "kuairand_sequence.yaml").model_dump()
+    data = load_config(Path(__file__).resolve().parent.parent / "configs" / "kuairand.yaml").model_dump()
     data["data"].update(log=base.data.log, joins=[j.model_dump() for j in base.data.joins])
     data["data"]["statistics"]["path"] = str(tmp_path / "stats")
     return parse_config(data, "sequence test")

@@ -67,8 +67,9 @@ def serve_rows(tables: FeatureTables, config: RankstageConfig, rows: pd.DataFram
     id, the context values and the candidates' item ids; the outputs put back in row order, (N,) each."""
     features = features or config.serving_features
     user, item = config.data.user_column, config.data.item_column
-    # sent by the gateway: the context, and the user's same-day history lists (match features, one per request)
-    context = [f for f in config.serving_features if f.group == "context" or (f.kind == "match" and f in features)]
+    # sent by the gateway: the context, and the user's history lists (match and sequence features, one per request)
+    lists = ("match", "sequence")
+    context = [f for f in config.serving_features if f.group == "context" or (f.kind in lists and f in features)]
     out: dict[str, list] = {f.name: [None] * len(rows) for f in features}
     for _, group in rows.groupby([user, *[f.source for f in context]], sort=False):
         request = {user: group[user].to_numpy()[:1], **{f.name: raw_column(group, f)[:1] for f in context}}
@@ -87,7 +88,7 @@ def side_features(config: RankstageConfig) -> list[FeatureSpec]:
     tests/test_statistics.py and by the tests here that join the whole log) and the history lists (derived from the
     whole log, sent by the gateway)."""
     stats = {f["name"] for f in config.data.statistics.feature_specs()} if config.data.statistics else set()
-    return [f for f in config.serving_features if f.name not in stats and f.kind != "match"]
+    return [f for f in config.serving_features if f.name not in stats and f.kind not in ("match", "sequence")]
 
 
 def _dtype(f: FeatureSpec) -> type:
@@ -107,7 +108,8 @@ def test_one_users_list_matches_training(config, day, tables):
     rows = day[day[user] == day[user].value_counts().index[0]].reset_index(drop=True)
     assert len(rows) >= 20
     context = {"tab": rows["tab"].to_numpy()[:1], "hourmin": rows["hourmin"].to_numpy()[:1],
-               **{f.name: raw_column(rows, f)[:1] for f in config.serving_features if f.kind == "match"}}
+               **{f.name: raw_column(rows, f)[:1] for f in config.serving_features
+                  if f.kind in ("match", "sequence")}}
     request = {user: rows[user].to_numpy()[:1], **context}
     req, cand = tables.assemble(config.serving_features, request, {item: rows[item].to_numpy()}, len(rows))
     groups = {f.name: f.group for f in config.serving_features}

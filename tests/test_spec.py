@@ -227,8 +227,19 @@ def test_default_config_counts_the_same_day_authors():
     matches = [f for f in cfg.features if f.kind == "match"]
     assert [(f.name, f.match, f.group, f.towers) for f in matches] == [
         ("authors_seen_today", "author_id", "item", None), ("authors_clicked_today", "author_id", "item", None)]
-    assert [(lst.name, lst.column, lst.where) for lst in cfg.data.history.lists] == [
+    assert [(lst.name, lst.column, lst.where) for lst in cfg.data.history.lists][:2] == [
         ("authors_seen_today", "author_id", None), ("authors_clicked_today", "author_id", "is_click")]
+
+
+def test_default_config_attends_over_the_cross_day_behaviour_sequence():
+    cfg = load_config(ROOT / "configs" / "kuairand.yaml")
+    events = {lst.name: lst for lst in cfg.data.history.lists}["clicked_videos"]
+    assert (events.scope, events.max_len, events.age) == ("all", 20, True)
+    sequence = {f.name: f for f in cfg.features}["clicked_videos"]
+    assert sequence.kind == "sequence" and sequence.group == "user"
+    assert [fld.target for fld in sequence.sequence.fields][:3] == ["video_id", "author_id", "tag"]
+    without = load_config(ROOT / "configs" / "kuairand_nosequence.yaml")
+    assert "clicked_videos" not in {f.name for f in without.features}
 
 
 def test_with_tasks_drops_conditions_on_removed_tasks():
