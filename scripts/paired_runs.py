@@ -55,13 +55,16 @@ def main() -> None:
     from ranking.runs import load_run
 
     (name_a, tmpl_a), (name_b, tmpl_b) = args.a, args.b
+
     def run_dir(template: str, day: int, seed: int) -> Path:
         until = (datetime.strptime(str(day), "%Y%m%d") - timedelta(days=1)).strftime("%Y%m%d")
         return Path(template.format(day=day, until=until, seed=seed))
 
-    first = load_run(run_dir(tmpl_a, args.days[0], args.seeds[0]))
-    data = first.config.data.model_copy(update={"log": LOGS})
-    frame = read_log(data)  # the run with the most features reads every column any of them needs
+    # the log as the run with the most features reads it: every column either needs (a sequence, history lists)
+    widest = max((load_run(run_dir(t, args.days[0], args.seeds[0])).config for t in (tmpl_a, tmpl_b)),
+                 key=lambda c: len(c.features))
+    data = widest.data.model_copy(update={"log": LOGS})
+    frame = read_log(data)
     col = data.time_column
     results: dict[str, dict] = {}
     for day in args.days:

@@ -166,7 +166,8 @@ def kuairand_config(tmp_path_factory) -> RankstageConfig:
     # service tests here send the same-day lists only, as a gateway without a session store would
     sequences = {f["name"] for f in data["features"] if f["kind"] == "sequence"}
     data["features"] = [f for f in data["features"] if f["name"] not in sequences]
-    data["data"]["history"]["lists"] = [h for h in data["data"]["history"]["lists"] if h["name"] not in sequences]
+    if data["data"]["history"]:
+        data["data"]["history"]["lists"] = [h for h in data["data"]["history"]["lists"] if h["name"] not in sequences]
     # the first of the config's two files only (Apr 25-30): the suite's minutes, not the shipped model's quality
     data["data"] = {**data["data"], "log": str(root / data["data"]["log"][0]),
                     "joins": [{**j, "path": str(root / j["path"])} for j in data["data"]["joins"]]}
