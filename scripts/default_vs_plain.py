@@ -26,10 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kuairand_days import LOGS, seed_row  # noqa: E402  (scripts/ is on sys.path as the script's directory)
+from kuairand_days import FIGURES, LOGS, seed_row  # noqa: E402  (scripts/ is on sys.path as the script's directory)
 
-FIGURES = [("click", "auc"), ("click", "gauc"), ("click", "ndcg@5"), ("like", "auc"), ("long_view", "auc"),
-           ("watch_time", "spearman")]
 LEVELS = ["click", "like", "long_view"]
 
 

@@ -1,5 +1,5 @@
 """What the KuaiRand day-judging scripts (daily_chain.py, default_vs_plain.py, gbdt_sequence_eval.py) share: the ten
-bundled days as one log, and the markdown row of a model's figures over seeds."""
+bundled days as one log, the figures a judged day reports, and the markdown row of a model's figures over seeds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "kuairand-pure"
 LOGS = [str(DATA / f"log_standard_pure_{span}.csv") for span in ("20220425_to_20220430", "20220501_to_20220504")]
+# (task, metric) of ``ranking.judging.judged_report`` each judged day reports
+FIGURES = [("click", "auc"), ("click", "gauc"), ("click", "ndcg@5"), ("like", "auc"), ("long_view", "auc"),
+           ("watch_time", "spearman")]
 
 
 def seed_row(name: str, rows: list[dict], names: list[str]) -> str:

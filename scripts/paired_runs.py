@@ -26,10 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kuairand_days import LOGS  # noqa: E402  (scripts/ is on sys.path as the script's directory)
-
-FIGURES = [("click", "auc"), ("click", "gauc"), ("click", "ndcg@5"), ("like", "auc"), ("long_view", "auc"),
-           ("watch_time", "spearman")]
+from kuairand_days import FIGURES, LOGS  # noqa: E402  (scripts/ is on sys.path as the script's directory)
 
 
 def named(arg: str) -> tuple[str, str]:
@@ -51,6 +48,7 @@ def main() -> None:
 
     from evaluation.metrics import paired_report
     from features.logs import read_log
+    from features.spec import load_config
     from ranking.judging import judged_predictions
     from ranking.runs import load_run
 
@@ -61,7 +59,7 @@ def main() -> None:
         return Path(template.format(day=day, until=until, seed=seed))
 
     # the log as the run with the most features reads it: every column either needs (a sequence, history lists)
-    widest = max((load_run(run_dir(t, args.days[0], args.seeds[0])).config for t in (tmpl_a, tmpl_b)),
+    widest = max((load_config(run_dir(t, args.days[0], args.seeds[0]) / "config.yaml") for t in (tmpl_a, tmpl_b)),
                  key=lambda c: len(c.features))
     data = widest.data.model_copy(update={"log": LOGS})
     frame = read_log(data)
@@ -76,16 +74,17 @@ def main() -> None:
             for tmpl in (tmpl_a, tmpl_b):
                 path = run_dir(tmpl, day, seed)
                 run = load_run(path)
-                seen = json.loads((path / "artifacts.json").read_text())
-                if day in seen["train_periods"] + seen["validation_periods"]:
+                if day in run.artifacts["train_periods"] + run.artifacts["validation_periods"]:
                     raise SystemExit(f"{path}: trained on {day}; judge it on a later day")
                 judged.append(judged_predictions(run.config, run.models, rows, run.artifacts["sampling"]))
-            for task, metric in FIGURES:
+            paired, types = {}, {t.name: t.type for t in run.config.tasks}
+            for task in dict.fromkeys(t for t, _ in FIGURES):  # each task's bootstraps once, for all its metrics
                 (y, a, users, days), (y_b, b, _, _) = judged[0][task], judged[1][task]
                 if not np.array_equal(y, y_b):
                     raise SystemExit(f"{day} seed {seed} {task}: the runs were judged on different rows")
-                got = paired_report(y, a, b, users, days, binary=metric != "spearman")[metric]
-                results.setdefault(str(day), {}).setdefault(f"{task} {metric}", {})[str(seed)] = got
+                paired[task] = paired_report(y, a, b, users, days, binary=types[task] == "binary")
+            for task, metric in FIGURES:
+                results.setdefault(str(day), {}).setdefault(f"{task} {metric}", {})[str(seed)] = paired[task][metric]
             print(f"{day} seed {seed}: " + ", ".join(f"{k} {v[str(seed)]['difference']:+.4f}"
                                                       for k, v in results[str(day)].items()), flush=True)
     out = Path(args.out)
