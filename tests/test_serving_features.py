@@ -20,6 +20,7 @@ from serving.features import FeatureTables
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = 20220430
+LISTS = ("match", "sequence")  # the kinds of the user's history lists, which the gateway sends once per request
 
 
 def with_data(config: RankstageConfig, features: list[dict] | None = None, **data: object) -> RankstageConfig:
@@ -67,9 +68,8 @@ def serve_rows(tables: FeatureTables, config: RankstageConfig, rows: pd.DataFram
     id, the context values and the candidates' item ids; the outputs put back in row order, (N,) each."""
     features = features or config.serving_features
     user, item = config.data.user_column, config.data.item_column
-    # sent by the gateway: the context, and the user's history lists (match and sequence features, one per request)
-    lists = ("match", "sequence")
-    context = [f for f in config.serving_features if f.group == "context" or (f.kind in lists and f in features)]
+    # sent by the gateway: the context, and the user's history lists (one per request)
+    context = [f for f in config.serving_features if f.group == "context" or (f.kind in LISTS and f in features)]
     out: dict[str, list] = {f.name: [None] * len(rows) for f in features}
     for _, group in rows.groupby([user, *[f.source for f in context]], sort=False):
         request = {user: group[user].to_numpy()[:1], **{f.name: raw_column(group, f)[:1] for f in context}}
@@ -88,7 +88,7 @@ def side_features(config: RankstageConfig) -> list[FeatureSpec]:
     tests/test_statistics.py and by the tests here that join the whole log) and the history lists (derived from the
     whole log, sent by the gateway)."""
     stats = {f["name"] for f in config.data.statistics.feature_specs()} if config.data.statistics else set()
-    return [f for f in config.serving_features if f.name not in stats and f.kind not in ("match", "sequence")]
+    return [f for f in config.serving_features if f.name not in stats and f.kind not in LISTS]
 
 
 def _dtype(f: FeatureSpec) -> type:
@@ -108,8 +108,7 @@ def test_one_users_list_matches_training(config, day, tables):
     rows = day[day[user] == day[user].value_counts().index[0]].reset_index(drop=True)
     assert len(rows) >= 20
     context = {"tab": rows["tab"].to_numpy()[:1], "hourmin": rows["hourmin"].to_numpy()[:1],
-               **{f.name: raw_column(rows, f)[:1] for f in config.serving_features
-                  if f.kind in ("match", "sequence")}}
+               **{f.name: raw_column(rows, f)[:1] for f in config.serving_features if f.kind in LISTS}}
     request = {user: rows[user].to_numpy()[:1], **context}
     req, cand = tables.assemble(config.serving_features, request, {item: rows[item].to_numpy()}, len(rows))
     groups = {f.name: f.group for f in config.serving_features}

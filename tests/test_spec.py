@@ -227,8 +227,9 @@ def test_default_config_counts_the_same_day_authors():
     matches = [f for f in cfg.features if f.kind == "match"]
     assert [(f.name, f.match, f.group, f.towers) for f in matches] == [
         ("authors_seen_today", "author_id", "item", None), ("authors_clicked_today", "author_id", "item", None)]
-    assert [(lst.name, lst.column, lst.where) for lst in cfg.data.history.lists][:2] == [
-        ("authors_seen_today", "author_id", None), ("authors_clicked_today", "author_id", "is_click")]
+    assert [(lst.name, lst.column, lst.where) for lst in cfg.data.history.lists] == [
+        ("authors_seen_today", "author_id", None), ("authors_clicked_today", "author_id", "is_click"),
+        ("clicked_videos", ["video_id", "author_id", "tag", "play_time_ms / duration_ms"], ["is_click", "long_view"])]
 
 
 def test_default_config_attends_over_the_cross_day_behaviour_sequence():
