@@ -58,7 +58,7 @@ def cmd_beam_replay(args: argparse.Namespace) -> None:
                          args.group, args.min_list, args.k, args.reps, "click_only", args.list_column,
                          tuple(args.truth_column), args.list_buckets, args.batch_rows, args.scored_out,
                          beam_pipeline_args(args), extra={"fusion_version": config.version}, passes=args.passes,
-                         rows_per_pass=args.rows_per_pass)
+                         rows_per_pass=args.rows_per_pass, read_mb=args.read_mb)
     model = result["model"]
     title = (f"replay: model {model['name']} v{model['version']} ({model['path']}), fusion "
              f"{config.version}{', calibration ' + cal['version'] if cal else ''}, days {result['days']}")
@@ -142,6 +142,8 @@ def register(sub) -> None:
                       help="any other Beam pipeline option, e.g. flink_master=localhost:8081 (repeatable)")
     beam.add_argument("--list-buckets", type=int, default=64, help="buckets of lists (the unit grouped and scored)")
     beam.add_argument("--batch-rows", type=int, default=16384, help="records parsed per batch")
+    beam.add_argument("--read-mb", type=float, default=64.0, help="MB of shards one tf.data pipeline reads (the "
+                      "read's unit of parallelism; each costs ~0.15 s to build)")
     beam.add_argument("--passes", type=int, help="pipelines over disjoint lists, each holding only its rows in the "
                       "runner's shuffle (default: one per --rows-per-pass rows of the shards' manifest)")
     beam.add_argument("--rows-per-pass", type=int, default=1_000_000, help="rows per pass without --passes")

@@ -129,6 +129,37 @@ def test_poisson_weights_are_poisson_one_and_a_function_of_the_key_only():
         np.array([1.0, 2.0]), np.array([1.0, 1.0]))
 
 
+def test_bootstrap_sums_of_all_cells_equal_weighted_sums_cell_by_cell():
+    from evaluation.bootstrap import weighted_sums
+    from fusion.beam_replay import bootstrap_sums
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(300, 7))
+    values[rng.random(values.shape) < 0.3] = np.nan  # lists where a metric is undefined (no positive)
+    values[:, 6] = np.nan  # a cell no list defines
+    w = poisson_weights(key_hash([np.arange(300)]), 50)
+    n, s, rs, rw = bootstrap_sums(values, w)
+    for c in range(values.shape[1]):
+        want = weighted_sums(values[:, c], w)
+        assert n[c] == want[0] and s[c] == pytest.approx(want[1], rel=1e-12, abs=1e-12)
+        np.testing.assert_allclose(rs[c], want[2], rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(rw[c], want[3])
+    assert n[6] == 0 and not rw[6].any()
+
+
+def test_read_groups_cut_files_by_size_in_order(tmp_path):
+    from fusion.beam_replay import read_groups
+
+    files = []
+    for i, kb in enumerate([300, 300, 500, 100, 900, 10]):
+        f = tmp_path / f"part-{i}"
+        f.write_bytes(b"x" * kb * 1024)
+        files.append(str(f))
+    groups = read_groups(files, read_mb=0.6)
+    assert groups == [files[:2], files[2:4], files[4:5], files[5:]]
+    assert read_groups(files, read_mb=100) == [files]
+
+
 def test_tune_fusion_on_scored_parquet_equals_tune_fusion_rescoring(beam_run, kuairand_model, tmp_path):
     from fusion.tune import tune_fusion
 
