@@ -271,6 +271,10 @@ class TrainingConfig(Strict):
     # a warm start (rankstage train --warm-start) continues the parent's Adam state when its run kept one; false:
     # Adam starts fresh
     warm_start_optimizer: bool = True
+    # what a warm start updates: "all" weights, or "embeddings": the embedding tables and the task logits' biases
+    # (every other weight stays the parent's: attention, experts, gates, towers). Measured on the daily chain:
+    # benchmarks/results/daily_chain.md
+    warm_start_update: Literal["all", "embeddings"] = "all"
 
 
 class JoinSpec(Strict):

@@ -62,11 +62,13 @@ def fit(config: RankstageConfig, frame: pd.DataFrame | Source, stats: dict[str, 
         validation: pd.DataFrame | Source | None, log_dir: Path | None, verbose: bool = True, *,
         strategy: tf.distribute.Strategy | None = None, checkpoint_dir: Path | None = None,
         checkpoint_every: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-        init: Callable[[RankingModels, object], None] | None = None) -> tuple[RankingModels, dict, TrainingArtifacts]:
+        init: Callable[[RankingModels, object], frozenset[str] | None] | None = None
+        ) -> tuple[RankingModels, dict, TrainingArtifacts]:
     """Build and train on ``frame`` (down-sampled as configured); early-stop on ``validation`` if given, following
     ``training.early_stopping_metric``. ``checkpoint_dir``: resume from and write checkpoints there. ``init``: sets
     the built models' weights and the built optimizer's state before training (a warm start's parent's; a checkpoint
-    still wins). The returned models keep the optimizer (``models.optimizer``: the run saves its state)."""
+    still wins) and returns the variable paths training leaves as they are (None: none). The returned models keep
+    the optimizer (``models.optimizer``: the run saves its state)."""
     import keras
 
     strategy = strategy or tf.distribute.get_strategy()
@@ -87,8 +89,7 @@ def fit(config: RankstageConfig, frame: pd.DataFrame | Source, stats: dict[str, 
     scales = {k: v for k, v in summary.weight_scales().items()}
     priors = summary.priors(config)
     models, optimizer = loop.build(config, stats, priors, strategy)
-    if init is not None:
-        init(models, optimizer)
+    frozen = frozenset((init(models, optimizer) if init is not None else None) or ())
     workers = loop.num_workers(strategy)
     global_batch = tr.batch_size
     if global_batch % max(strategy.num_replicas_in_sync, 1):
@@ -98,7 +99,7 @@ def fit(config: RankstageConfig, frame: pd.DataFrame | Source, stats: dict[str, 
                                  steps_per_epoch=max(1, math.ceil(summary.kept / global_batch)),
                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                                  shuffle_buffer=shuffle_buffer, list_order=list_order, log_dir=log_dir,
-                                 verbose=verbose)
+                                 verbose=verbose, frozen=frozen)
     if verbose:
         print(f"{summary.kept} training rows kept of {summary.rows}; {settings.steps_per_epoch} steps of "
               f"{global_batch} per epoch on {workers} worker(s)", flush=True)

@@ -90,9 +90,11 @@ def build(config: RankstageConfig, stats: dict[str, FeatureStats], priors: dict[
     return models, optimizer
 
 
-def make_train_step(config: RankstageConfig, models: RankingModels, optimizer, strategy, global_batch: int):
+def make_train_step(config: RankstageConfig, models: RankingModels, optimizer, strategy, global_batch: int,
+                    frozen: frozenset[str] = frozenset()):
     """``step(iterator) -> {"loss", "<task>_loss"}``: one distributed step, the losses summed over replicas (each
-    replica's already divided by the global batch, so the sum is the global mean)."""
+    replica's already divided by the global batch, so the sum is the global mean). ``frozen``: variable paths not
+    updated (nor their Adam moments)."""
     model, losses = models.train, task_losses(config)
     weights = {t.name: float(t.loss_weight) for t in config.tasks}
 
@@ -104,7 +106,7 @@ def make_train_step(config: RankstageConfig, models: RankingModels, optimizer, s
             loss = tf.nn.compute_average_loss(per_row, global_batch_size=global_batch)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        variables = model.trainable_variables
+        variables = [v for v in model.trainable_variables if v.path not in frozen]
         grads = tape.gradient(loss, variables)
         optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables, strict=True) if g is not None])
         return {"loss": loss, **{f"{k}_loss": tf.nn.compute_average_loss(v, global_batch_size=global_batch)
@@ -182,6 +184,7 @@ class LoopSettings:
     log_dir: Path | None = None
     verbose: bool = True
     max_checkpoints: int = 2
+    frozen: frozenset[str] = frozenset()  # variable paths the steps leave as they are (a warm start's dense weights)
 
 
 class _State(tf.Module):
@@ -227,7 +230,7 @@ def run(config: RankstageConfig, models: RankingModels, optimizer, strategy: tf.
         write_dir = settings.checkpoint_dir if chief else _worker_checkpoint_dir(settings.checkpoint_dir)
         manager = tf.train.CheckpointManager(ckpt, str(write_dir), max_to_keep=settings.max_checkpoints)
     history: dict[str, list[float]] = json.loads(state.history.numpy().decode())
-    step_fn = make_train_step(config, models, optimizer, strategy, settings.global_batch)
+    step_fn = make_train_step(config, models, optimizer, strategy, settings.global_batch, settings.frozen)
     writer = tf.summary.create_file_writer(str(settings.log_dir)) if settings.log_dir is not None and chief else None
     seed = config.training.seed
     while not bool(state.done) and int(state.epoch) < settings.epochs:

@@ -199,16 +199,18 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         val_periods, n_val = [], 0
         carried = ws.parent_optimizer(parent) if config.training.warm_start_optimizer else None
 
-        def init(models: RankingModels, optimizer) -> None:
+        def init(models: RankingModels, optimizer) -> frozenset[str] | None:
             grew.update(ws.transfer_weights(parent.run.models, models, config))
             if carried is not None:
                 ws.restore_optimizer(optimizer, models, carried, config)
+            return ws.dense_paths(models, config) if config.training.warm_start_update == "embeddings" else None
 
         opts["init"] = init
     if verbose and parent is not None:
         print(f"warm start from {parent.run_dir} (days seen {parent.days_seen}): training on "
               f"{config.data.time_column} {days} only, no validation day; Adam "
-              f"{'continues from step ' + str(int(carried['iterations'])) if carried is not None else 'starts fresh'}",
+              f"{'continues from step ' + str(int(carried['iterations'])) if carried is not None else 'starts fresh'}"
+              f"{'; embedding tables only' if config.training.warm_start_update == 'embeddings' else ''}",
               flush=True)
     elif verbose:
         print(f"training on {'shards of ' + str(examples) if examples else 'the log in memory'}; validation "

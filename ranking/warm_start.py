@@ -12,6 +12,10 @@ a grown table's new rows take the mean of its OOV rows' moments, like their weig
 kept it, or ``training.warm_start_optimizer: false``, starts Adam fresh: its first steps then move every weight by
 about the learning rate whatever its gradient's size.
 
+``training.warm_start_update: embeddings`` updates the embedding tables and the task logits' biases only
+(``dense_paths``: every other weight, the attention's, experts', gates' and towers', stays the parent's and so do
+their Adam moments).
+
 Lineage (in the run's ``artifacts.json`` and the exported metadata): the parent run, and the days every ancestor
 trained on (``days_seen``).
 """
@@ -158,6 +162,17 @@ def transfer_weights(parent: RankingModels, child: RankingModels, config: Rankst
         v.assign(grown_rows(w, v.shape[0], oov[layer]).astype(w.dtype))
         grew[v.path] = (int(w.shape[0]), int(v.shape[0]))
     return grew
+
+
+def dense_paths(models: RankingModels, config: RankstageConfig) -> frozenset[str]:
+    """What an embeddings-only update leaves as it is: the paths of every trainable variable outside the embedding
+    tables (``keras.layers.Embedding``) and the task logits' biases (each task's base rate, which follows the day)."""
+    import keras
+
+    kept = {v.path for layer in models.train.layers if isinstance(layer, keras.layers.Embedding)
+            for v in layer.trainable_variables}
+    kept |= {models.train.get_layer(f"{t.name}_logit").bias.path for t in config.tasks}
+    return frozenset(v.path for v in models.train.trainable_variables if v.path not in kept)
 
 
 def parent_optimizer(parent: Parent) -> dict[str, np.ndarray] | None:

@@ -6,9 +6,10 @@
 Start: the default config trained through Apr 30 with ``--refit`` (the stale model, and the first parent). For each
 day D of May 1-3: a full retrain through D (``data.until=D``, validated on D, refit through D) and a warm start
 through D from the previous day's warm start (``ranking.warm_start``: trained on D only, or with ``--warm-buffer``
-earlier days too; ``training.epochs`` = ``--warm-epochs``, at ``--warm-lr``), both timed; then the stale model, the
-full retrain and the warm start are judged on D+1 (May 2, 3, 4) on the same rows: click AUC and GAUC, like AUC,
-long view AUC, watch time Spearman, and each binary task's predicted / observed mean. Writes
+earlier days too; ``training.epochs`` = ``--warm-epochs``, at ``--warm-lr``, updating the ``--warm-update``
+weights), both timed; then the stale model, the full retrain and the warm start are judged on D+1 (May 2, 3, 4) on
+the same rows: click AUC and GAUC, like AUC, long view AUC, watch time Spearman, and each binary task's predicted /
+observed mean. Writes
 ``<out>/daily_chain.json`` and ``<out>/daily_chain.md`` (per judged day and model: the mean over seeds and each
 seed's value). About 22 min on 2 cores for two seeds; with ``--reuse`` (the warm starts only) about 4.
 """
@@ -43,6 +44,8 @@ def main() -> None:
                                     "trained again (only the warm starts run)")
     ap.add_argument("--train-stale", action="store_true",
                     help="with --reuse: train the stale models again (a run before optimizer.npz kept no Adam state)")
+    ap.add_argument("--warm-update", choices=["all", "embeddings"], default="all",
+                    help="what the warm starts update (training.warm_start_update)")
     ap.add_argument("--fresh-adam", action="store_true",
                     help="warm starts start Adam fresh (training.warm_start_optimizer: false)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "daily_chain"))
@@ -71,8 +74,10 @@ def main() -> None:
     col = frame.columns[frame.columns.get_loc(base["data"]["time_column"])]
     results: dict = {"seeds": args.seeds, "warm_epochs": args.warm_epochs, "warm_lr": args.warm_lr,
                      "warm_buffer": args.warm_buffer, "reuse": args.reuse,
-                     "train_stale": args.train_stale, "fresh_adam": args.fresh_adam, "days": {}, "seconds": {}}
+                     "train_stale": args.train_stale, "fresh_adam": args.fresh_adam,
+                     "warm_update": args.warm_update, "days": {}, "seconds": {}}
     warm_training = {"epochs": args.warm_epochs, "warm_start_optimizer": not args.fresh_adam,
+                     "warm_start_update": args.warm_update,
                      **({"learning_rate": args.warm_lr} if args.warm_lr else {})}
     chain_days = sorted({int(d) for d in frame[col].unique()})
 

@@ -108,6 +108,36 @@ def test_the_child_continues_the_parents_adam_state(chain):
         assert int(saved["iterations"]) == int(state["iterations"]) + steps
 
 
+def test_an_embeddings_only_update_leaves_every_other_weight_and_its_adam_moments_as_the_parents(chain, tmp_path):
+    """``training.warm_start_update: embeddings``: the dense weights (experts, gates, towers) come out bit for bit
+    the parent's, their Adam moments too, while the embedding tables and the logits' biases train; the default
+    "all" moves the dense weights."""
+    config, parent, child, _ = chain
+    d = config.model_dump()
+    d["training"]["warm_start_update"] = "embeddings"
+    only = train(parse_config(d, "test"), tmp_path / "embeddings_only", verbose=False, warm_start=parent)
+    p, e, a = load_run(parent), load_run(only), load_run(child)
+    dense = ws.dense_paths(e.models, e.config)
+    assert any("mmoe" in path for path in dense) and "click_logit/kernel" in dense
+    assert not any("embedding" in path for path in dense) and "click_logit/bias" not in dense  # these train
+    before = {v.path: v.numpy() for v in p.models.train.weights}
+    for v in e.models.train.trainable_variables:
+        if v.path in dense:
+            np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
+    assert any(np.abs(v.numpy() - before[v.path]).max() > 1e-4 for v in a.models.train.trainable_variables
+               if v.path in dense)  # the default update moves them
+    table = e.models.train.get_layer("user_id_embedding").embeddings.numpy()
+    old = before["user_id_embedding/embeddings"]
+    assert np.abs(table[:len(old)] - old).max() > 1e-4
+    assert e.models.train.get_layer("click_logit").bias.numpy()[0] != before["click_logit/bias"][0]
+    state = ws.parent_optimizer(ws.load_parent(parent))
+    with np.load(only / "optimizer.npz") as saved:
+        for path in dense:
+            np.testing.assert_array_equal(saved[f"m/{path}"], state[f"m/{path}"], err_msg=path)
+        assert np.abs(saved["m/user_id_embedding/embeddings"][:len(old)]
+                      - state["m/user_id_embedding/embeddings"]).max() > 0
+
+
 def test_a_parent_of_another_spec_is_refused_naming_the_difference(chain, tmp_path):
     config, parent, _, _ = chain
     other = config.with_model(expert_units=[32])
