@@ -30,7 +30,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from evaluation.bootstrap import interval_from_sums, poisson_weights
-from evaluation.lists import key_hash
+from evaluation.lists import Lists, key_hash
 from evaluation.scoring import SCORED_META, ScoredLog, corrected_predictions, scored_table
 from features import examples
 from features.logfiles import rss_gb
@@ -107,8 +107,8 @@ def unpack(packed: dict) -> dict[str, np.ndarray]:
     return out | packed["rest"]
 
 
-def take(packed: dict, idx: np.ndarray) -> dict:
-    """The rows ``idx`` of a packed batch."""
+def take(packed: dict, idx: np.ndarray | slice) -> dict:
+    """The rows ``idx`` (indices, or a slice: views) of a packed batch."""
     return {"int": (packed["int"][0], None if packed["int"][1] is None else packed["int"][1][:, idx]),
             "float": (packed["float"][0], None if packed["float"][1] is None else packed["float"][1][:, idx]),
             "rest": {k: v[idx] for k, v in packed["rest"].items()}}
@@ -141,7 +141,7 @@ class ReadExampleShards(beam.DoFn):
     previous batch. The parser is traced once per process (``_PARSERS``), not per pass: a pass is a new pipeline,
     a new DoFn."""
 
-    def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 16384):
+    def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 65536):
         self.cols, self.key_columns, self.buckets, self.batch_rows = cols, key_columns, buckets, batch_rows
 
     def setup(self):
@@ -169,10 +169,11 @@ class ReadExampleShards(beam.DoFn):
             cols[HASH] = key_hash([cols[k] for k in self.key_columns])
             bucket = cols[HASH] % np.uint64(self.buckets)
             by = np.argsort(bucket, kind="stable")
-            cuts = np.flatnonzero(np.diff(bucket[by])) + 1
-            packed = pack(cols)
-            for idx in np.split(by, cuts):
-                yield int(bucket[idx[0]]), take(packed, idx)
+            packed = take(pack(cols), by)  # rows in bucket order: one gather, then each bucket is a slice
+            bucket = bucket[by]
+            cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(bucket)]
+            for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+                yield int(bucket[start]), take(packed, slice(start, stop))
 
 
 def merge_fragments(item) -> dict[str, np.ndarray]:
@@ -193,7 +194,7 @@ class GroupIntoLists(beam.PTransform):
     """Groups of shard paths (``read_groups``) -> buckets: every row of a list (all rows sharing the list key) in
     one element, in log order."""
 
-    def __init__(self, cols, key_columns, buckets, batch_rows=16384):
+    def __init__(self, cols, key_columns, buckets, batch_rows=65536):
         super().__init__()
         self.read = ReadExampleShards(cols, key_columns, buckets, batch_rows)
 
@@ -256,8 +257,35 @@ def bucket_scored_log(bucket: dict[str, np.ndarray], model: dict, list_column: s
                      {c: bucket[c].astype(np.float64) for c in truth_columns})
 
 
+def by_width(lists: Lists) -> list[tuple[np.ndarray, Lists]]:
+    """``lists`` split by length into classes up to a power of two -> (positions in ``lists``, those lists cut to
+    their class's longest) per class. A bucket's (L, M) matrices are as wide as its longest list: at 1M synthetic
+    rows a list holds 15 rows on average and a bucket's longest ~110, so 7.6x the rows; a class pads at most 2x.
+    Each list's metrics are unchanged: trailing padding never ranks, ties or counts."""
+    width = np.left_shift(1, np.ceil(np.log2(lists.lengths)).astype(np.int64))  # (L,) next power of two
+    classes = []
+    for w in np.unique(width):
+        at = np.flatnonzero(width == w)
+        classes.append((at, Lists(lists.index[at, :int(lists.lengths[at].max())], lists.lengths[at])))
+    return classes
+
+
+def metrics_by_width(scored: ScoredLog, lists: Lists, profile, k: int, calibration: dict | None = None
+                     ) -> dict[str, np.ndarray]:
+    """``fusion.replay.per_list_metrics`` of ``lists`` (L,) per metric, in the order of ``lists``, computed on
+    each class of ``by_width`` (the same values as on the whole, to an ulp, with less padding)."""
+    from fusion.replay import per_list_metrics
+
+    out: dict[str, np.ndarray] = {}
+    for at, part in by_width(lists):
+        for name, v in per_list_metrics(scored, part, profile, k, calibration).items():
+            out.setdefault(name, np.full(len(lists.lengths), np.nan))[at] = v
+    return out
+
+
 class ListMetrics(beam.DoFn):
-    """A scored bucket -> its lists' metrics for every profile (``per_list_metrics``), counts and list hashes."""
+    """A scored bucket -> its lists' metrics for every profile (``per_list_metrics`` by list width,
+    ``metrics_by_width``), counts and list hashes."""
 
     def __init__(self, model: dict, profiles: dict, group: str, min_list: int, k: int, calibration: dict | None,
                  list_column: str | None = None, truth_columns: tuple[str, ...] = ()):
@@ -265,7 +293,7 @@ class ListMetrics(beam.DoFn):
         self.calibration, self.list_column, self.truth_columns = calibration, list_column, truth_columns
 
     def process(self, bucket):
-        from fusion.replay import list_counts, make_lists, ndcg_tasks, per_list_metrics
+        from fusion.replay import list_counts, make_lists, ndcg_tasks
 
         scored = bucket_scored_log(bucket, self.model, self.list_column, self.truth_columns)
         lists = make_lists(scored, self.group, self.min_list)
@@ -273,7 +301,7 @@ class ListMetrics(beam.DoFn):
         if len(lists.lengths):
             out["counts"] = list_counts(lists, scored.labels, ndcg_tasks(scored))
             out["hash"] = bucket[HASH][lists.index[:, 0]]  # (L,) the list key's hash, from its first row
-            out["metrics"] = {name: per_list_metrics(scored, lists, prof, self.k, self.calibration)
+            out["metrics"] = {name: metrics_by_width(scored, lists, prof, self.k, self.calibration)
                               for name, prof in self.profiles.items()}
         yield out
 
@@ -431,7 +459,7 @@ def write_json(result: dict, path: str) -> str:
 def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, calibration: dict | None = None,
                 days: list[int] | None = None, group: str = "user_day", min_list: int = 5, k: int = 5,
                 reps: int = 1000, reference: str | None = "click_only", list_column: str | None = None,
-                truth_columns: tuple[str, ...] = (), buckets: int = 64, batch_rows: int = 16384,
+                truth_columns: tuple[str, ...] = (), buckets: int = 64, batch_rows: int = 65536,
                 scored_out: str | None = None, pipeline_args: list[str] | None = None, extra: dict | None = None,
                 passes: int | None = None, rows_per_pass: int = 1_000_000, read_mb: float = 64.0) -> dict:
     """Run the replay pipeline; writes ``out/replay.json`` (``evaluate``'s result, plus ``days``, ``model`` and
