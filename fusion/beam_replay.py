@@ -1,12 +1,14 @@
 """Replay on Apache Beam: the logged lists of training-example shards scored with ``RunInference``, ranked by each
 fusion profile and measured, with means and Poisson-bootstrap intervals combined across workers.
 
-    ReadExampleShards | GroupIntoLists | RunInference(ServableHandler) | ListMetrics | CombineGlobally(ReplayCombineFn)
+    ReadExampleShards | RunInference(ServableHandler) | GroupIntoLists | ListMetrics | CombineGlobally(ReplayCombineFn)
 
 Input: the feature pipeline's layout, ``DIR/examples/date=<day>/part-*.tfrecord.gz`` and ``DIR/schema.json``
-(``features.examples``). Work is per batch, never per impression: a file is read with tf.data in record batches,
-each batch is cut by a hash of its rows' list key into ``buckets`` fragments, and a bucket (every row of its lists,
-from every file) is the element that is grouped, scored (one signature call per batch of buckets) and measured.
+(``features.examples``). Work is per batch, never per impression: groups of files are read with tf.data in record
+batches, each batch is scored as it is read (one signature call per batch: a row's score does not depend on its
+list), then cut by a hash of its rows' list key into ``buckets`` fragments of only the columns the metrics need
+(keys, labels, predictions), and a bucket (every row of its lists, from every file) is the element that is grouped
+and measured. The features never reach the shuffle.
 A list lives in exactly one bucket, so the per-list metrics are those of the in-process replay: the same
 ``correct_outputs`` (via ``evaluation.scoring.corrected_predictions``), ``calibrate``, ``FusionProfile.score`` and
 ``fusion.replay.per_list_metrics`` / ``list_counts`` on a ``ScoredLog`` of the bucket.
@@ -136,13 +138,13 @@ def read_groups(files: list[str], read_mb: float) -> list[list[str]]:
 
 
 class ReadExampleShards(beam.DoFn):
-    """A group of shard paths -> (bucket, fragment) per record batch: the batch's rows of each bucket, packed
-    (``pack``). One tf.data pipeline per group (``read_groups``), parsing in its own thread while Python cuts the
-    previous batch. The parser is traced once per process (``_PARSERS``), not per pass: a pass is a new pipeline,
-    a new DoFn."""
+    """A group of shard paths -> one dict of (n,) columns per record batch, with the list key's hash (``HASH``).
+    One tf.data pipeline per group (``read_groups``), parsing in its own thread while Python converts the previous
+    batch. The parser is traced once per process (``_PARSERS``), not per pass: a pass is a new pipeline, a new
+    DoFn."""
 
-    def __init__(self, cols: list[examples.Column], key_columns: list[str], buckets: int, batch_rows: int = 65536):
-        self.cols, self.key_columns, self.buckets, self.batch_rows = cols, key_columns, buckets, batch_rows
+    def __init__(self, cols: list[examples.Column], key_columns: list[str], batch_rows: int = 65536):
+        self.cols, self.key_columns, self.batch_rows = cols, key_columns, batch_rows
 
     def setup(self):
         key = tuple((c.name, c.kind) for c in self.cols)
@@ -167,13 +169,18 @@ class ReadExampleShards(beam.DoFn):
                     v = v.astype(str).astype(object) if k in self._keys else v.astype(bytes)
                 cols[k] = v
             cols[HASH] = key_hash([cols[k] for k in self.key_columns])
-            bucket = cols[HASH] % np.uint64(self.buckets)
-            by = np.argsort(bucket, kind="stable")
-            packed = take(pack(cols), by)  # rows in bucket order: one gather, then each bucket is a slice
-            bucket = bucket[by]
-            cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(bucket)]
-            for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
-                yield int(bucket[start]), take(packed, slice(start, stop))
+            yield cols
+
+
+def bucket_fragments(batch: dict[str, np.ndarray], keep: list[str], buckets: int):
+    """A scored batch -> (bucket, fragment) per bucket present: its rows of ``keep`` columns, packed (``pack``)."""
+    bucket = batch[HASH] % np.uint64(buckets)
+    by = np.argsort(bucket, kind="stable")
+    packed = take(pack({k: batch[k] for k in keep}), by)  # rows in bucket order: one gather, then slices
+    bucket = bucket[by]
+    cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(bucket)]
+    for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+        yield int(bucket[start]), take(packed, slice(start, stop))
 
 
 def merge_fragments(item) -> dict[str, np.ndarray]:
@@ -191,16 +198,16 @@ def merge_fragments(item) -> dict[str, np.ndarray]:
 
 
 class GroupIntoLists(beam.PTransform):
-    """Groups of shard paths (``read_groups``) -> buckets: every row of a list (all rows sharing the list key) in
-    one element, in log order."""
+    """Scored batches -> buckets: every row of a list (all rows sharing the list key) in one element, in log order,
+    with the columns ``keep`` only."""
 
-    def __init__(self, cols, key_columns, buckets, batch_rows=65536):
+    def __init__(self, keep: list[str], buckets: int):
         super().__init__()
-        self.read = ReadExampleShards(cols, key_columns, buckets, batch_rows)
+        self.keep, self.buckets = keep, buckets
 
-    def expand(self, files):
-        return (files
-                | "ReadBatches" >> beam.ParDo(self.read)
+    def expand(self, batches):
+        return (batches
+                | "ByBucket" >> beam.FlatMap(bucket_fragments, self.keep, self.buckets)
                 | "ByListKey" >> beam.GroupByKey()
                 | "MergeBucket" >> beam.Map(merge_fragments))
 
@@ -212,13 +219,14 @@ _SERVABLES: dict = {}  # version dir -> ranking.servable.Servable, loaded once p
 
 
 class ServableHandler(ModelHandler):
-    """RunInference on buckets: the exported version loaded once per worker (``ranking.servable.load_servable``),
-    its serving signature called on a batch of buckets' feature columns; each bucket comes back with ``pred/<task>``
-    (corrected, float32: what the in-process ``ScoredLog`` keeps)."""
+    """RunInference on record batches: the exported version loaded once per worker
+    (``ranking.servable.load_servable``), its serving signature called on the feature columns of ``max_batches``
+    batches at a time, in slices of ``max_rows``; each batch comes back with ``pred/<task>`` (corrected, float32:
+    what the in-process ``ScoredLog`` keeps)."""
 
     def __init__(self, version_dir: str, features: list[str], tasks: list[str], sampling: dict,
-                 signature: str = "serving_default", max_buckets: int = 8, max_rows: int = 65536):
-        super().__init__(min_batch_size=1, max_batch_size=max_buckets)
+                 signature: str = "serving_default", max_batches: int = 1, max_rows: int = 65536):
+        super().__init__(min_batch_size=1, max_batch_size=max_batches)
         self.version_dir, self.features, self.tasks, self.sampling = version_dir, features, tasks, sampling
         self.signature_name, self.max_rows = signature, max_rows
 
@@ -484,10 +492,12 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
     cols = read_schema(examples_dir)
     keys = list_key_columns(group, list_column)
     features = [f.name for f in config.serving_features]
-    needed = [*features, *(examples.LABEL + t for t in tasks), examples.USER, examples.DAY, examples.ORDER,
-              examples.ROW, *keys, *truth_columns]
+    measured = [*(examples.LABEL + t for t in tasks), examples.USER, examples.DAY, examples.ORDER, examples.ROW,
+                *keys, *truth_columns]
+    needed = [*features, *measured]
     check_schema(cols, config, needed)
     read_cols = [c for c in cols if c.name in set(needed)]
+    keep = sorted({*measured, HASH, *(PRED + t for t in tasks)})  # what the lists' metrics and WriteScored read
     files = shard_files(examples_dir, days)
     handler = ServableHandler(str(version_dir), features, tasks, meta["sampling"],
                               meta.get("signature", "serving_default"))
@@ -515,8 +525,9 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
         with beam.Pipeline(options=options) as p:
             scored = (p
                       | "Shards" >> beam.Create(read_groups(groups[index], read_mb))
-                      | "GroupIntoLists" >> GroupIntoLists(read_cols, keys, buckets, batch_rows)
-                      | "RunInference" >> RunInference(handler))
+                      | "ReadBatches" >> beam.ParDo(ReadExampleShards(read_cols, keys, batch_rows))
+                      | "RunInference" >> RunInference(handler)
+                      | "GroupIntoLists" >> GroupIntoLists(keep, buckets))
             _ = (scored
                  | "ListMetrics" >> beam.ParDo(ListMetrics(model, profiles, group, min_list, k, calibration,
                                                            list_column, truth_columns))
