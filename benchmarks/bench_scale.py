@@ -27,21 +27,28 @@ CONFIG = ROOT / "configs" / "synthetic_scale.yaml"
 FUSION = ROOT / "configs" / "fusion.yaml"  # its profiles use the synthetic log's tasks
 
 
-def timed(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` under ``/usr/bin/time -v``; -> {seconds, peak_rss_mb}. Output goes to ``log``."""
+def timed(cmd: list[str], log: Path, root: Path = ROOT) -> dict:
+    """Run ``cmd`` under ``/usr/bin/time -v`` with the code of ``root`` (cwd and PYTHONPATH); -> {seconds,
+    peak_rss_mb, cpu_s (user + system)}. Output goes to ``log``."""
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)})
     seconds = time.perf_counter() - t0
     text = log.read_text()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None}
+    cpu = [float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
+            "cpu_s": round(sum(cpu), 1) if cpu else None}
 
 
-def stages(rows: int, days: int, work: Path, beam_args: list[str]) -> dict[str, dict]:
+STAGES = ("synth", "features", "train", "export", "replay")
+
+
+def stages(rows: int, days: int, work: Path, beam_args: list[str], names: tuple[str, ...] = STAGES
+           ) -> dict[str, dict]:
     log_dir, feat, run, models = work / "log", work / "features", work / "run", work / "models"
     sets = ["--set", f"data.log={log_dir}", "--set", f"data.statistics.path={work / 'stats'}",
             "--set", "training.epochs=1"]
@@ -56,7 +63,7 @@ def stages(rows: int, days: int, work: Path, beam_args: list[str]) -> dict[str, 
                    "--runner", "DirectRunner", *beam_args, "--out", str(work / "replay")],
     }
     out = {}
-    for name, cmd in plan.items():
+    for name, cmd in ((n, plan[n]) for n in names):
         print(f"[{rows:,} rows] {name} ...", file=sys.stderr, flush=True)
         out[name] = timed(cmd, work / f"{name}.log")
         out[name]["rows_per_s"] = round(rows / out[name]["seconds"]) if out[name]["seconds"] else None
