@@ -140,7 +140,7 @@ def register(sub) -> None:
     beam.add_argument("--direct_running_mode", choices=["in_memory", "multi_threading", "multi_processing"])
     beam.add_argument("--beam-option", action="append", default=[], metavar="NAME=VALUE",
                       help="any other Beam pipeline option, e.g. flink_master=localhost:8081 (repeatable)")
-    beam.add_argument("--list-buckets", type=int, default=64, help="buckets of lists (the unit grouped and scored)")
+    beam.add_argument("--list-buckets", type=int, default=64, help="buckets of lists (the unit grouped and measured)")
     beam.add_argument("--batch-rows", type=int, default=65536, help="records parsed per batch")
     beam.add_argument("--read-mb", type=float, default=64.0, help="MB of shards one tf.data pipeline reads (the "
                       "read's unit of parallelism; each costs ~0.15 s to build)")
