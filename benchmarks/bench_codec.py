@@ -3,7 +3,9 @@
 Requests are built from real KuaiRand rows of the newest day: one user, C candidates. Two payloads:
 
     ids_only     user id, context (tab, hourmin), C item ids: what the gateway sends, the service joins the rest
-    all_inline   the same plus all 10 item features of the spec inline as typed columns (tags list-valued)
+    all_inline   the same plus every other item feature of the spec inline as typed columns (tags list-valued);
+                 43 on configs/kuairand.yaml (side table, same-day author matches, 1d/3d statistics); 9 (10 with
+                 the id) when this was written. The behaviour sequence is a user feature the service joins: in neither.
 
 Variants, timed round-robin over the same requests (p50 / p99 in ms):
 
@@ -16,15 +18,25 @@ The baseline is what a REST/JSON gateway protocol with one record per candidate 
 Usage (from the project root):  python benchmarks/bench_codec.py [--calls 500] [--out reports/bench_codec.json]
 """
 
+# ruff: noqa: E402  (sys.path is fixed before the project imports)
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this file's folder comes first on sys.path and benchmarks/serving.py would shadow the `serving`
+# package (as in benchmarks/serving.py).
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np
-from _report import write_report
 
+from benchmarks._report import write_report
 from features.logs import raw_inputs, read_log
 from features.spec import load_config
 from rankstage.v1 import ranking_pb2 as pb

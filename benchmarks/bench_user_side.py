@@ -40,6 +40,7 @@ from ranking.warmup import predict_request
 
 ROOT = Path(__file__).resolve().parent.parent
 SIGNATURES = (SERVING_DEFAULT, RANK_CANDIDATES)
+MATMUL_OPS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")  # what matmul_flops counts
 Batch = dict[str, np.ndarray]
 
 
@@ -84,13 +85,31 @@ def request_batches(config: RankstageConfig, sizes: list[int], seed: int) -> dic
     return out
 
 
-def flops_per_candidate(run: Path, config: RankstageConfig, n: int) -> dict[str, float]:
+def flops_per_candidate(run: Path, config: RankstageConfig, inputs: dict[str, Batch], n: int) -> dict[str, float]:
+    """MatMul/Einsum FLOPs per candidate of each timed signature, traced at the shapes of its ``inputs``.
+
+    A shape the trace leaves open (the behaviour sequence's events are reshaped to (-1, L, F), so their batch is
+    unknown) is read from one call on ``inputs`` and set on the graph before counting."""
     from ranking.runs import load_run
 
     out = {}
     for name, (fn, spec) in endpoints(load_run(run).models.serve, config).items():
-        fixed = {k: tf.TensorSpec([1 if s.shape[0] == 1 else n], s.dtype, name=k) for k, s in spec.items()}
-        out[name] = matmul_flops(tf.function(fn).get_concrete_function(fixed).graph) / n
+        if name not in inputs:
+            continue
+        names = sorted(spec)
+        fixed = [tf.TensorSpec(np.shape(inputs[name][k]), spec[k].dtype, name=k) for k in names]
+        traced = tf.compat.v1.wrap_function(lambda *a, fn=fn, names=names: fn(dict(zip(names, a))), fixed)
+        graph = traced.graph
+        open_ = [t for op in graph.get_operations() if op.type in MATMUL_OPS for t in (*op.inputs, *op.outputs)
+                 if not t.shape.is_fully_defined()]
+        if open_:
+            with graph.as_default():
+                shapes = [tf.shape(t) for t in open_]
+            feeds = [graph.get_tensor_by_name(f"{k}:0") for k in names]
+            measured = traced.prune(feeds, shapes)(*[tf.constant(inputs[name][k]) for k in names])
+            for t, shape in zip(open_, measured):
+                t.set_shape(shape.numpy().tolist())
+        out[name] = matmul_flops(graph) / n
     return out
 
 
@@ -121,7 +140,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
         calls = {s: (lambda s=s: {k: v.numpy() for k, v in fns[s](**tensors[s]).items()}) for s in SIGNATURES}
         outs = {s: calls[s]() for s in SIGNATURES}
         times = timed_round_robin(calls, args.warmup, args.iters, args.block)
-        entry: dict = {"flops_per_candidate": flops_per_candidate(run, sv.config, n) if run else None}
+        entry: dict = {"flops_per_candidate": flops_per_candidate(run, sv.config, inputs, n) if run else None}
         for s in SIGNATURES:
             ms = np.asarray(times[s]) * 1e3
             entry[s] = {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "calls": len(ms),
