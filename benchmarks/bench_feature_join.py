@@ -14,18 +14,27 @@ Usage (from the project root, env active):
     python benchmarks/bench_feature_join.py [--config configs/kuairand.yaml] [--out reports/bench_feature_join.json]
 """
 
+# ruff: noqa: E402  (sys.path is fixed before the project imports)
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this file's folder comes first on sys.path and benchmarks/serving.py would shadow the `serving`
+# package (as in benchmarks/serving.py).
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import pandas as pd
-from _report import write_report
 
+from benchmarks._report import write_report
 from features.logs import join_side_tables, load_side_tables, raw_column, raw_inputs, read_log
 from features.spec import RankstageConfig, load_config
 from features.statistics import serving_joins
@@ -41,8 +50,9 @@ def make_requests(config: RankstageConfig, day: pd.DataFrame, c: int, n: int, se
     """``n`` requests of ``c`` candidates: a logged (user, context) of ``day`` and ``c`` distinct items of the day."""
     rng = np.random.default_rng(seed)
     user, item = config.data.user_column, config.data.item_column
-    # the context and the same-day history lists (match features): sent by the gateway, one per request
-    context = [f for f in config.serving_features if f.group == "context" or f.kind == "match"]
+    # the context, the same-day history lists (match features) and the behaviour sequence: sent by the gateway,
+    # one per request
+    context = [f for f in config.serving_features if f.group == "context" or f.kind in ("match", "sequence")]
     items = day[item].unique()
     requests = []
     for pos in rng.choice(len(day), size=n, replace=False):
