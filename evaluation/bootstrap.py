@@ -82,6 +82,21 @@ def weighted_sums(values: np.ndarray, weights: np.ndarray) -> tuple[int, float, 
     return int(ok.sum()), float(v.sum()), v @ w, w.sum(axis=0)
 
 
+def bootstrap_sums(values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``weighted_sums`` of C cells at once: (U, C) per-unit values (NaN: undefined for that unit) and the units'
+    (U, K) Poisson weights -> per cell: units with a finite value (C,), their sum (C,), (C, K) weighted sums and
+    (C, K) weight totals, in two matrix products for all C cells (one ``weighted_sums`` per cell copies the (U, K)
+    weights of its finite units: 17 of 108 s of the Beam replay at 1M rows). The weight totals are summed once per
+    distinct pattern of defined units (P of them: every ranking shares a metric's)."""
+    ok = np.isfinite(values)  # (U, C)
+    v = np.where(ok, values, 0.0)
+    first: dict[bytes, int] = {}
+    which = np.array([first.setdefault(ok[:, c].tobytes(), len(first)) for c in range(ok.shape[1])], np.int64)
+    patterns = ok[:, np.unique(which, return_index=True)[1]]  # (U, P) one column per distinct pattern
+    totals = patterns.T.astype(np.float64) @ weights  # (P, K)
+    return ok.sum(axis=0), v.sum(axis=0), v.T @ weights, totals[which]
+
+
 def interval_from_sums(rep_sums: np.ndarray, rep_weights: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the replicate means rep_sums / rep_weights (replicates of weight 0 dropped)."""
     ok = rep_weights > 0

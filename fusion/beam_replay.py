@@ -31,7 +31,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from evaluation.bootstrap import interval_from_sums, poisson_weights
+from evaluation.bootstrap import bootstrap_sums, interval_from_sums, poisson_weights
 from evaluation.lists import Lists, key_hash
 from evaluation.scoring import SCORED_META, ScoredLog, corrected_predictions, scored_table
 from features import examples
@@ -312,21 +312,6 @@ class ListMetrics(beam.DoFn):
             out["metrics"] = {name: metrics_by_width(scored, lists, prof, self.k, self.calibration)
                               for name, prof in self.profiles.items()}
         yield out
-
-
-def bootstrap_sums(values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(L, C) per-list values of C cells (NaN: undefined for that list) and the lists' (L, K) Poisson weights ->
-    per cell: lists with a finite value (C,), their sum (C,), (C, K) weighted sums and (C, K) weight totals, each
-    column what ``evaluation.bootstrap.weighted_sums`` gives for it, in two matrix products for all C cells (one
-    ``weighted_sums`` per cell copied the (L, K) weights of its finite lists: 17 of 108 s at 1M rows). The weight
-    totals are summed once per distinct pattern of defined lists (U of them: every ranking shares a metric's)."""
-    ok = np.isfinite(values)  # (L, C)
-    v = np.where(ok, values, 0.0)
-    first: dict[bytes, int] = {}
-    which = np.array([first.setdefault(ok[:, c].tobytes(), len(first)) for c in range(ok.shape[1])], np.int64)
-    patterns = ok[:, np.unique(which, return_index=True)[1]]  # (L, U) one column per distinct pattern
-    totals = patterns.T.astype(np.float64) @ weights  # (U, K)
-    return ok.sum(axis=0), v.sum(axis=0), v.T @ weights, totals[which]
 
 
 class ReplayCombineFn(beam.CombineFn):

@@ -130,8 +130,7 @@ def test_poisson_weights_are_poisson_one_and_a_function_of_the_key_only():
 
 
 def test_bootstrap_sums_of_all_cells_equal_weighted_sums_cell_by_cell():
-    from evaluation.bootstrap import weighted_sums
-    from fusion.beam_replay import bootstrap_sums
+    from evaluation.bootstrap import bootstrap_sums, weighted_sums
 
     rng = np.random.default_rng(0)
     values = rng.normal(size=(300, 7))
