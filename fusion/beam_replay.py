@@ -32,7 +32,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from evaluation.bootstrap import bootstrap_sums, interval_from_sums, poisson_weights
-from evaluation.lists import Lists, key_hash
+from evaluation.lists import key_hash
 from evaluation.scoring import SCORED_META, ScoredLog, corrected_predictions, scored_table
 from features import examples
 from features.logfiles import rss_gb
@@ -265,35 +265,8 @@ def bucket_scored_log(bucket: dict[str, np.ndarray], model: dict, list_column: s
                      {c: bucket[c].astype(np.float64) for c in truth_columns})
 
 
-def by_width(lists: Lists) -> list[tuple[np.ndarray, Lists]]:
-    """``lists`` split by length into classes up to a power of two -> (positions in ``lists``, those lists cut to
-    their class's longest) per class. A bucket's (L, M) matrices are as wide as its longest list: at 1M synthetic
-    rows a list holds 15 rows on average and a bucket's longest ~110, so 7.6x the rows; a class pads at most 2x.
-    Each list's metrics are unchanged: trailing padding never ranks, ties or counts."""
-    width = np.left_shift(1, np.ceil(np.log2(lists.lengths)).astype(np.int64))  # (L,) next power of two
-    classes = []
-    for w in np.unique(width):
-        at = np.flatnonzero(width == w)
-        classes.append((at, Lists(lists.index[at, :int(lists.lengths[at].max())], lists.lengths[at])))
-    return classes
-
-
-def metrics_by_width(scored: ScoredLog, lists: Lists, profile, k: int, calibration: dict | None = None
-                     ) -> dict[str, np.ndarray]:
-    """``fusion.replay.per_list_metrics`` of ``lists`` (L,) per metric, in the order of ``lists``, computed on
-    each class of ``by_width`` (the same values as on the whole, to an ulp, with less padding)."""
-    from fusion.replay import per_list_metrics
-
-    out: dict[str, np.ndarray] = {}
-    for at, part in by_width(lists):
-        for name, v in per_list_metrics(scored, part, profile, k, calibration).items():
-            out.setdefault(name, np.full(len(lists.lengths), np.nan))[at] = v
-    return out
-
-
 class ListMetrics(beam.DoFn):
-    """A scored bucket -> its lists' metrics for every profile (``per_list_metrics`` by list width,
-    ``metrics_by_width``), counts and list hashes."""
+    """A scored bucket -> its lists' metrics for every profile (``per_list_metrics``), counts and list hashes."""
 
     def __init__(self, model: dict, profiles: dict, group: str, min_list: int, k: int, calibration: dict | None,
                  list_column: str | None = None, truth_columns: tuple[str, ...] = ()):
@@ -301,7 +274,7 @@ class ListMetrics(beam.DoFn):
         self.calibration, self.list_column, self.truth_columns = calibration, list_column, truth_columns
 
     def process(self, bucket):
-        from fusion.replay import list_counts, make_lists, ndcg_tasks
+        from fusion.replay import list_counts, make_lists, ndcg_tasks, per_list_metrics
 
         scored = bucket_scored_log(bucket, self.model, self.list_column, self.truth_columns)
         lists = make_lists(scored, self.group, self.min_list)
@@ -309,7 +282,7 @@ class ListMetrics(beam.DoFn):
         if len(lists.lengths):
             out["counts"] = list_counts(lists, scored.labels, ndcg_tasks(scored))
             out["hash"] = bucket[HASH][lists.index[:, 0]]  # (L,) the list key's hash, from its first row
-            out["metrics"] = {name: metrics_by_width(scored, lists, prof, self.k, self.calibration)
+            out["metrics"] = {name: per_list_metrics(scored, lists, prof, self.k, self.calibration)
                               for name, prof in self.profiles.items()}
         yield out
 

@@ -146,38 +146,6 @@ def test_bootstrap_sums_of_all_cells_equal_weighted_sums_cell_by_cell():
     assert n[6] == 0 and not rw[6].any()
 
 
-def test_metrics_by_list_width_equal_the_metrics_of_all_lists_at_once():
-    # lists of 1..120 rows (each class of widths padded to its own longest), scores with ties, a list without a click
-    from evaluation.scoring import ScoredLog
-    from fusion.beam_replay import by_width, metrics_by_width
-    from fusion.config import FusionProfile
-    from fusion.replay import make_lists, per_list_metrics
-
-    rng = np.random.default_rng(1)
-    lengths = np.array([1, 3, 5, 8, 9, 16, 17, 40, 64, 65, 120])
-    user = np.repeat(np.arange(len(lengths)), lengths)
-    n = len(user)
-    click = (rng.random(n) < 0.3).astype(np.float32)
-    click[user == 2] = 0
-    scored = ScoredLog(user, np.full(n, 20230101), rng.permutation(n),
-                       {"click": np.round(rng.random(n), 1).astype(np.float32),
-                        "watch_time": rng.exponential(10, n).astype(np.float32)},
-                       {"click": click, "watch_time": rng.exponential(10, n).astype(np.float32)},
-                       {"task_types": {"click": "binary", "watch_time": "watch_time"}})
-    lists = make_lists(scored, "user_day", 1)
-    assert [len(part.lengths) for _, part in by_width(lists)] == [1, 1, 2, 2, 1, 2, 2]  # widths 1, 4, ..., 128
-    assert [part.index.shape[1] for _, part in by_width(lists)] == [1, 3, 8, 16, 17, 64, 120]
-    for profile in (None, FusionProfile(formula="weighted_sum", weights={"click": 1.0}),
-                    FusionProfile(formula="weighted_sum", weights={"click": 1.0, "watch_time": 0.05})):
-        want = per_list_metrics(scored, lists, profile, 5)
-        got = metrics_by_width(scored, lists, profile, 5)
-        assert set(got) == set(want)
-        for name, v in want.items():
-            # NaN where undefined; an ulp apart at most (the DCG's matrix-vector product rounds by shape)
-            np.testing.assert_allclose(got[name], v, rtol=1e-14, atol=0, err_msg=name)
-    assert np.isnan(got["click/ndcg@5"][2])
-
-
 def test_read_groups_cut_files_by_size_in_order(tmp_path):
     from fusion.beam_replay import read_groups
 

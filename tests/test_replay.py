@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation.lists import group_lists, list_metrics, ndcg_at_k, paired_difference, summarise
+from evaluation.lists import (
+    by_width,
+    group_lists,
+    list_metrics,
+    ndcg_at_k,
+    padded_list_metrics,
+    paired_difference,
+    summarise,
+)
 from evaluation.scoring import ScoredLog
 from features.logs import iter_log_chunks, join_side_tables, load_side_tables, read_log
 from features.spec import DataConfig, JoinSpec
@@ -209,3 +217,34 @@ def test_the_three_ndcg_entry_points_agree_on_ties_with_the_hand_worked_value():
     from_debias = ndcg_per_list(users, score, gain)
     for name, got in (("per_list_ndcg", from_metrics), ("list_metrics", from_lists), ("ndcg_per_list", from_debias)):
         np.testing.assert_allclose(got, expected, rtol=1e-12, err_msg=name)
+
+
+def test_metrics_by_list_width_equal_the_metrics_of_all_lists_at_once():
+    # lists of 1..120 rows (each class of widths padded to its own longest), scores with ties, a list without a click
+    from fusion.replay import make_lists, ndcg_tasks, sum_tasks
+
+    rng = np.random.default_rng(1)
+    lengths = np.array([1, 3, 5, 8, 9, 16, 17, 40, 64, 65, 120])
+    user = np.repeat(np.arange(len(lengths)), lengths)
+    n = len(user)
+    click = (rng.random(n) < 0.3).astype(np.float32)
+    click[user == 2] = 0
+    scored = ScoredLog(user, np.full(n, 20230101), rng.permutation(n),
+                       {"click": np.round(rng.random(n), 1).astype(np.float32),
+                        "watch_time": rng.exponential(10, n).astype(np.float32)},
+                       {"click": click, "watch_time": rng.exponential(10, n).astype(np.float32)},
+                       {"task_types": {"click": "binary", "watch_time": "watch_time"}})
+    lists = make_lists(scored, "user_day", 1)
+    assert [len(part.lengths) for _, part in by_width(lists)] == [1, 1, 2, 2, 1, 2, 2]  # widths 1, 4, ..., 128
+    assert [part.index.shape[1] for _, part in by_width(lists)] == [1, 3, 8, 16, 17, 64, 120]
+    for profile in (None, FusionProfile(formula="weighted_sum", weights={"click": 1.0}),
+                    FusionProfile(formula="weighted_sum", weights={"click": 1.0, "watch_time": 0.05})):
+        score = None if profile is None else profile.score(scored.predictions)
+        args = (scored.labels, 5, ndcg_tasks(scored), sum_tasks(scored))
+        want = padded_list_metrics(lists, score, *args)
+        got = list_metrics(lists, score, *args)
+        assert set(got) == set(want)
+        for name, v in want.items():
+            # NaN where undefined; an ulp apart at most (the DCG's matrix-vector product rounds by shape)
+            np.testing.assert_allclose(got[name], v, rtol=1e-14, atol=0, err_msg=name)
+    assert np.isnan(got["click/ndcg@5"][2])
