@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kuairand_days import LOGS, seed_row  # noqa: E402  (scripts/ is on sys.path as the script's directory)
+from kuairand_days import seed_row, through_day  # noqa: E402  (scripts/ is on sys.path as the script's directory)
 
 CHAIN = [20220501, 20220502, 20220503]
 FIGURES = [("click", "auc"), ("click", "gauc"), ("like", "auc"), ("long_view", "auc"), ("watch_time", "spearman")]
@@ -53,25 +53,16 @@ def main() -> None:
     os.chdir(ROOT)  # the config's side-table paths are relative to the project root
 
     from features.logs import read_log
-    from features.spec import load_config, parse_config
     from ranking.judging import judged_predictions, judged_report
     from ranking.runs import load_run
     from ranking.train import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_config(args.config).model_dump()
-    base["data"]["log"] = LOGS
-    base["data"]["statistics"]["path"] = str(out / "stats")
-
-    def config(seed: int, until: int, **training):
-        d = json.loads(json.dumps(base))
-        d["data"]["until"] = until
-        d["training"].update(seed=seed, **training)
-        return parse_config(d, f"daily chain seed {seed} until {until}")
-
-    frame = read_log(config(0, 20220504).data)
-    col = frame.columns[frame.columns.get_loc(base["data"]["time_column"])]
+    config = through_day(args.config, out / "stats", "daily chain")
+    data = config(0, 20220504).data
+    frame = read_log(data)
+    col = data.time_column
     results: dict = {"seeds": args.seeds, "warm_epochs": args.warm_epochs, "warm_lr": args.warm_lr,
                      "warm_buffer": args.warm_buffer, "reuse": args.reuse,
                      "train_stale": args.train_stale, "fresh_adam": args.fresh_adam,

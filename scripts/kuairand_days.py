@@ -1,8 +1,11 @@
-"""What the KuaiRand day-judging scripts (daily_chain.py, default_vs_plain.py, gbdt_sequence_eval.py) share: the ten
-bundled days as one log, the figures a judged day reports, and the markdown row of a model's figures over seeds."""
+"""What the KuaiRand day-judging scripts (daily_chain.py, default_vs_plain.py, gbdt_sequence_eval.py,
+time_daily_update.py) share: the ten bundled days as one log, a config on them through a given day, the figures a
+judged day reports, and the markdown row of a model's figures over seeds."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,23 @@ LOGS = [str(DATA / f"log_standard_pure_{span}.csv") for span in ("20220425_to_20
 # (task, metric) of ``ranking.judging.judged_report`` each judged day reports
 FIGURES = [("click", "auc"), ("click", "gauc"), ("click", "ndcg@5"), ("like", "auc"), ("long_view", "auc"),
            ("watch_time", "spearman")]
+
+
+def through_day(config_path: str | Path, stats_path: str | Path, label: str) -> Callable:
+    """``config(seed, until, **training)``: the config at ``config_path`` on the ten days (statistics snapshots under
+    ``stats_path``) with ``data.until`` = ``until``, ``training.seed`` = ``seed`` and the ``training`` overrides."""
+    from features.spec import load_config, parse_config
+
+    base = load_config(config_path).model_dump()
+    base["data"]["log"], base["data"]["statistics"]["path"] = LOGS, str(stats_path)
+
+    def config(seed: int, until: int, **training):
+        d = json.loads(json.dumps(base))
+        d["data"]["until"] = until
+        d["training"].update(seed=seed, **training)
+        return parse_config(d, f"{label} seed {seed} until {until}")
+
+    return config
 
 
 def seed_row(name: str, rows: list[dict], names: list[str]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kuairand_days import LOGS  # noqa: E402  (scripts/ is on sys.path as the script's directory)
+from kuairand_days import through_day  # noqa: E402  (scripts/ is on sys.path as the script's directory)
 
 
 def main() -> None:
@@ -31,18 +31,13 @@ def main() -> None:
     args = ap.parse_args()
     os.chdir(ROOT)  # the config's side-table paths are relative to the project root
 
-    from features.spec import load_config, parse_config
     from ranking.train import train
 
     out = Path(tempfile.mkdtemp(prefix="time_daily_update_"))
-    base = load_config(args.config).model_dump()
-    base["data"]["log"], base["data"]["statistics"]["path"] = LOGS, str(out / "stats")
+    through = through_day(args.config, out / "stats", "time_daily_update")
 
     def config(**training):
-        d = json.loads(json.dumps(base))
-        d["data"]["until"] = args.day
-        d["training"].update(seed=args.seed, **training)
-        return parse_config(d, "time_daily_update")
+        return through(args.seed, args.day, **training)
 
     updates = {
         "warm start, all weights": lambda: train(config(epochs=1), out / "warm_all", verbose=False,
