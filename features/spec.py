@@ -275,6 +275,10 @@ class TrainingConfig(Strict):
     # (every other weight stays the parent's: attention, experts, gates, towers). Measured on the daily chain:
     # benchmarks/results/daily_chain.md
     warm_start_update: Literal["all", "embeddings"] = "all"
+    # the fraction of its update a warm start's dense weights keep (ranking.warm_start.blend_dense): after training
+    # on the new day(s), each weight outside the embedding tables and the logits' biases becomes parent + blend x
+    # (trained - parent); 1 keeps the update whole
+    warm_start_blend: float = Field(1.0, ge=0, le=1)
 
 
 class JoinSpec(Strict):

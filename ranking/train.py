@@ -220,7 +220,12 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
     art.validation_periods = val_periods
     art.rows["validation"] = n_val
     if parent is not None:
-        art.lineage = {**ws.lineage(parent, days), "grown": grew}
+        blend = config.training.warm_start_blend
+        if blend < 1 and config.training.warm_start_update == "all":
+            n = ws.blend_dense(parent.run.models, models, config, blend)
+            if verbose:
+                print(f"dense weights blended: parent + {blend:g} x update ({n} variables)", flush=True)
+        art.lineage = {**ws.lineage(parent, days), "grown": grew, "blend": blend}
         val_metrics = {}
         if verbose:
             shown = ", ".join(f"{k.split('/')[0]} {a} -> {b} rows" for k, (a, b) in grew.items())

@@ -175,6 +175,25 @@ def dense_paths(models: RankingModels, config: RankstageConfig) -> frozenset[str
     return frozenset(v.path for v in models.train.trainable_variables if v.path not in kept)
 
 
+def blend_dense(parent: RankingModels, child: RankingModels, config: RankstageConfig, blend: float) -> int:
+    """Each of ``child``'s ``dense_paths`` weights (trained on the new days) set to parent + ``blend`` x (trained -
+    parent), in place: an interpolation of the two networks' dense weights (as WiSE-FT does for fine-tuning); the
+    embedding tables and the logits' biases keep their whole update. -> how many variables were blended."""
+    dense = dense_paths(child, config)
+    before = {v.path: v for v in parent.train.weights}
+    n = 0
+    for v in child.train.weights:
+        if v.path not in dense:
+            continue
+        if v.path not in before or tuple(before[v.path].shape) != tuple(v.shape):
+            raise ConfigError(f"training.warm_start_blend: the parent has no variable {v.path!r} of shape "
+                              f"{tuple(v.shape)}")
+        p = before[v.path].numpy()
+        v.assign(p + blend * (v.numpy() - p))
+        n += 1
+    return n
+
+
 def parent_optimizer(parent: Parent) -> dict[str, np.ndarray] | None:
     """The parent run's saved Adam state (``ranking.runs.optimizer_state``), None if it kept none."""
     path = parent.run_dir / OPTIMIZER_FILE

@@ -138,6 +138,30 @@ def test_an_embeddings_only_update_leaves_every_other_weight_and_its_adam_moment
                       - state["m/user_id_embedding/embeddings"]).max() > 0
 
 
+def test_a_blended_update_keeps_the_stated_fraction_of_the_dense_weights_move_and_all_of_the_tables(chain,
+                                                                                                   tmp_path):
+    """``training.warm_start_blend: 0.25``: each dense weight ends at parent + 0.25 x (the whole update's weight -
+    parent); the embedding tables and the logits' biases as the whole update left them."""
+    config, parent, child, _ = chain
+    d = config.model_dump()
+    d["training"]["warm_start_blend"] = 0.25
+    blended = train(parse_config(d, "test"), tmp_path / "blended", verbose=False, warm_start=parent)
+    p, b, a = load_run(parent), load_run(blended), load_run(child)
+    dense = ws.dense_paths(b.models, b.config)
+    before = {v.path: v.numpy() for v in p.models.train.weights}
+    whole = {v.path: v.numpy() for v in a.models.train.weights}
+    moved = 0.0
+    for v in b.models.train.weights:
+        if v.path in dense:
+            np.testing.assert_allclose(v.numpy(), before[v.path] + 0.25 * (whole[v.path] - before[v.path]),
+                                       atol=1e-6, err_msg=v.path)
+            moved = max(moved, float(np.abs(whole[v.path] - before[v.path]).max()))
+        else:
+            np.testing.assert_allclose(v.numpy(), whole[v.path], atol=1e-6, err_msg=v.path)
+    assert moved > 1e-3  # the whole update moved the dense weights, so the blend is seen
+    assert b.artifacts["lineage"]["blend"] == 0.25
+
+
 def test_a_parent_of_another_spec_is_refused_naming_the_difference(chain, tmp_path):
     config, parent, _, _ = chain
     other = config.with_model(expert_units=[32])
