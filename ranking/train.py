@@ -225,7 +225,16 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
             n = ws.blend_dense(parent.run.models, models, config, blend)
             if verbose:
                 print(f"dense weights blended: parent + {blend:g} x update ({n} variables)", flush=True)
-        art.lineage = {**ws.lineage(parent, days), "grown": grew, "blend": blend}
+        shifts = {}
+        if config.training.warm_start_recenter:
+            judged = (judged_predictions(config, models, train_rows, art.sampling) if examples is None else
+                      judged_from_records(config, models, train_rows, art.sampling))
+            shifts = ws.recenter_biases(models, config, judged, max(days))
+            if verbose:
+                shown = ", ".join(f"{k} {v:+.3f}" for k, v in shifts.items())
+                print(f"logit biases recentred on {config.data.time_column} {max(days)}: {shown or 'none'}",
+                      flush=True)
+        art.lineage = {**ws.lineage(parent, days), "grown": grew, "blend": blend, "recentred": shifts}
         val_metrics = {}
         if verbose:
             shown = ", ".join(f"{k.split('/')[0]} {a} -> {b} rows" for k, (a, b) in grew.items())
