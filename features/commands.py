@@ -15,7 +15,8 @@ def cmd_features_build(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set, None)
     manifest = build_features(config, args.out, runner=args.runner, pipeline_args=args.pipeline_args,
                               log=args.data, buckets=args.buckets, passes=args.passes,
-                              rows_per_pass=args.rows_per_pass)
+                              rows_per_pass=args.rows_per_pass,
+                              formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()))
     print(f"wrote {args.out}: {manifest['rows']} rows, days {list(manifest['rows_per_day'])}, "
           f"{manifest['seconds']} s")
 
@@ -35,4 +36,7 @@ def register(sub) -> None:
     b.add_argument("--passes", type=int, help="passes over disjoint users, each holding only its rows in the "
                    "runner's shuffles (default: one per --rows-per-pass rows)")
     b.add_argument("--rows-per-pass", type=int, default=1_000_000, help="rows per pass when --passes is not given")
+    b.add_argument("--formats", default="tfrecord", help="shard formats, comma-separated: tfrecord (what training "
+                   "reads), parquet (part-*.parquet beside each TFRecord shard, the same rows: the Beam replay reads "
+                   "them ~9x cheaper; +40%% disk, ~1%% more build CPU); e.g. --formats tfrecord,parquet")
     b.set_defaults(func=cmd_features_build, pipeline_args=[])

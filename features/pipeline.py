@@ -18,6 +18,7 @@ examples equal ``frame_columns(read_log(...))`` row for row (``tests/test_featur
 Output (``build_features``), all of it or nothing (built beside ``out_dir`` and renamed into place)::
 
     examples/date=<time value>/part-<bucket>.tfrecord.gz   features.examples records of that day
+    examples/date=<time value>/part-<bucket>.parquet       the same rows as Parquet (``formats`` with "parquet")
     schema.json                                            [{name, kind}] of the records
     stats/train.json, stats/window.json                    features.vocab.save_stats of the training days / all
     statistics/<key>.parquet                               the newest snapshot (features.statistics.snapshot_tables)
@@ -209,15 +210,22 @@ def finish_partial(partial, feature) -> FeatureStats:
 def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "DirectRunner",
                    pipeline_args=(), log: str | Path | list | None = None, verbose: bool = True,
                    buckets: int | None = None, batch_rows: int = 65536, passes: int | None = None,
-                   rows_per_pass: int = 1_000_000, days: DaySelect | None = None) -> dict:
+                   rows_per_pass: int = 1_000_000, days: DaySelect | None = None,
+                   formats: tuple[str, ...] = (examples.TFRECORD,)) -> dict:
     """Run the feature pipeline over ``log`` (default ``config.data.log``) on ``runner`` into ``out_dir``; the
     manifest. ``pipeline_args`` are Beam pipeline options (``--direct_num_workers 2`` ...). The rows go through in
     ``passes`` passes of disjoint users (default: enough for ``rows_per_pass`` rows each), each grouped into
     ``buckets`` hash buckets of users and keys (default ``default_buckets``). ``days``: examples of
-    those days only (the statistics still see every earlier day; feature stats are of those days). ``out_dir`` must not
-    exist; it appears whole when the run succeeds and not at all when it fails."""
+    those days only (the statistics still see every earlier day; feature stats are of those days). ``formats``: the
+    shard formats written, of ``features.examples.FORMATS`` (training reads "tfrecord"; the Beam replay reads
+    "parquet" when it is there). ``out_dir`` must not exist; it appears whole when the run succeeds and not at all
+    when it fails."""
     t0 = time.perf_counter()
     out = Path(out_dir)
+    formats = tuple(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in examples.FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"--formats {','.join(formats)}: expected one or more of {','.join(examples.FORMATS)}")
     if out.exists():
         raise FileExistsError(f"--out {out}: already exists (the pipeline writes a new directory)")
     files = log_files(config.data.log if log is None else log)
@@ -239,11 +247,12 @@ def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "
         (tmp / "schema.json").write_text(json.dumps([asdict(c) for c in cols], indent=1))
         say(f"running on {runner} {' '.join(pipeline_args)}".rstrip())
         summary = run_pipeline(config, files, tmp, cols, runner, list(pipeline_args), buckets, batch_rows, verbose,
-                               passes, days)
+                               passes, days, formats)
         manifest = {"config": config.name, "log_files": [str(f) for f in files],
                     "rows_per_day": summary["rows_per_day"], "rows": sum(summary["rows_per_day"].values()),
                     "train_days": summary["train"], "validation_days": summary["validation"],
-                    "runner": runner, "pipeline_args": list(pipeline_args), "buckets": buckets, "passes": passes,
+                    "formats": list(formats), "runner": runner, "pipeline_args": list(pipeline_args),
+                    "buckets": buckets, "passes": passes,
                     "days": asdict(days) if days is not None else None,
                     "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -297,7 +306,7 @@ def preflight(config: RankstageConfig, files: list[Path], sample_rows: int = 200
 
 def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: list[examples.Column], runner: str,
                  pipeline_args: list[str], buckets: int, batch_rows: int, verbose: bool, passes: int = 1,
-                 select: DaySelect | None = None) -> dict:
+                 select: DaySelect | None = None, formats: tuple[str, ...] = (examples.TFRECORD,)) -> dict:
     """Phase 1, one pipeline over the whole log: the day split and the statistics tables by day (combines only:
     memory in keys x days, never in rows), written under ``tmp``. Phase 2, ``passes`` pipelines, each over the rows
     of 1/passes of the users (a user's rows all in one pass): history lists and statistics joined, examples
@@ -314,7 +323,7 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
     past_lists = d.history is not None and any(lst.scope == "all" for lst in d.history.lists)
     say = (lambda msg: print(f"features build: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
     t0 = time.perf_counter()
-    with _one_line_errors():
+    with one_line_errors():
         with beam.Pipeline(options=options) as p:
             frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, columns=aggregated_columns(config))
             times = (frames | "TimeValues" >> beam.Map(lambda f: set(f[d.time_column].unique().tolist()))
@@ -346,7 +355,7 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
                     frames = frames | "SelectDays" >> beam.FlatMap(_selected_rows, select, d.time_column)
                 prefix = f"p{index:03d}-" if passes > 1 else ""
                 written = frames | "WriteExamples" >> beam.ParDo(
-                    _WriteExamples(config, cols, str(tmp / "examples"), verbose, prefix),
+                    _WriteExamples(config, cols, str(tmp / "examples"), verbose, prefix, formats),
                     plan["first_day"], split).with_outputs("stats", main="rows")
                 (written.rows | "RowsPerDay" >> beam.CombinePerKey(sum) | "AllDays" >> beam.combiners.ToDict()
                  | "SaveRows" >> beam.Map(_save_pickle, str(tmp / f".rows-{index}.pkl")))
@@ -381,7 +390,7 @@ def aggregated_columns(config: RankstageConfig) -> list[str]:
 
 
 @contextmanager
-def _one_line_errors():
+def one_line_errors():
     """A runner wraps a worker's ConfigError in its own exception: give back the one line."""
     try:
         yield
@@ -642,11 +651,14 @@ class JoinByBucket(beam.PTransform):
 
 
 class _WriteExamples(beam.DoFn):
-    """(bucket, joined rows) -> one shard per day of the rows' records; outputs (time value, rows) and, tagged
-    "stats", ((split, feature), partial) for the training days and the whole window."""
+    """(bucket, joined rows) -> one shard per day of the rows' records in each of ``formats`` (the Parquet file
+    from the same columns the records are encoded from); outputs (time value, rows) and, tagged "stats",
+    ((split, feature), partial) for the training days and the whole window."""
 
-    def __init__(self, config: RankstageConfig, cols, out: str, verbose: bool, prefix: str = ""):
+    def __init__(self, config: RankstageConfig, cols, out: str, verbose: bool, prefix: str = "",
+                 formats: tuple[str, ...] = (examples.TFRECORD,)):
         self.config, self.cols, self.out, self.verbose, self.prefix = config, cols, out, verbose, prefix
+        self.formats = formats
 
     def process(self, element, first_day, split):
         bucket, frame = element
@@ -656,12 +668,17 @@ class _WriteExamples(beam.DoFn):
                                        d.statistics)]
         frame = frame.reset_index(drop=True)
         columns = examples.frame_columns(frame, self.config, frame[ROW].to_numpy())
-        records = examples.encode(columns, self.cols)  # one call per group: encode's cost is mostly per call
+        # one call per group: encode's cost is mostly per call
+        records = examples.encode(columns, self.cols) if examples.TFRECORD in self.formats else None
         times = frame[d.time_column].to_numpy()
         for value in pd.unique(times).tolist():  # Python values: deterministic keys
             at = times == value
-            path = Path(self.out) / f"date={value}" / f"part-{self.prefix}{bucket:05d}{examples.SUFFIX}"
-            examples.write_shard(path, records[at])
+            stem = Path(self.out) / f"date={value}" / f"part-{self.prefix}{bucket:05d}"
+            if records is not None:
+                examples.write_shard(stem.with_name(stem.name + examples.SUFFIX), records[at])
+            if examples.PARQUET in self.formats:
+                examples.write_parquet(stem.with_name(stem.name + examples.PARQUET_SUFFIX),
+                                       {k: v[at] for k, v in columns.items()}, self.cols)
             yield value, int(at.sum())
         for name, days in ((TRAIN, split[TRAIN]), (WINDOW, split[TRAIN] + split["validation"])):
             rows = np.isin(times, days)

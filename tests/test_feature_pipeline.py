@@ -1,7 +1,7 @@
 """The Beam feature pipeline against the in-memory path: on the bundled KuaiRand log (statistics and history lists)
-its examples are ``frame_columns(read_log(...))`` row for row and column for column, its feature stats are
-``build_stats`` of ``time_split``'s rows, its snapshot is ``snapshot_tables``'; bad input fails in one line and
-leaves no output directory."""
+its examples are ``frame_columns(read_log(...))`` row for row and column for column, its Parquet shards hold its
+TFRecord shards' rows file for file, its feature stats are ``build_stats`` of ``time_split``'s rows, its snapshot is
+``snapshot_tables``'; bad input fails in one line and leaves no output directory."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def built(kuairand_config, tmp_path_factory):
     # the daily sums summed as they arrive (every input past the summed frame's size), as a large log's are
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline._SumFrames, "MIN_PENDING", 1)
-        manifest = build_features(kuairand_config, out, verbose=False, buckets=8, batch_rows=16384, passes=2)
+        manifest = build_features(kuairand_config, out, verbose=False, buckets=8, batch_rows=16384, passes=2,
+                                  formats=("tfrecord", "parquet"))
     return out, manifest
 
 
@@ -63,6 +64,35 @@ def test_examples_equal_the_in_memory_frame_row_for_row(kuairand_config, kuairan
     rows = frame[kuairand_config.data.time_column].value_counts()
     assert manifest["rows_per_day"] == {str(k): int(v) for k, v in sorted(rows.items())}
     assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_the_parquet_shards_hold_the_tfrecord_shards_rows_file_for_file(built):
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    out, manifest = built
+    assert manifest["formats"] == ["tfrecord", "parquet"]
+    cols = [examples.Column(**c) for c in json.loads((out / "schema.json").read_text())]
+    records = sorted((out / "examples").glob("date=*/part-*" + examples.SUFFIX))
+    assert len(records) > 10 and sorted((out / "examples").glob("date=*/part-*" + examples.PARQUET_SUFFIX)) == \
+        sorted(f.with_name(f.name.removesuffix(examples.SUFFIX) + examples.PARQUET_SUFFIX) for f in records)
+    parquet = [f.with_name(f.name.removesuffix(examples.SUFFIX) + examples.PARQUET_SUFFIX) for f in records]
+    names = [str(f) for f in records]  # the file of every record, in one pipeline: as many rows in each file
+    files = tf.data.Dataset.from_tensor_slices(np.arange(len(names))).flat_map(
+        lambda i: tf.data.TFRecordDataset(tf.gather(names, i), "GZIP").map(lambda _: i))
+    counts = np.bincount(np.concatenate([b.numpy() for b in files.batch(1 << 16)]), minlength=len(names))
+    assert [pq.read_metadata(g).num_rows for g in parquet] == counts.tolist()
+    want, got = examples.read_columns(records, cols), examples.read_parquet_columns(parquet, cols)
+    assert len(want[examples.ROW]) == sum(manifest["rows_per_day"].values())
+    for c in cols:  # the same rows in the same order, the same dtypes
+        assert got[c.name].dtype == want[c.name].dtype, c.name
+        np.testing.assert_array_equal(got[c.name], want[c.name], err_msg=c.name)  # NaN == NaN
+
+
+def test_unknown_shard_formats_are_refused_before_any_work(kuairand_config, tmp_path):
+    with pytest.raises(ConfigError, match="--formats tfrecord,orc: expected one or more of tfrecord,parquet"):
+        build_features(kuairand_config, tmp_path / "out", verbose=False, formats=("tfrecord", "orc"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_feature_stats_equal_build_stats_of_the_time_split(kuairand_config, kuairand_frame, built):
