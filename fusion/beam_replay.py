@@ -1,14 +1,17 @@
 """Replay on Apache Beam: the logged lists of training-example shards scored with ``RunInference``, ranked by each
 fusion profile and measured, with means and Poisson-bootstrap intervals combined across workers.
 
-    ReadExampleShards | RunInference(ServableHandler) | GroupIntoLists | ListMetrics | CombineGlobally(ReplayCombineFn)
+    ReadExampleShards or ReadParquetShards | RunInference(ServableHandler) | GroupIntoLists | ListMetrics
+        | CombineGlobally(ReplayCombineFn)
 
 Input: the feature pipeline's layout, ``DIR/examples/date=<day>/part-*.tfrecord.gz`` and ``DIR/schema.json``
-(``features.examples``). Work is per batch, never per impression: groups of files are read with tf.data in record
-batches, each batch is scored as it is read (one signature call per batch: a row's score does not depend on its
-list), then cut by a hash of its rows' list key into ``buckets`` fragments of only the columns the metrics need
-(keys, labels, predictions), and a bucket (every row of its lists, from every file) is the element that is grouped
-and measured. The features never reach the shuffle.
+(``features.examples``), or the same rows as ``part-*.parquet`` when the pipeline wrote them (``features build
+--formats tfrecord,parquet``; ``input_shards`` chooses, ``--read-format``). Work is per batch, never per impression:
+groups of files are read in batches of rows (TFRecords with tf.data, ``ReadExampleShards``; Parquet with pyarrow,
+``ReadParquetShards``: the same batches of the same numpy columns), each batch is scored as it is read (one
+signature call per batch: a row's score does not depend on its list), then cut by a hash of its rows' list key into
+``buckets`` fragments of only the columns the metrics need (keys, labels, predictions), and a bucket (every row of
+its lists, from every file) is the element that is grouped and measured. The features never reach the shuffle.
 A list lives in exactly one bucket, so the per-list metrics are those of the in-process replay: the same
 ``correct_outputs`` (via ``evaluation.scoring.corrected_predictions``), ``calibrate``, ``FusionProfile.score`` and
 ``fusion.replay.per_list_metrics`` / ``list_counts`` on a ``ScoredLog`` of the bucket.
@@ -36,6 +39,7 @@ from evaluation.lists import key_hash
 from evaluation.scoring import SCORED_META, ScoredLog, corrected_predictions, scored_table
 from features import examples
 from features.logfiles import rss_gb
+from features.pipeline import one_line_errors
 from features.spec import ConfigError
 
 PRED = "pred/"
@@ -55,17 +59,67 @@ def read_schema(examples_dir: str) -> list[examples.Column]:
         return [examples.Column(c["name"], c["kind"]) for c in json.loads(f.read())]
 
 
-def shard_files(examples_dir: str, days: list[int] | None = None) -> list[str]:
-    """The example shards of ``days`` (all days if None), by day directory, sorted."""
+def shard_files(examples_dir: str, days: list[int] | None = None, suffix: str = examples.SUFFIX,
+                missing_ok: bool = False) -> list[str]:
+    """The example shards (``suffix``: TFRecord or Parquet) of ``days`` (all days if None), by day directory,
+    sorted."""
     from apache_beam.io.filesystems import FileSystems
 
     root = f"{examples_dir.rstrip('/')}/examples"
-    patterns = [f"{root}/date={d}/part-*{examples.SUFFIX}" for d in days] if days else \
-        [f"{root}/date=*/part-*{examples.SUFFIX}"]
+    patterns = [f"{root}/date={d}/part-*{suffix}" for d in days] if days else [f"{root}/date=*/part-*{suffix}"]
     files = sorted(m.path for r in FileSystems.match(patterns) for m in r.metadata_list)
-    if not files:
+    if not files and not missing_ok:
         raise ConfigError(f"--examples {examples_dir}: no shards {' or '.join(patterns)}")
     return files
+
+
+READ_FORMATS = ("auto", examples.TFRECORD, examples.PARQUET)
+
+
+def input_shards(examples_dir: str, days: list[int] | None, read_format: str = "auto"
+                 ) -> tuple[str, list[str], dict[str, str]]:
+    """-> (format, shard files the replay reads, the TFRecord twin of each Parquet file). "auto": Parquet when the
+    days hold Parquet shards, else TFRecord. Parquet read when TFRecords are there too must cover every TFRecord
+    shard (``part-X.parquet`` beside each ``part-X.tfrecord.gz``): a missing one is an error naming it, never a
+    replay of part of the rows. The twins size the passes and read groups (``file_sizes``)."""
+    if read_format not in READ_FORMATS:
+        raise ConfigError(f"--read-format {read_format!r}: not one of {', '.join(READ_FORMATS)}")
+    parquet = shard_files(examples_dir, days, examples.PARQUET_SUFFIX, missing_ok=True)
+    if read_format == "auto":
+        read_format = examples.PARQUET if parquet else examples.TFRECORD
+    if read_format == examples.TFRECORD:
+        return read_format, shard_files(examples_dir, days), {}
+    if not parquet:
+        raise ConfigError(f"--read-format parquet: no Parquet shards under {examples_dir}/examples (the feature "
+                          f"pipeline writes them with --formats tfrecord,parquet)")
+    have = set(parquet)
+    records = shard_files(examples_dir, days, missing_ok=True)
+    missing = [f for f in records if f.removesuffix(examples.SUFFIX) + examples.PARQUET_SUFFIX not in have]
+    if missing:
+        raise ConfigError(f"--examples {examples_dir}: {missing[0]} has no Parquet shard beside it "
+                          f"({len(missing)} of {len(records)} TFRecord shards have none); use --read-format tfrecord")
+    twins = {f.removesuffix(examples.SUFFIX) + examples.PARQUET_SUFFIX: f for f in records}
+    return read_format, parquet, twins
+
+
+def check_parquet_files(files: list[str], cols: list[examples.Column]) -> None:
+    """Every Parquet shard holds ``cols`` as ``schema.json`` has them, without nulls (footers only: the schema and
+    the row groups' statistics; one line naming the first file and column that differ, or the file that cannot be
+    read). ``ReadParquetShards`` checks the nulls again in the rows, for files written without statistics."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    for path in files:
+        try:
+            with FileSystems.open(path) as f:
+                metadata = pq.read_metadata(f)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+            raise ConfigError(f"{path}: not a readable Parquet file ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        error = (examples.parquet_schema_error(path, metadata.schema.to_arrow_schema(), cols)
+                 or examples.parquet_nulls_error(path, metadata, cols))
+        if error:
+            raise ConfigError(error)
 
 
 def list_key_columns(group: str, list_column: str | None) -> list[str]:
@@ -119,13 +173,24 @@ def take(packed: dict, idx: np.ndarray | slice) -> dict:
 _PARSERS: dict = {}  # the columns' (name, kind) -> the traced record parser, once per worker process
 
 
-def read_groups(files: list[str], read_mb: float) -> list[list[str]]:
-    """``files`` cut into consecutive groups of about ``read_mb`` MB (at least one file each): the element that one
-    tf.data pipeline reads. Building a dataset and its iterator costs ~0.15 s (the parser's graph is traced into
-    the dataset and optimised each time), as long as reading ~6k rows: one dataset per file took half the replay."""
+def file_sizes(files: list[str], sized_as: dict[str, str] | None = None) -> dict[str, int]:
+    """Bytes of each of ``files``, or of the file ``sized_as`` maps it to: a Parquet shard counts as its TFRecord
+    twin, so that passes and read groups, and with them the batches the model scores (its float rounding depends
+    on the batch), are the same whichever format is read, and so is replay.json, bit for bit."""
     from apache_beam.io.filesystems import FileSystems
 
-    sizes = {m.path: m.size_in_bytes for r in FileSystems.match(files) for m in r.metadata_list}
+    sized_as = sized_as or {}
+    sizes = {m.path: m.size_in_bytes for r in FileSystems.match([sized_as.get(f, f) for f in files])
+             for m in r.metadata_list}
+    return {f: sizes.get(sized_as.get(f, f), 0) for f in files}
+
+
+def read_groups(files: list[str], read_mb: float, sized_as: dict[str, str] | None = None) -> list[list[str]]:
+    """``files`` cut into consecutive groups of about ``read_mb`` MB (at least one file each; ``file_sizes``): the
+    element that one reader reads. Building a tf.data dataset and its iterator costs ~0.15 s (the parser's graph is
+    traced into the dataset and optimised each time), as long as reading ~6k rows: one dataset per file took half
+    the replay."""
+    sizes = file_sizes(files, sized_as)
     groups: list[list[str]] = [[]]
     held = 0
     for f in files:
@@ -170,6 +235,53 @@ class ReadExampleShards(beam.DoFn):
                 cols[k] = v
             cols[HASH] = key_hash([cols[k] for k in self.key_columns])
             yield cols
+
+
+class ReadParquetShards(beam.DoFn):
+    """``ReadExampleShards`` from the Parquet shards of the same rows: a group of paths -> one dict of (n,) columns
+    per batch of ``batch_rows`` rows, batches running across the group's files as the TFRecord reader's do (so the
+    model sees the same batches), the same dtypes (keys as str objects, string features as fixed-width bytes) and
+    ``HASH``. pyarrow in a DoFn rather than Beam's ``ReadFromParquetBatched``: that yields one table per row group
+    (a file here), so batches would end at files, and its schema errors are pyarrow's; this keeps ``read_groups``
+    (the unit of parallelism) and the one-line errors of ``features.examples.table_columns``."""
+
+    def __init__(self, cols: list[examples.Column], key_columns: list[str], batch_rows: int = 65536):
+        self.cols, self.key_columns, self.batch_rows = cols, key_columns, batch_rows
+
+    def setup(self):
+        self._keys = {c.name for c in self.cols if c.kind == "string"
+                      and (c.name.startswith("key/") or c.name in self.key_columns)}
+
+    def _columns(self, table) -> dict[str, np.ndarray]:
+        cols = examples.table_columns(table, self.cols, self._keys)
+        cols[HASH] = key_hash([cols[k] for k in self.key_columns])
+        return cols
+
+    def process(self, paths: list[str]):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from apache_beam.io.filesystems import FileSystems
+
+        names = [c.name for c in self.cols]
+        pending, held = [], 0
+        for path in paths:
+            with FileSystems.open(path) as f:
+                table = pq.read_table(f, columns=names, use_threads=False)  # the runner's workers parallelise
+            nulls = [n for n in names if table.column(n).null_count]
+            if nulls:
+                raise ConfigError(f"{path}: column {nulls[0]!r} has nulls (the examples have none)")
+            pending.append(table)
+            held += table.num_rows
+            if held < self.batch_rows:
+                continue
+            table = pa.concat_tables(pending)
+            start = 0
+            while held - start >= self.batch_rows:
+                yield self._columns(table.slice(start, self.batch_rows))
+                start += self.batch_rows
+            pending, held = [table.slice(start)], held - start
+        if held:
+            yield self._columns(pa.concat_tables(pending))
 
 
 def bucket_fragments(batch: dict[str, np.ndarray], keep: list[str], buckets: int):
@@ -427,14 +539,16 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
                 reps: int = 1000, reference: str | None = "click_only", list_column: str | None = None,
                 truth_columns: tuple[str, ...] = (), buckets: int = 64, batch_rows: int = 65536,
                 scored_out: str | None = None, pipeline_args: list[str] | None = None, extra: dict | None = None,
-                passes: int | None = None, rows_per_pass: int = 1_000_000, read_mb: float = 64.0) -> dict:
+                passes: int | None = None, rows_per_pass: int = 1_000_000, read_mb: float = 64.0,
+                read_format: str = "auto") -> dict:
     """Run the replay pipeline; writes ``out/replay.json`` (``evaluate``'s result, plus ``days``, ``model`` and
     ``extra``) and returns it. ``scored_out``: also the scored rows as Parquet (``read_scored`` reads them).
     The shards go through in ``passes`` pipelines over disjoint groups of files that each hold whole lists
     (``pass_files``; default: one pass per ``rows_per_pass`` rows of the shards' manifest), so a runner that holds a
     shuffle in memory (DirectRunner) holds one pass's rows and every shard is read once; each pass's accumulator is
     merged on the driver by ``ReplayCombineFn.merge_accumulators``. Within a pass, one element of the read is
-    ``read_mb`` MB of shards (``read_groups``)."""
+    ``read_mb`` MB of shards (``read_groups``). ``read_format``: which shards (``input_shards``: "auto" reads
+    Parquet when the feature pipeline wrote it); the result does not depend on it."""
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -456,7 +570,12 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
     check_schema(cols, config, needed)
     read_cols = [c for c in cols if c.name in set(needed)]
     keep = sorted({*measured, HASH, *(PRED + t for t in tasks)})  # what the lists' metrics and WriteScored read
-    files = shard_files(examples_dir, days)
+    read_format, files, sized_as = input_shards(examples_dir, days, read_format)
+    if read_format == examples.PARQUET:
+        check_parquet_files(files, read_cols)
+        reader = ReadParquetShards(read_cols, keys, batch_rows)
+    else:
+        reader = ReadExampleShards(read_cols, keys, batch_rows)
     handler = ServableHandler(str(version_dir), features, tasks, meta["sampling"],
                               meta.get("signature", "serving_default"))
     for d in (out, scored_out) if scored_out else (out,):
@@ -470,7 +589,7 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
         passes = max(1, math.ceil(manifest_rows(examples_dir, days) / rows_per_pass))
     if passes < 1:
         raise ConfigError(f"--passes {passes}: must be at least 1")
-    groups = pass_files(files, group, passes)
+    groups = pass_files(files, group, passes, sized_as)
     passes = len(groups)
     options = PipelineOptions(pipeline_args or [])
     combine = ReplayCombineFn(reps, reference, group, min_list, k)
@@ -480,10 +599,10 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
             print(f"replay: pass {index + 1}/{passes} ({len(groups[index])} shard files, RSS {rss_gb():.2f} GB)",
                   file=sys.stderr, flush=True)
         part = f"{out.rstrip('/')}/.pass-{index}.pkl"
-        with beam.Pipeline(options=options) as p:
+        with one_line_errors(), beam.Pipeline(options=options) as p:  # a worker's ConfigError: its one line
             scored = (p
-                      | "Shards" >> beam.Create(read_groups(groups[index], read_mb))
-                      | "ReadBatches" >> beam.ParDo(ReadExampleShards(read_cols, keys, batch_rows))
+                      | "Shards" >> beam.Create(read_groups(groups[index], read_mb, sized_as))
+                      | "ReadBatches" >> beam.ParDo(reader)
                       | "RunInference" >> RunInference(handler)
                       | "GroupIntoLists" >> GroupIntoLists(keep, buckets))
             _ = (scored
@@ -501,14 +620,14 @@ def beam_replay(version_dir: Path, examples_dir: str, profiles: dict, out: str, 
     return json.loads(json.dumps(result, default=float))
 
 
-def pass_files(files: list[str], group: str, passes: int) -> list[list[str]]:
-    """``files`` cut into at most ``passes`` groups, each holding whole lists, balanced by bytes (largest first onto
-    the lightest group). A list lies within one unit of files: the feature pipeline writes a user's rows of a pass
-    to files ``part-p<pass>-*`` (``features.pipeline``), and a user-day list within one day directory, so the units
-    are (day directory, pass) for ``user_day`` and the pass otherwise; more passes than units give one per unit."""
+def pass_files(files: list[str], group: str, passes: int, sized_as: dict[str, str] | None = None
+               ) -> list[list[str]]:
+    """``files`` cut into at most ``passes`` groups, each holding whole lists, balanced by bytes (``file_sizes``;
+    largest first onto the lightest group). A list lies within one unit of files: the feature pipeline writes a
+    user's rows of a pass to files ``part-p<pass>-*`` (``features.pipeline``), and a user-day list within one day
+    directory, so the units are (day directory, pass) for ``user_day`` and the pass otherwise; more passes than
+    units give one per unit."""
     import re
-
-    from apache_beam.io.filesystems import FileSystems
 
     units: dict[tuple[str, str], list[str]] = {}
     for f in files:
@@ -516,8 +635,8 @@ def pass_files(files: list[str], group: str, passes: int) -> list[list[str]]:
         match = re.match(r"part-(p\d+)-", name)
         unit = (parent if group == "user_day" else "", match.group(1) if match else "")
         units.setdefault(unit, []).append(f)
-    sizes = {u: sum(m.size_in_bytes for r in FileSystems.match(fs) for m in r.metadata_list)
-             for u, fs in units.items()}
+    per_file = file_sizes(files, sized_as)
+    sizes = {u: sum(per_file[f] for f in fs) for u, fs in units.items()}
     bins: list[tuple[int, list[str]]] = [(0, []) for _ in range(min(passes, len(units)))]
     for u in sorted(units, key=lambda u: (-sizes[u], u)):
         i = min(range(len(bins)), key=lambda j: (bins[j][0], j))

@@ -58,7 +58,7 @@ def cmd_beam_replay(args: argparse.Namespace) -> None:
                          args.group, args.min_list, args.k, args.reps, "click_only", args.list_column,
                          tuple(args.truth_column), args.list_buckets, args.batch_rows, args.scored_out,
                          beam_pipeline_args(args), extra={"fusion_version": config.version}, passes=args.passes,
-                         rows_per_pass=args.rows_per_pass, read_mb=args.read_mb)
+                         rows_per_pass=args.rows_per_pass, read_mb=args.read_mb, read_format=args.read_format)
     model = result["model"]
     title = (f"replay: model {model['name']} v{model['version']} ({model['path']}), fusion "
              f"{config.version}{', calibration ' + cal['version'] if cal else ''}, days {result['days']}")
@@ -133,8 +133,11 @@ def register(sub) -> None:
     p.add_argument("--calibration", help="post-hoc calibration artifact (default: the fusion config's)")
     p.add_argument("--out", help="directory for replay.md / replay.json")
     beam = p.add_argument_group("Beam replay (on example shards; without --runner/--examples: in process on --logs)")
-    beam.add_argument("--examples", help="example shards DIR (DIR/examples/date=<day>/part-*.tfrecord.gz, "
-                      "DIR/schema.json); --day selects day directories")
+    beam.add_argument("--examples", help="example shards DIR (DIR/examples/date=<day>/part-*.tfrecord.gz or "
+                      ".parquet, DIR/schema.json); --day selects day directories")
+    beam.add_argument("--read-format", default="auto", choices=["auto", "tfrecord", "parquet"],
+                      help="which shards to read (default auto: the Parquet shards when the feature pipeline wrote "
+                      "them, --formats tfrecord,parquet; same result, ~9x less CPU to decode)")
     beam.add_argument("--runner", choices=RUNNERS, help="Beam runner (default with --examples: DirectRunner)")
     beam.add_argument("--direct_num_workers", type=int, help="DirectRunner: worker count")
     beam.add_argument("--direct_running_mode", choices=["in_memory", "multi_threading", "multi_processing"])
@@ -142,8 +145,9 @@ def register(sub) -> None:
                       help="any other Beam pipeline option, e.g. flink_master=localhost:8081 (repeatable)")
     beam.add_argument("--list-buckets", type=int, default=64, help="buckets of lists (the unit grouped and measured)")
     beam.add_argument("--batch-rows", type=int, default=65536, help="records parsed per batch")
-    beam.add_argument("--read-mb", type=float, default=64.0, help="MB of shards one tf.data pipeline reads (the "
-                      "read's unit of parallelism; each costs ~0.15 s to build)")
+    beam.add_argument("--read-mb", type=float, default=64.0, help="MB of shards one reader element reads, counted "
+                      "in TFRecord bytes for Parquet too (the read's unit of parallelism; a tf.data pipeline costs "
+                      "~0.15 s to build)")
     beam.add_argument("--passes", type=int, help="pipelines over disjoint lists, each holding only its rows in the "
                       "runner's shuffle (default: one per --rows-per-pass rows of the shards' manifest)")
     beam.add_argument("--rows-per-pass", type=int, default=1_000_000, help="rows per pass without --passes")

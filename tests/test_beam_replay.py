@@ -1,6 +1,7 @@
 """The Beam replay (fusion/beam_replay.py) against today's in-process replay on real KuaiRand lists: the same means
 for every profile of configs/fusion.yaml, intervals within Monte-Carlo noise, a result that does not depend on how
-the lists are partitioned, and scored Parquet that tune-fusion and calibrate read instead of rescoring."""
+the lists are partitioned, the same replay.json from the Parquet shards as from the TFRecord shards, and scored
+Parquet that tune-fusion and calibrate read instead of rescoring."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from example_shards import write_example_shards
 
 from evaluation.bootstrap import interval_from_sums, poisson_weights
 from evaluation.lists import key_hash
+from features import examples
 from features.spec import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +27,8 @@ REPS = 1000
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, kuairand_model, kuairand_frame) -> Path:
     config, _ = kuairand_model
-    return write_example_shards(kuairand_frame, config, tmp_path_factory.mktemp("shards"), DAYS, parts=3)
+    return write_example_shards(kuairand_frame, config, tmp_path_factory.mktemp("shards"), DAYS, parts=3,
+                                parquet=True)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +47,15 @@ def in_process(kuairand_model):
 
 @pytest.fixture(scope="module")
 def beam_run(tmp_path_factory, kuairand_model, shards):
-    """``rankstage replay --examples ... --runner DirectRunner --scored-out ...`` -> (replay.json, out, scored dir)."""
+    """``rankstage replay --examples ... --runner DirectRunner --read-format tfrecord --scored-out ...`` ->
+    (replay.json, out, scored dir)."""
     from rankstage.cli import main
 
     _, base = kuairand_model
     out, scored = tmp_path_factory.mktemp("beam_out"), tmp_path_factory.mktemp("beam_scored")
     argv = ["replay", "--model-base-path", str(base), "--fusion", str(FUSION), "--examples", str(shards),
-            "--runner", "DirectRunner", "--out", str(out), "--scored-out", str(scored), "--list-buckets", "16",
-            "--reps", str(REPS)] + [a for d in DAYS for a in ("--day", str(d))]
+            "--runner", "DirectRunner", "--read-format", "tfrecord", "--out", str(out), "--scored-out", str(scored),
+            "--list-buckets", "16", "--reps", str(REPS)] + [a for d in DAYS for a in ("--day", str(d))]
     assert main(argv) == 0
     return json.loads((out / "replay.json").read_text()), out, scored
 
@@ -107,12 +111,90 @@ def test_the_result_does_not_depend_on_how_lists_are_partitioned(beam_run, kuair
     _, base = kuairand_model
     version_dir, config, cal = fusion_for_version(FUSION, base)
     other = beam_replay(version_dir, str(shards), replay_profiles(config), str(tmp_path), cal, DAYS, reps=REPS,
-                        buckets=3, batch_rows=1000, passes=2)
+                        buckets=3, batch_rows=1000, passes=2, read_format="tfrecord")
     cells = dict(_cells(other))
     for key, cell in _cells(beam_run[0]):
         assert cells[key]["lists"] == cell["lists"]
         np.testing.assert_allclose([cells[key]["mean"], *cells[key]["ci95"]], [cell["mean"], *cell["ci95"]],
                                    rtol=1e-12, atol=1e-12, err_msg=str(key))
+
+
+def test_the_replay_of_the_parquet_shards_is_the_replay_of_the_tfrecord_shards(beam_run, kuairand_model, shards,
+                                                                                tmp_path):
+    # the default --read-format (auto) reads the Parquet shards beside the TFRecords: the same batches reach the
+    # model, so replay.json is the same file, byte for byte (means, counts, intervals, NaN cells)
+    from rankstage.cli import main
+
+    _, base = kuairand_model
+    _, want, _ = beam_run
+    argv = ["replay", "--model-base-path", str(base), "--fusion", str(FUSION), "--examples", str(shards),
+            "--runner", "DirectRunner", "--out", str(tmp_path), "--list-buckets", "16", "--reps", str(REPS)] + \
+        [a for d in DAYS for a in ("--day", str(d))]
+    assert main(argv) == 0
+    got = json.loads((tmp_path / "replay.json").read_text())
+    assert got["counts"]["lists"] > 1500 and len(dict(_cells(got))) >= 40
+    assert (tmp_path / "replay.json").read_text() == (want / "replay.json").read_text()
+    assert (tmp_path / "replay.md").read_text() == (want / "replay.md").read_text()
+
+
+def test_the_parquet_reader_yields_the_tfrecord_readers_batches(shards):
+    # batches of 1,000 rows run across the ~5,000-row files, as tf.data's do: every batch equal, column for column
+    from fusion.beam_replay import ReadExampleShards, ReadParquetShards, input_shards, list_key_columns, read_schema
+
+    cols, keys = read_schema(str(shards)), list_key_columns("user_day", None)
+    readers = []
+    for fmt, reader in (("tfrecord", ReadExampleShards), ("parquet", ReadParquetShards)):
+        got, files, _ = input_shards(str(shards), DAYS, fmt)
+        assert got == fmt and len(files) == 3 * len(DAYS)
+        fn = reader(cols, keys, batch_rows=1000)
+        fn.setup()
+        readers.append(list(fn.process(files)))
+    records, parquet = readers
+    assert len(records) == len(parquet) > 3 * len(DAYS)
+    for i, (want, got) in enumerate(zip(records, parquet, strict=True)):
+        assert sorted(got) == sorted(want), i  # the same columns (in another order: the dict is read by name)
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype, (i, k)
+            np.testing.assert_array_equal(got[k], v, err_msg=f"batch {i} {k}")
+    first = records[0]
+    assert any(v.dtype.kind == "S" for v in first.values())  # string features as fixed-width bytes
+
+
+def test_missing_or_mismatched_parquet_shards_fail_in_one_line_naming_the_file_and_column(kuairand_model, shards,
+                                                                                         tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fusion.beam_replay import beam_replay
+    from fusion.replay import fusion_for_version, replay_profiles
+
+    _, base = kuairand_model
+    version_dir, config, cal = fusion_for_version(FUSION, base)
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    day = copy / "examples" / f"date={DAYS[1]}"
+
+    def replay(read_format="auto"):
+        with pytest.raises(ConfigError) as err:
+            beam_replay(version_dir, str(copy), replay_profiles(config), str(tmp_path / "out"), cal, DAYS,
+                        reps=10, read_format=read_format)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    table = pq.read_table(day / "part-00001.parquet")
+    name = next(f.name for f in table.schema if f.type == pa.float32())
+    pq.write_table(table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(pa.float64())),
+                   day / "part-00001.parquet")
+    assert replay() == f"{day / 'part-00001.parquet'}: column {name!r} is double, schema.json says float"
+    pq.write_table(table.drop_columns([examples.DAY]), day / "part-00001.parquet")
+    assert replay() == f"{day / 'part-00001.parquet'}: no column 'key/day' (schema.json has it as int64)"
+    (day / "part-00001.parquet").write_bytes(b"not parquet")
+    assert replay().startswith(f"{day / 'part-00001.parquet'}: not a readable Parquet file")
+    (day / "part-00001.parquet").unlink()
+    assert replay().startswith(f"--examples {copy}: {day / 'part-00001.tfrecord.gz'} has no Parquet shard beside it")
+    for f in (copy / "examples").glob("*/*.parquet"):
+        f.unlink()
+    assert replay("parquet").startswith("--read-format parquet: no Parquet shards under")
 
 
 def test_poisson_weights_are_poisson_one_and_a_function_of_the_key_only():
@@ -157,6 +239,13 @@ def test_read_groups_cut_files_by_size_in_order(tmp_path):
     groups = read_groups(files, read_mb=0.6)
     assert groups == [files[:2], files[2:4], files[4:5], files[5:]]
     assert read_groups(files, read_mb=100) == [files]
+    # Parquet shards are grouped as their TFRecord twins are (same batches, same replay.json), whatever their size
+    twins = {}
+    for f in files:
+        Path(f + ".parquet").write_bytes(b"x" * 1024)
+        twins[f + ".parquet"] = f
+    assert read_groups(list(twins), read_mb=0.6, sized_as=twins) == [[g + ".parquet" for g in x] for x in groups]
+    assert read_groups(list(twins), read_mb=0.6) == [list(twins)]
 
 
 def test_tune_fusion_on_scored_parquet_equals_tune_fusion_rescoring(beam_run, kuairand_model, tmp_path):
