@@ -50,11 +50,21 @@ def mean_over_units(values: np.ndarray, weights: np.ndarray | None = None, reps:
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _POISSON1_CDF = np.cumsum([np.exp(-1.0) / np.prod(np.arange(1, k + 1, dtype=np.float64)) for k in range(24)])
+# A weight is the number of CDF values <= u, u = x / 2^53 for a 53-bit integer x: the number of thresholds
+# ceil(cdf * 2^53) <= x (exact: x / 2^53 and cdf * 2^53 are exact in float64). Looked up by x's top _CELL_BITS bits:
+# a cell that no threshold splits has one weight (_CELL_WEIGHT); only x in the few split cells are searched.
+_THRESHOLDS = np.ceil(_POISSON1_CDF * 2.0 ** 53).astype(np.uint64)
+_CELL_BITS = 16
+_CELL_LOW = np.arange(2 ** _CELL_BITS, dtype=np.uint64) << np.uint64(53 - _CELL_BITS)  # each cell's smallest x
+_CELL_WEIGHT = np.searchsorted(_THRESHOLDS, _CELL_LOW, side="right").astype(np.float64)
+_CELL_SPLIT = np.searchsorted(_THRESHOLDS, _CELL_LOW + np.uint64(2 ** (53 - _CELL_BITS) - 1),
+                              side="right") != _CELL_WEIGHT
 
 
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 values (wrapping arithmetic): a bijection that scrambles every bit."""
-    x = np.array(x, dtype=np.uint64, copy=True)
+def mix64(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """splitmix64's finaliser on uint64 values (wrapping arithmetic): a bijection that scrambles every bit.
+    ``inplace``: overwrite ``x`` (a uint64 array) instead of a copy."""
+    x = x if inplace else np.array(x, dtype=np.uint64, copy=True)
     with np.errstate(over="ignore"):
         x ^= x >> np.uint64(30)
         x *= np.uint64(0xBF58476D1CE4E5B9)
@@ -69,8 +79,16 @@ def poisson_weights(unit_hash: np.ndarray, reps: int) -> np.ndarray:
     h = np.asarray(unit_hash, np.uint64)[:, None]
     with np.errstate(over="ignore"):
         r = (np.arange(1, reps + 1, dtype=np.uint64) * _GOLDEN)[None, :]
-        u = (mix64(mix64(h ^ r) + _GOLDEN) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # (U, reps) in [0, 1)
-    return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.float64)
+        x = mix64(h ^ r, inplace=True)
+        x += _GOLDEN
+        x = mix64(x, inplace=True)
+    x >>= np.uint64(11)  # (U, reps) 53-bit integers: u = x / 2^53 uniform in [0, 1)
+    cell = x >> np.uint64(53 - _CELL_BITS)
+    w = _CELL_WEIGHT[cell]  # = searchsorted(_POISSON1_CDF, u, side="right") in half the time (1M-row replay: ~1 s)
+    split = _CELL_SPLIT[cell]
+    if split.any():
+        w[split] = np.searchsorted(_THRESHOLDS, x[split], side="right")
+    return w
 
 
 def weighted_sums(values: np.ndarray, weights: np.ndarray) -> tuple[int, float, np.ndarray, np.ndarray]:

@@ -211,6 +211,27 @@ def test_poisson_weights_are_poisson_one_and_a_function_of_the_key_only():
         np.array([1.0, 2.0]), np.array([1.0, 1.0]))
 
 
+def test_poisson_weights_by_table_equal_the_search_of_the_cdf():
+    # the cell table is a faster searchsorted of the uniforms in the Poisson(1) CDF: the same weights, bit for bit,
+    # also for uniforms on each side of every CDF value
+    from evaluation import bootstrap as b
+
+    def by_search(x):  # x: 53-bit integers
+        return np.searchsorted(b._POISSON1_CDF, x.astype(np.float64) * 2.0 ** -53, side="right").astype(np.float64)
+
+    h = key_hash([np.arange(3000), np.full(3000, 7)])
+    with np.errstate(over="ignore"):
+        x = b.mix64(b.mix64(h[:, None] ^ (np.arange(1, 201, dtype=np.uint64) * b._GOLDEN)[None, :]) + b._GOLDEN)
+    np.testing.assert_array_equal(poisson_weights(h, 200), by_search(x >> np.uint64(11)))
+    edges = np.concatenate([b._THRESHOLDS - np.uint64(1), b._THRESHOLDS])
+    edges = edges[edges < np.uint64(2 ** 53)]
+    cell = edges >> np.uint64(53 - b._CELL_BITS)
+    assert b._CELL_SPLIT[cell].all()  # every threshold lies in a split cell, which is searched
+    w = b._CELL_WEIGHT[cell]
+    w[b._CELL_SPLIT[cell]] = np.searchsorted(b._THRESHOLDS, edges[b._CELL_SPLIT[cell]], side="right")
+    np.testing.assert_array_equal(w, by_search(edges))
+
+
 def test_bootstrap_sums_of_all_cells_equal_weighted_sums_cell_by_cell():
     from evaluation.bootstrap import bootstrap_sums, weighted_sums
 
