@@ -279,9 +279,9 @@ class TrainingConfig(Strict):
     # on the new day(s), each weight outside the embedding tables and the logits' biases becomes parent + blend x
     # (trained - parent); 1 keeps the update whole
     warm_start_blend: float = Field(1.0, ge=0, le=1)
-    # after a warm start's update, shift each binary task's logit bias so its mean served prediction on the last
-    # new day equals that day's observed rate (ranking.warm_start.recenter_biases)
-    warm_start_recenter: bool = True
+    # after training (a warm start: after its update), shift each binary task's logit bias so its mean served
+    # prediction on the last day trained on equals that day's observed rate (ranking.recenter)
+    recenter_biases: bool = True
 
 
 class JoinSpec(Strict):

@@ -40,6 +40,7 @@ class TrainingArtifacts:
     rows: dict[str, int] = field(default_factory=dict)
     lineage: dict | None = None  # a warm start's parent and days seen (ranking.warm_start.lineage)
     examples: str | None = None  # the example shards trained from (export samples its warmup rows there)
+    recentred: dict | None = None  # {"day", "shifts": task -> logit shift} (ranking.recenter, after training)
 
 
 def compile_model(models: RankingModels, config: RankstageConfig, priors: dict[str, float]) -> None:

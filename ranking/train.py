@@ -27,6 +27,7 @@ from ranking import loop
 from ranking.fit import DEFAULT_SHUFFLE_BUFFER, fit
 from ranking.judging import format_metrics, judged_from_records, judged_predictions, judged_report, save_judged
 from ranking.model import RankingModels
+from ranking.recenter import recenter_biases
 from ranking.runs import PREDICTIONS, save_run
 from ranking.shards import read_layout, shard_source
 
@@ -168,6 +169,8 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         n_val = len(val_rows)
         window_stats = lambda: build_stats(raw_inputs(window, config.features), config.features)  # noqa: E731
         judged_of = lambda models, sampling: judged_predictions(config, models, val_rows, sampling)  # noqa: E731
+        day_rows = lambda d: window[window[config.data.time_column] == d].reset_index(drop=True)  # noqa: E731
+        last_days = sorted(train_rows[config.data.time_column].unique().tolist())
         if parent is not None:
             col = config.data.time_column
             days = _warm_days(parent, sorted(window[col].unique().tolist()), days)
@@ -188,6 +191,8 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         n_val = sum(int(per_day.get(str(d), 0)) for d in val_periods)
         window_stats = lambda: layout.stats("window")  # noqa: E731
         judged_of = lambda models, sampling: judged_from_records(config, models, val_rows, sampling)  # noqa: E731
+        day_rows = lambda d: shard_source(layout, [d])  # noqa: E731
+        last_days = list(train_days)
         if parent is not None:
             written = [_day(d, kind) for d in layout.manifest.get("rows_per_day", {})]
             days = _warm_days(parent, [d for d in train_days + val_periods if not written or d in written], days,
@@ -195,6 +200,16 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
             train_rows, val_rows = shard_source(layout, days), None
             stats = ws.grown_stats(parent.run.stats, window_stats())  # the written days': the new ones
     grew: dict = {}
+
+    def recentre(models: RankingModels, art, day) -> None:
+        """``training.recenter_biases``: the binary tasks' logit biases on ``day``'s rate (``ranking.recenter``)."""
+        if not config.training.recenter_biases:
+            return
+        art.recentred = {"day": day, "shifts": recenter_biases(models, config, day_rows(day), art.sampling)}
+        if verbose:
+            shown = ", ".join(f"{k} {v:+.3f}" for k, v in art.recentred["shifts"].items())
+            print(f"logit biases recentred on {config.data.time_column} {day}: {shown or 'none'}", flush=True)
+
     if parent is not None:
         val_periods, n_val = [], 0
         carried = ws.parent_optimizer(parent) if config.training.warm_start_optimizer else None
@@ -225,21 +240,14 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
             n = ws.blend_dense(parent.run.models, models, config, blend)
             if verbose:
                 print(f"dense weights blended: parent + {blend:g} x update ({n} variables)", flush=True)
-        shifts = {}
-        if config.training.warm_start_recenter:
-            judged = (judged_predictions(config, models, train_rows, art.sampling) if examples is None else
-                      judged_from_records(config, models, train_rows, art.sampling))
-            shifts = ws.recenter_biases(models, config, judged, max(days))
-            if verbose:
-                shown = ", ".join(f"{k} {v:+.3f}" for k, v in shifts.items())
-                print(f"logit biases recentred on {config.data.time_column} {max(days)}: {shown or 'none'}",
-                      flush=True)
-        art.lineage = {**ws.lineage(parent, days), "grown": grew, "blend": blend, "recentred": shifts}
+        recentre(models, art, max(days))
+        art.lineage = {**ws.lineage(parent, days), "grown": grew, "blend": blend}
         val_metrics = {}
         if verbose:
             shown = ", ".join(f"{k.split('/')[0]} {a} -> {b} rows" for k, (a, b) in grew.items())
             print(f"vocabularies grown: {shown or 'none'}", flush=True)
     elif chief:
+        recentre(models, art, max(last_days))
         judged = judged_of(models, art.sampling)
         save_judged(judged, out / PREDICTIONS)
         val_metrics = judged_report(config, judged)
@@ -254,6 +262,8 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         art.best_epoch, art.refit, art.validation_periods = best, True, val_periods
         art.rows = {**rows, "refit": art.rows["train"]}
         history["refit_loss"] = refit_history["loss"]
+        if chief:
+            recentre(models, art, max(last_days + list(val_periods)))
     if not chief:
         return out
     art.examples = str(Path(examples).resolve()) if examples is not None else None

@@ -17,9 +17,8 @@ about the learning rate whatever its gradient's size.
 their Adam moments).
 
 ``training.warm_start_blend`` < 1 interpolates the dense weights between the parent's and the updated ones
-(``blend_dense``). ``training.warm_start_recenter`` (default on) then shifts each binary task's logit bias so its
-mean served prediction on the last new day equals that day's observed rate (``recenter_biases``): one pass over the
-day's rows, no training.
+(``blend_dense``); then, as after any training, ``training.recenter_biases`` (``ranking.recenter``) puts each binary
+task's logit bias on the last new day's rate.
 
 Lineage (in the run's ``artifacts.json`` and the exported metadata): the parent run, and the days every ancestor
 trained on (``days_seen``).
@@ -197,43 +196,6 @@ def blend_dense(parent: RankingModels, child: RankingModels, config: RankstageCo
         v.assign(p + blend * (v.numpy() - p))
         n += 1
     return n
-
-
-def bias_shift(y: np.ndarray, p: np.ndarray, iterations: int = 50) -> float:
-    """The logit shift d with mean(sigmoid(logit(p) + d)) = mean(y), by Newton's method (the mean is increasing in
-    d, so the root is unique). ``y``: (N,) labels in {0, 1}, ``p``: (N,) predictions in (0, 1). The rate is clipped
-    to [0.5 / N, 1 - 0.5 / N] so a day without positives gives a finite shift."""
-    n = len(y)
-    target = float(np.clip(np.mean(y), 0.5 / n, 1 - 0.5 / n))
-    q = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
-    z, d = np.log(q / (1 - q)), 0.0
-    for _ in range(iterations):
-        m = 1 / (1 + np.exp(-(z + d)))
-        step = (m.mean() - target) / max(float((m * (1 - m)).mean()), 1e-12)
-        d -= float(np.clip(step, -4, 4))
-        if abs(step) < 1e-10:
-            break
-    return d
-
-
-def recenter_biases(models: RankingModels, config: RankstageConfig, judged: dict, day) -> dict[str, float]:
-    """Shift each binary task's ``<task>_logit`` bias, in place, by ``bias_shift`` of its judged rows of ``day``
-    (``judged``: ``ranking.judging.Judged`` of the model's served, down-sampling-corrected predictions; the
-    correction adds log(kept fraction) to the logit, so the shift carries over unchanged). Tasks with no judged row
-    that day keep their bias. -> the shift per task."""
-    shifts = {}
-    for t in config.tasks:
-        if t.type != "binary" or t.name not in judged:
-            continue
-        y, p, _, days = judged[t.name]
-        on = np.asarray(days).astype(str) == str(day)
-        if not on.any():
-            continue
-        d = bias_shift(np.asarray(y)[on], np.asarray(p)[on])
-        bias = models.train.get_layer(f"{t.name}_logit").bias
-        bias.assign(bias.numpy() + np.float32(d))
-        shifts[t.name] = d
-    return shifts
 
 
 def parent_optimizer(parent: Parent) -> dict[str, np.ndarray] | None:

@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--warm-blend", type=float, default=1.0,
                     help="the fraction of its update a warm start's dense weights keep (training.warm_start_blend)")
     ap.add_argument("--no-recenter", action="store_true",
-                    help="keep the updated logit biases (training.warm_start_recenter: false)")
+                    help="the warm starts keep their updated logit biases (training.recenter_biases: false)")
     ap.add_argument("--fresh-adam", action="store_true",
                     help="warm starts start Adam fresh (training.warm_start_optimizer: false)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "daily_chain"))
@@ -74,7 +74,7 @@ def main() -> None:
                      "recenter": not args.no_recenter, "days": {}, "seconds": {}}
     warm_training = {"epochs": args.warm_epochs, "warm_start_optimizer": not args.fresh_adam,
                      "warm_start_update": args.warm_update, "warm_start_blend": args.warm_blend,
-                     "warm_start_recenter": not args.no_recenter,
+                     "recenter_biases": not args.no_recenter,
                      **({"learning_rate": args.warm_lr} if args.warm_lr else {})}
     chain_days = sorted({int(d) for d in frame[col].unique()})
 

@@ -162,25 +162,30 @@ def test_a_blended_update_keeps_the_stated_fraction_of_the_dense_weights_move_an
     assert b.artifacts["lineage"]["blend"] == 0.25
 
 
-def test_the_childs_logit_biases_are_recentred_on_its_last_day(chain):
-    """``training.warm_start_recenter`` (default on): after the update, the click logit's bias is shifted so the
-    mean served prediction on the child's last day is that day's click rate; the shift is in the lineage."""
+@pytest.mark.parametrize("run", ["parent", "child"])
+def test_logit_biases_are_recentred_on_the_last_day_trained_on(chain, run):
+    """``training.recenter_biases`` (default on): after training (the parent: on days 0..5, validated on 6; the
+    warm-started child: after its update on the new days) the click logit's bias is shifted so the mean served
+    prediction on the last day trained on is that day's click rate; the day and shift are in the artifacts."""
     from features.logs import read_log
     from ranking.judging import judged_predictions
+    from ranking.recenter import bias_shift
 
-    config, _, child, last = chain
-    c = load_run(child)
-    frame = read_log(c.config.data)
-    rows = frame[frame["day"] == last].reset_index(drop=True)
+    config, parent, child, last = chain
+    c = load_run(parent if run == "parent" else child)
+    day = last - 2 if run == "parent" else last
+    assert c.artifacts["recentred"]["day"] == day
+    frame = read_log(config.data)
+    rows = frame[frame["day"] == day].reset_index(drop=True)
     y, p, _, _ = judged_predictions(c.config, c.models, rows, c.artifacts["sampling"])["click"]
     np.testing.assert_allclose(p.mean(), y.mean(), rtol=1e-4)
-    shift = c.artifacts["lineage"]["recentred"]["click"]
-    assert abs(shift) > 1e-3  # the update alone left the day's mean elsewhere
+    shift = c.artifacts["recentred"]["shifts"]["click"]
+    assert abs(shift) > 1e-3  # training alone left the day's mean elsewhere
     bias = c.models.train.get_layer("click_logit").bias
     bias.assign(bias.numpy() - shift)  # undone: the mean is off again
     _, p0, _, _ = judged_predictions(c.config, c.models, rows, c.artifacts["sampling"])["click"]
     assert abs(p0.mean() - y.mean()) > 1e-4
-    assert abs(ws.bias_shift(np.array([1.0, 0.0, 0.0, 0.0]), np.full(4, 0.5)) - np.log(1 / 3)) < 1e-9
+    assert abs(bias_shift(np.array([1.0, 0.0, 0.0, 0.0]), np.full(4, 0.5)) - np.log(1 / 3)) < 1e-9
 
 
 def test_a_parent_of_another_spec_is_refused_naming_the_difference(chain, tmp_path):
