@@ -46,7 +46,7 @@ def main() -> None:
                     help="with --reuse: train the stale models again (a run before optimizer.npz kept no Adam state)")
     ap.add_argument("--warm-update", choices=["all", "embeddings"], default="all",
                     help="what the warm starts update (training.warm_start_update)")
-    ap.add_argument("--warm-blend", type=float, default=1.0,
+    ap.add_argument("--warm-blend", type=float, default=0.25,
                     help="the fraction of its update a warm start's dense weights keep (training.warm_start_blend)")
     ap.add_argument("--no-recenter", action="store_true",
                     help="the warm starts keep their updated logit biases (training.recenter_biases: false)")

@@ -1,5 +1,6 @@
 """Wall time of one daily update, one after another on the same machine: a warm start on day D from a parent
-(``training.warm_start_update`` all, then embeddings; one epoch, as ``daily_chain.py`` runs them) and a full retrain
+(the default: all weights, dense weights blended 0.25, biases recentred; the whole update; embeddings only; one
+epoch, as ``daily_chain.py`` runs them) and a full retrain
 through D (validated on D, refit), each as ``ranking.train.train`` is called by ``daily_chain.py``.
 
     .venv/bin/python scripts/time_daily_update.py --parent reports/chain_seq/seed0/through_20220430 --day 20220501
@@ -40,8 +41,10 @@ def main() -> None:
         return through(args.seed, args.day, **training)
 
     updates = {
-        "warm start, all weights": lambda: train(config(epochs=1), out / "warm_all", verbose=False,
-                                                 warm_start=args.parent, days=[args.day]),
+        "warm start, blended (default)": lambda: train(config(epochs=1), out / "warm_blend", verbose=False,
+                                                       warm_start=args.parent, days=[args.day]),
+        "warm start, whole update": lambda: train(config(epochs=1, warm_start_blend=1.0), out / "warm_all",
+                                                  verbose=False, warm_start=args.parent, days=[args.day]),
         "warm start, embeddings": lambda: train(config(epochs=1, warm_start_update="embeddings"), out / "warm_emb",
                                                 verbose=False, warm_start=args.parent, days=[args.day]),
         "full retrain": lambda: train(config(), out / "full", refit=True, verbose=False),

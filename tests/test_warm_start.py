@@ -140,13 +140,14 @@ def test_an_embeddings_only_update_leaves_every_other_weight_and_its_adam_moment
 
 def test_a_blended_update_keeps_the_stated_fraction_of_the_dense_weights_move_and_all_of_the_tables(chain,
                                                                                                    tmp_path):
-    """``training.warm_start_blend: 0.25``: each dense weight ends at parent + 0.25 x (the whole update's weight -
-    parent); the embedding tables and the logits' biases as the whole update left them."""
+    """``training.warm_start_blend: 0.25`` (the default, the chain fixture's child): each dense weight ends at
+    parent + 0.25 x (the whole update's weight - parent); the embedding tables as the whole update left them."""
     config, parent, child, _ = chain
+    assert config.training.warm_start_blend == 0.25
     d = config.model_dump()
-    d["training"]["warm_start_blend"] = 0.25
-    blended = train(parse_config(d, "test"), tmp_path / "blended", verbose=False, warm_start=parent)
-    p, b, a = load_run(parent), load_run(blended), load_run(child)
+    d["training"]["warm_start_blend"] = 1.0
+    whole_run = train(parse_config(d, "test"), tmp_path / "whole", verbose=False, warm_start=parent)
+    p, b, a = load_run(parent), load_run(child), load_run(whole_run)
     dense = ws.dense_paths(b.models, b.config)
     before = {v.path: v.numpy() for v in p.models.train.weights}
     whole = {v.path: v.numpy() for v in a.models.train.weights}
