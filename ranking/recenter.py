@@ -42,7 +42,7 @@ def recenter_biases(models: RankingModels, config: RankstageConfig, rows, sampli
     shards), judged as the reports judge (a task's condition's positives). The correction adds log(kept fraction)
     to the logit, so the shift carries over unchanged. Tasks with no judged row keep their bias. -> shift per task."""
     judged = (judged_predictions(config, models, rows, sampling) if isinstance(rows, pd.DataFrame) else
-              judged_from_records(config, models, rows, sampling))
+              judged_from_records(config, models, rows, sampling, batch_size=65536))  # a day in 1-2 calls
     shifts = {}
     for t in config.tasks:
         if t.type != "binary" or t.name not in judged or len(judged[t.name][0]) == 0:
