@@ -95,11 +95,11 @@ def input_shards(examples_dir: str, days: list[int] | None, read_format: str = "
                           f"pipeline writes them with --formats tfrecord,parquet)")
     have = set(parquet)
     records = shard_files(examples_dir, days, missing_ok=True)
-    missing = [f for f in records if f.removesuffix(examples.SUFFIX) + examples.PARQUET_SUFFIX not in have]
+    twins = {f.removesuffix(examples.SUFFIX) + examples.PARQUET_SUFFIX: f for f in records}
+    missing = [f for p, f in twins.items() if p not in have]
     if missing:
         raise ConfigError(f"--examples {examples_dir}: {missing[0]} has no Parquet shard beside it "
                           f"({len(missing)} of {len(records)} TFRecord shards have none); use --read-format tfrecord")
-    twins = {f.removesuffix(examples.SUFFIX) + examples.PARQUET_SUFFIX: f for f in records}
     return read_format, parquet, twins
 
 

@@ -74,9 +74,9 @@ def test_the_parquet_shards_hold_the_tfrecord_shards_rows_file_for_file(built):
     assert manifest["formats"] == ["tfrecord", "parquet"]
     cols = [examples.Column(**c) for c in json.loads((out / "schema.json").read_text())]
     records = sorted((out / "examples").glob("date=*/part-*" + examples.SUFFIX))
-    assert len(records) > 10 and sorted((out / "examples").glob("date=*/part-*" + examples.PARQUET_SUFFIX)) == \
-        sorted(f.with_name(f.name.removesuffix(examples.SUFFIX) + examples.PARQUET_SUFFIX) for f in records)
     parquet = [f.with_name(f.name.removesuffix(examples.SUFFIX) + examples.PARQUET_SUFFIX) for f in records]
+    assert len(records) > 10 and sorted((out / "examples").glob("date=*/part-*" + examples.PARQUET_SUFFIX)) == \
+        sorted(parquet)
     names = [str(f) for f in records]  # the file of every record, in one pipeline: as many rows in each file
     files = tf.data.Dataset.from_tensor_slices(np.arange(len(names))).flat_map(
         lambda i: tf.data.TFRecordDataset(tf.gather(names, i), "GZIP").map(lambda _: i))
