@@ -140,3 +140,52 @@ def attach_history(df: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
         return df
     lists = {k: v for k, v in history_lists(df, data).items() if k not in df.columns}
     return df.assign(**lists)
+
+
+# ---- what a build carries to the next day's (features.carry) -----------------------------------------------------
+
+def context_columns(df: pd.DataFrame, data: DataConfig) -> list[str]:
+    """The columns of ``df`` that ``history_lists`` reads: user, time, order, each list's columns (the names an
+    expression uses) and ``where`` columns."""
+    import re
+
+    h = data.history
+    assert h is not None
+    named = {data.user_column, data.time_column, h.order}
+    for lst in h.lists:
+        named |= set(lst.wheres)
+        for c in lst.columns:
+            named |= {c} if c in df.columns else set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", c))
+    return [c for c in df.columns if c in named]
+
+
+def history_tail(df: pd.DataFrame, data: DataConfig) -> np.ndarray:
+    """(N,) bool: the rows of ``df`` that a later request's ``scope: all`` lists can still hold: per user and list,
+    the newest ``max_len`` events that list keeps (``where`` > 0, the id present), newest by ``order`` then row
+    position, as ``history_lists``' window holds them after the user's last row."""
+    h = data.history
+    assert h is not None
+    tail = np.zeros(len(df), dtype=bool)
+    if not len(df):
+        return tail
+    users = df[data.user_column].to_numpy()
+    times = pd.to_numeric(df[h.order], errors="coerce").to_numpy(dtype=np.float64)
+    for i, lst in enumerate(h.lists):
+        if lst.scope != "all":
+            continue
+        first = lst.columns[0]
+        ids = (_tokens(df[first]) if isinstance(lst.column, str) and not lst.age
+               else _field_tokens(_column(df, first, f"data.history.lists[{i}].column")))
+        keep = np.array([v is not None for v in ids], dtype=bool)
+        if lst.wheres:
+            hit = np.zeros(len(df), dtype=bool)
+            for w in lst.wheres:
+                hit |= pd.to_numeric(df[w], errors="coerce").fillna(0).to_numpy() > 0
+            keep &= hit
+        at = np.flatnonzero(keep)
+        if not len(at):
+            continue
+        order = at[np.lexsort((at, times[at], users[at]))]  # by user, then order, then position: the window's order
+        newest = pd.Series(users[order]).groupby(users[order], sort=False).cumcount(ascending=False).to_numpy()
+        tail[order[newest < (lst.max_len or h.max_len)]] = True
+    return tail

@@ -44,9 +44,9 @@ import numpy as np
 import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from features import examples
-from features.history import attach_history
-from features.logfiles import count_rows, iter_batches, log_files, rss_gb
+from features import carry, examples
+from features.history import attach_history, context_columns, history_lists, history_tail
+from features.logfiles import count_rows, iter_batches, log_files, partition_day, rss_gb
 from features.logs import join_side_tables, load_side_tables, time_split, up_to_until
 from features.spec import ConfigError, RankstageConfig
 from features.statistics import (
@@ -78,6 +78,7 @@ from features.vocab import (
 ROW = "_rankstage_row"  # a batch's row ids (features.examples.row_ids) while it passes through the pipeline
 TRAIN, WINDOW = "train", "window"
 PLAN, TABLES = ".plan.json", ".tables"  # scratch of a build: the split, the statistics tables by bucket
+CONTEXT = "_rankstage_context"  # marks a state's context rows among a group's rows while its lists are built
 
 
 def bucket_of(values: pd.Series, buckets: int) -> np.ndarray:
@@ -211,15 +212,17 @@ def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "
                    pipeline_args=(), log: str | Path | list | None = None, verbose: bool = True,
                    buckets: int | None = None, batch_rows: int = 65536, passes: int | None = None,
                    rows_per_pass: int = 1_000_000, days: DaySelect | None = None,
-                   formats: tuple[str, ...] = (examples.TFRECORD,)) -> dict:
+                   formats: tuple[str, ...] = (examples.TFRECORD,), state_from: str | Path | None = None) -> dict:
     """Run the feature pipeline over ``log`` (default ``config.data.log``) on ``runner`` into ``out_dir``; the
     manifest. ``pipeline_args`` are Beam pipeline options (``--direct_num_workers 2`` ...). The rows go through in
     ``passes`` passes of disjoint users (default: enough for ``rows_per_pass`` rows each), each grouped into
     ``buckets`` hash buckets of users and keys (default ``default_buckets``). ``days``: examples of
     those days only (the statistics still see every earlier day; feature stats are of those days). ``formats``: the
     shard formats written, of ``features.examples.FORMATS`` (training reads "tfrecord"; the Beam replay reads
-    "parquet" when it is there). ``out_dir`` must not exist; it appears whole when the run succeeds and not at all
-    when it fails."""
+    "parquet" when it is there). ``state_from``: a previous build (or its ``state/``, ``features.carry``) whose last
+    day the new ``days`` follow: only the log's rows after that day are read, and the examples equal a full build's.
+    Every build writes its own ``state/`` as of its last day up to ``data.until``. ``out_dir`` must not exist; it
+    appears whole when the run succeeds and not at all when it fails."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     formats = tuple(dict.fromkeys(formats))
@@ -231,6 +234,10 @@ def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "
     files = log_files(config.data.log if log is None else log)
     say = (lambda msg: print(f"features build: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
     say(f"{len(files)} log file(s), first {files[0]}")
+    carried, days = (None, days) if state_from is None else carried_days(config, state_from, days)
+    if carried is not None:
+        say(f"from the state of {carried.root} (through {config.data.time_column} {carried.last}): only the rows "
+            "after it are read")
     cols = preflight(config, files)
     rows = count_rows(files) if passes is None or buckets is None else 0
     if passes is None:
@@ -247,13 +254,14 @@ def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "
         (tmp / "schema.json").write_text(json.dumps([asdict(c) for c in cols], indent=1))
         say(f"running on {runner} {' '.join(pipeline_args)}".rstrip())
         summary = run_pipeline(config, files, tmp, cols, runner, list(pipeline_args), buckets, batch_rows, verbose,
-                               passes, days, formats)
+                               passes, days, formats, carried)
         manifest = {"config": config.name, "log_files": [str(f) for f in files],
                     "rows_per_day": summary["rows_per_day"], "rows": sum(summary["rows_per_day"].values()),
                     "train_days": summary["train"], "validation_days": summary["validation"],
                     "formats": list(formats), "runner": runner, "pipeline_args": list(pipeline_args),
                     "buckets": buckets, "passes": passes,
                     "days": asdict(days) if days is not None else None,
+                    "state_from": None if carried is None else str(carried.root),
                     "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)
@@ -262,6 +270,29 @@ def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "
         raise
     say(f"{manifest['rows']} rows in {manifest['seconds']} s -> {out}")
     return manifest
+
+
+def carried_days(config: RankstageConfig, state_from: str | Path, days: DaySelect | None
+                 ) -> tuple[carry.Carried, DaySelect]:
+    """The state of ``state_from`` and the days to write (default: every day after the state's); a ConfigError
+    when a selected day is not after the state's last day (its rows would need the days before it, which the state
+    has summed already)."""
+    carried = carry.load(state_from, config)
+    col = config.data.time_column
+    if days is None:
+        return carried, DaySelect(col, after=carried.last)
+    early = [v for v in days.values if v <= carried.last]
+    if early or (not days.values and (days.after is None or days.after < carried.last)):
+        raise ConfigError(f"--days {list(early) or asdict(days)}: not after {carried.last}, the last {col} of the "
+                          f"state {carried.root}; build those days from the whole log (without the state)")
+    return carried, days
+
+
+def read_days(select: DaySelect, carried: carry.Carried) -> DaySelect:
+    """The rows a build from ``carried`` reads: every day after the state's, up to the last selected day (a day
+    between them counts in the statistics and the lists though no example of it is written)."""
+    until = max(select.values) if select.values else select.until
+    return DaySelect(select.column, after=carried.last, until=until)
 
 
 ROWS_PER_BUCKET = 65_536  # the default buckets' group size: a bucket's overhead in the runner is per group
@@ -306,12 +337,15 @@ def preflight(config: RankstageConfig, files: list[Path], sample_rows: int = 200
 
 def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: list[examples.Column], runner: str,
                  pipeline_args: list[str], buckets: int, batch_rows: int, verbose: bool, passes: int = 1,
-                 select: DaySelect | None = None, formats: tuple[str, ...] = (examples.TFRECORD,)) -> dict:
+                 select: DaySelect | None = None, formats: tuple[str, ...] = (examples.TFRECORD,),
+                 carried: carry.Carried | None = None) -> dict:
     """Phase 1, one pipeline over the whole log: the day split and the statistics tables by day (combines only:
     memory in keys x days, never in rows), written under ``tmp``. Phase 2, ``passes`` pipelines, each over the rows
     of 1/passes of the users (a user's rows all in one pass): history lists and statistics joined, examples
     written. A runner holds a shuffle's input in memory (DirectRunner does), so a pass's peak memory is in its own
-    rows, not in the log's. -> the summary (rows per day, train and validation days)."""
+    rows, not in the log's. With ``carried`` (``features.carry``) both phases read only the rows after its last
+    day, phase 1 adds its daily sums and phase 2 its users' context rows. Both write the state as of the last day
+    up to ``data.until`` under ``tmp/state``. -> the summary (rows per day, train and validation days)."""
     d = config.data
     stats = d.statistics
     options = PipelineOptions(pipeline_args, runner=runner)
@@ -321,20 +355,25 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
         k.columns[0] for k in (stats.keys if stats else []) if k.columns[0] != d.user_column))
     counts = {c: buckets * passes if c == d.user_column else buckets for c in stage_columns}
     past_lists = d.history is not None and any(lst.scope == "all" for lst in d.history.lists)
+    read = None if carried is None else read_days(select, carried)
+    state = tmp / carry.STATE
     say = (lambda msg: print(f"features build: {msg}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
     t0 = time.perf_counter()
     with one_line_errors():
         with beam.Pipeline(options=options) as p:
-            frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, columns=aggregated_columns(config))
+            frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, columns=aggregated_columns(config),
+                                                          days=read)
             times = (frames | "TimeValues" >> beam.Map(lambda f: set(f[d.time_column].unique().tolist()))
                      | "AllTimeValues" >> beam.CombineGlobally(_union))
             if stats is not None:
-                days = times | "DayNumbers" >> beam.Map(_table_days, stats.date_format,
-                                                         None if past_lists else select)
+                days = times | "DayNumbers" >> beam.Map(_table_days, stats.date_format, select)
                 snapshot_day = times | "SnapshotDay" >> beam.Map(_snapshot_day, config)
-                (frames | "Statistics" >> StatisticsTables(config, counts, days, snapshot_day, tmp / "statistics")
+                (frames | "Statistics" >> StatisticsTables(config, counts, days, snapshot_day, tmp / "statistics",
+                                                           carried.daily_files() if carried else [],
+                                                           state / carry.DAILY)
                  | "SaveTables" >> beam.Map(_save_table, str(tmp / TABLES)))
-            times | "SavePlan" >> beam.Map(_save_plan, config, str(tmp / PLAN))
+            times | "SavePlan" >> beam.Map(_save_plan, config, str(tmp / PLAN), carried is not None,
+                                           None if carried is None else carried.first_day)
         plan = json.loads((tmp / PLAN).read_text())
         split = {TRAIN: plan[TRAIN], "validation": plan["validation"]}
         rows_per_day: dict[str, int] = {}
@@ -345,15 +384,20 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
             keep = RowPass(d.user_column, counts[d.user_column], passes, index) if passes > 1 else None
             with beam.Pipeline(options=options) as p:
                 # a scope-all history list holds events of earlier days: those rows are read too, dropped after
-                frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, keep,
-                                                              days=None if past_lists else select)
+                # a scope-all history list holds events of earlier days: those rows are read too (or, from a state,
+                # its context rows), dropped after the lists are built
+                frames = p | "ReadJoinedLog" >> ReadJoinedLog(config, files, batch_rows, keep, days=read if read else
+                                                              None if past_lists else select)
+                prefix = f"p{index:03d}-" if passes > 1 else ""
                 for i, column in enumerate(stage_columns):
                     keys = [k for k in (stats.keys if stats else []) if k.columns[0] == column]
+                    first = i == 0
                     frames = frames | f"JoinBy_{column}" >> JoinByBucket(
-                        config, column, counts[column], keys, tmp / TABLES, keep if i == 0 else None, history=i == 0)
-                if past_lists and select is not None:
-                    frames = frames | "SelectDays" >> beam.FlatMap(_selected_rows, select, d.time_column)
-                prefix = f"p{index:03d}-" if passes > 1 else ""
+                        config, column, counts[column], keys, tmp / TABLES, keep if first else None, history=first,
+                        select=select if first else None,
+                        context=carried.context_files() if carried and first else (),
+                        carry=(str(state / carry.CONTEXT), plan["last"], prefix)
+                        if first and d.history is not None and plan["last"] is not None else None)
                 written = frames | "WriteExamples" >> beam.ParDo(
                     _WriteExamples(config, cols, str(tmp / "examples"), verbose, prefix, formats),
                     plan["first_day"], split).with_outputs("stats", main="rows")
@@ -373,6 +417,10 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
             (tmp / "stats").mkdir(parents=True, exist_ok=True)
             save_stats({f.name: got.get(f.name, FeatureStats()) for f in config.features},
                        tmp / "stats" / f"{name}.json")
+    if carry.carries(config) and plan["last"] is not None:
+        last_day = (int(day_numbers(pd.Series([plan["last"]]), stats.date_format)[0]) if stats is not None
+                    else None)
+        carry.write_meta(state, config, plan["last"], last_day, plan["first_day"])
     for scratch in [tmp / TABLES, tmp / PLAN, *tmp.glob(".rows-*.pkl"), *tmp.glob(".partials-*.pkl")]:
         shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink(missing_ok=True)
     return {"rows_per_day": dict(sorted(rows_per_day.items())), **split}
@@ -404,14 +452,23 @@ def one_line_errors():
         raise
 
 
-def _save_plan(times: set, config: RankstageConfig, path: str) -> None:
-    """The kept time values' split and the first day (warm-up), for the passes."""
+def _save_plan(times: set, config: RankstageConfig, path: str, from_state: bool = False,
+               carried_first: int | None = None) -> None:
+    """The kept time values' split, the first day (warm-up; a state's when it is earlier) and the last time value
+    up to ``data.until`` (the state's), for the passes."""
     stats = config.data.statistics
     kept, first = sorted(times), None
+    values = pd.Series(kept)
+    upto = values[up_to_until(values, config.data)].tolist() if kept else []
     if stats is not None:
-        first = int(day_numbers(pd.Series(kept), stats.date_format).min())
+        first = int(day_numbers(values, stats.date_format).min())
+        if carried_first is not None:
+            first = min(first, int(carried_first))
         kept = [t for t in kept if after_warmup(day_numbers(pd.Series([t]), stats.date_format), first, stats)[0]]
-    Path(path).write_text(json.dumps({"first_day": first, **split_days(kept, config)}, default=int))
+    # a build from a state (a warm start's) writes only days to train on; the split needs the whole log's days
+    split = {TRAIN: kept, "validation": []} if from_state else split_days(kept, config)
+    Path(path).write_text(json.dumps({"first_day": first, "last": max(upto) if upto else None, **split},
+                                     default=int))
 
 
 def _snapshot_day(times: set, config: RankstageConfig) -> int | None:
@@ -430,14 +487,6 @@ def _table_days(times: set, date_format: str, select: DaySelect | None) -> np.nd
     if chosen is not None and chosen.any():
         values = values[chosen]
     return np.unique(day_numbers(values, date_format))
-
-
-def _selected_rows(element, select: DaySelect, column: str):
-    """(bucket, frame) -> (bucket, the frame's rows of ``select``'s days), nothing when it has none."""
-    bucket, frame = element
-    frame = frame[select.mask(frame[column])].reset_index(drop=True)
-    if len(frame):
-        yield bucket, frame
 
 
 def _save_table(element, root: str) -> None:
@@ -482,11 +531,28 @@ class _ReadFile(beam.DoFn):
 
     def process(self, element):
         index, path = element
-        read = None if self.want is None else [c for c in log_columns(Path(path)) if c in self.want]
-        for _, start, batch in iter_batches([Path(path)], columns=read, batch_rows=self.batch_rows):
+        # a date= partition of another day is not opened (its row ids are its file index's still)
+        opened = self.days is None or _partition_selected(path, self.days)
+        read = None if self.want is None or not opened else [c for c in log_columns(Path(path)) if c in self.want]
+        for _, start, batch in iter_batches([Path(path)] if opened else [], columns=read,
+                                            batch_rows=self.batch_rows):
             frame = joined_batch(batch, index, start, self.sides, self.config, path, self.keep, self.days)
             if len(frame):
                 yield frame
+
+def _partition_selected(path: str, days: DaySelect) -> bool:
+    """Whether a file's ``date=`` partition day (as a string or a number, as the time column may hold it) is one
+    of ``days``'; True for a file outside a partition."""
+    day = partition_day(path)
+    if day is None:
+        return True
+    for value in (int(day), day):
+        try:
+            return bool(days.mask(pd.Series([value]))[0])
+        except TypeError:  # the selection's values are of the other type
+            continue
+    return True
+
 
 class ReadJoinedLog(beam.PTransform):
     """The log's files -> pandas frames of joined rows (``ROW`` ids, side tables), of one pass's users (``keep``);
@@ -553,10 +619,12 @@ class StatisticsTables(beam.PTransform):
     side effect. ``buckets``: the
     bucket count of each first column (the rows' regrouping uses the same)."""
 
-    def __init__(self, config: RankstageConfig, buckets: dict[str, int], days, snapshot_day, snapshot_dir: Path):
+    def __init__(self, config: RankstageConfig, buckets: dict[str, int], days, snapshot_day, snapshot_dir: Path,
+                 carried: list[tuple[str, str]] = (), carry_dir: Path | None = None):
         super().__init__()
         self.config, self.buckets, self.days, self.snapshot_dir = config, buckets, days, str(snapshot_dir)
         self.snapshot_day = snapshot_day
+        self.carried, self.carry_dir = list(carried), None if carry_dir is None else str(carry_dir)
 
     def expand(self, frames):
         data, buckets = self.config.data, self.buckets
@@ -570,7 +638,18 @@ class StatisticsTables(beam.PTransform):
                 for b, part in split_by_bucket(daily, key.columns[0], buckets[key.columns[0]]):
                     yield (key.name, b), part.set_index([*key.columns, DAY])
 
-        per_bucket = (frames | "DailySums" >> beam.FlatMap(sums)
+        def carried_sums(element):  # a state's daily sums (features.carry), split by this build's buckets
+            name, path = element
+            key = keys[name]
+            for b, part in split_by_bucket(pd.read_parquet(path), key.columns[0], buckets[key.columns[0]]):
+                yield (name, b), part.set_index([*key.columns, DAY])
+
+        daily = frames | "DailySums" >> beam.FlatMap(sums)
+        if self.carried:
+            daily = ((daily, frames.pipeline | "CarriedFiles" >> beam.Create(self.carried)
+                      | "SpreadCarried" >> beam.Reshuffle() | "CarriedSums" >> beam.FlatMap(carried_sums))
+                     | "WithCarried" >> beam.Flatten())
+        per_bucket = (daily
                       | "SumPerKeyBucket" >> beam.CombinePerKey(_SumFrames())
                       | "AsDaily" >> beam.MapTuple(lambda kb, f: (kb, f.reset_index())))
         totals = beam.pvalue.AsDict(
@@ -595,25 +674,44 @@ class StatisticsTables(beam.PTransform):
             table = pd.concat(list(parts), ignore_index=True).sort_values(key.columns, kind="stable")
             publish_table(table.reset_index(drop=True), Path(self.snapshot_dir) / f"{name}.parquet")
 
+        def save_carry(element, day, root):  # the last max(windows) days' sums up to the snapshot's day
+            (name, b), daily = element
+            if day is None:
+                return
+            kept = daily[(daily[DAY] >= day - max(stats.windows)) & (daily[DAY] < day)]
+            if len(kept):
+                path = Path(root) / name / f"part-{b:05d}.parquet"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                kept.reset_index(drop=True).to_parquet(path, index=False)
+
         days = beam.pvalue.AsSingleton(self.days)
+        if self.carry_dir is not None:
+            per_bucket | "CarryDaily" >> beam.Map(save_carry, beam.pvalue.AsSingleton(self.snapshot_day),
+                                                  self.carry_dir)
         (per_bucket | "Newest" >> beam.FlatMap(newest, beam.pvalue.AsSingleton(self.snapshot_day), totals)
          | "GroupSnapshot" >> beam.GroupByKey() | "PublishSnapshot" >> beam.MapTuple(publish))
         return per_bucket | "TablesByDay" >> beam.FlatMap(by_day, days, totals)
 
 class _JoinGroup(beam.DoFn):
-    """(bucket, {rows, tables}) -> (bucket, the rows with history lists and these keys' statistics)."""
+    """(bucket, {rows, tables, context}) -> (bucket, the rows with history lists and these keys' statistics).
 
-    def __init__(self, config: RankstageConfig, keys, history: bool):
-        self.config, self.keys, self.history = config, keys, history
+    With ``history``: the lists are built over the rows and a state's ``context`` rows of the same users
+    (``features.carry``), then only the rows of ``select``'s days go on; ``carry`` = (directory, last time value,
+    file prefix) writes the bucket's context rows as of that day for the next build."""
+
+    def __init__(self, config: RankstageConfig, keys, history: bool, select: DaySelect | None = None,
+                 carry: tuple | None = None):
+        self.config, self.keys, self.history, self.select, self.carry = config, keys, history, select, carry
 
     def process(self, element):
         bucket, group = element
-        parts = list(group["rows"])
-        if not parts:
-            return
-        rows = pd.concat(parts, ignore_index=True).sort_values(ROW, kind="stable").reset_index(drop=True)
+        parts, context = list(group["rows"]), list(group.get("context", ()))
+        rows = (pd.concat(parts, ignore_index=True).sort_values(ROW, kind="stable").reset_index(drop=True)
+                if parts else None)
         if self.history:
-            rows = attach_history(rows, self.config.data)
+            rows = self._with_history(bucket, rows, pd.concat(context, ignore_index=True) if context else None)
+        if rows is None or not len(rows):
+            return
         if self.keys:
             got: dict[str, list] = {}
             for name, table in group["tables"]:
@@ -623,16 +721,48 @@ class _JoinGroup(beam.DoFn):
             rows = join_statistics(rows, tables, self.config.data, self.keys)
         yield bucket, rows
 
+    def _with_history(self, bucket: int, rows: pd.DataFrame | None, context: pd.DataFrame | None
+                      ) -> pd.DataFrame | None:
+        """``rows`` with their history lists (over ``context`` too), of ``select``'s days; the carry written."""
+        d = self.config.data
+        pool = None
+        if d.history is not None and (context is not None or self.carry is not None):
+            names = [*context_columns(rows if rows is not None else context, d), ROW]
+            parts = ([] if context is None else [context[names].assign(**{CONTEXT: True})]) + \
+                    ([] if rows is None else [rows[names].assign(**{CONTEXT: False})])
+            pool = pd.concat(parts, ignore_index=True).sort_values(ROW, kind="stable").reset_index(drop=True)
+        if rows is not None:
+            if context is None:
+                rows = attach_history(rows, d)
+            else:  # pool's rows of the log are ``rows``, in the same (row id) order
+                mine = ~pool[CONTEXT].to_numpy()
+                lists = {k: v[mine] for k, v in history_lists(pool.drop(columns=CONTEXT), d).items()
+                         if k not in rows.columns}
+                rows = rows.assign(**lists)
+            if self.select is not None:
+                rows = rows[self.select.mask(rows[d.time_column])].reset_index(drop=True)
+        if self.carry is not None and pool is not None:
+            root, last, prefix = self.carry
+            pool = pool[(pool[d.time_column] <= last).to_numpy()].drop(columns=CONTEXT).reset_index(drop=True)
+            kept = pool[history_tail(pool, d) | (pool[d.time_column] == last).to_numpy()]
+            if len(kept):
+                path = Path(root) / f"part-{prefix}{bucket:05d}.parquet"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                kept.to_parquet(path, index=False)
+        return rows
+
 class JoinByBucket(beam.PTransform):
     """Frames -> frames regrouped by a hash bucket of ``column``; there, the history lists (``history``) and
     the statistics of ``keys`` (whose first column is ``column``; their tables read from ``tables`` as
     ``_save_table`` wrote them, only the buckets ``keep`` owns) are attached."""
 
     def __init__(self, config: RankstageConfig, column: str, buckets: int, keys, tables: Path,
-                 keep: RowPass | None, history: bool):
+                 keep: RowPass | None, history: bool, select: DaySelect | None = None, context=(),
+                 carry: tuple | None = None):
         super().__init__()
         self.config, self.column, self.buckets, self.keys = config, column, buckets, keys
         self.tables, self.keep, self.history = tables, keep, history
+        self.select, self.context, self.carry = select, [str(f) for f in context], carry
 
     def expand(self, frames):
         column, buckets = self.column, self.buckets
@@ -646,8 +776,20 @@ class JoinByBucket(beam.PTransform):
                        if self.keep is None or self.keep.owns(int(f.parent.name)))
         tables = (rows.pipeline | "TableFiles" >> beam.Create(paths) | "SpreadTables" >> beam.Reshuffle()
                   | "LoadTables" >> beam.Map(lambda f: (int(Path(f).parent.name), (Path(f).stem, pd.read_pickle(f)))))
-        return ({"rows": rows, "tables": tables} | "CoGroup" >> beam.CoGroupByKey()
-                | "Join" >> beam.ParDo(_JoinGroup(self.config, self.keys, self.history)))
+        keep = self.keep
+
+        def context_rows(path):  # a state's context rows of this pass's users, by this build's buckets
+            frame = pd.read_parquet(path)
+            if keep is not None:
+                frame = frame[keep.mask(frame[column])]
+            yield from split_by_bucket(frame, column, buckets)
+
+        groups = {"rows": rows, "tables": tables}
+        if self.context:
+            groups["context"] = (rows.pipeline | "ContextFiles" >> beam.Create(self.context)
+                                 | "SpreadContext" >> beam.Reshuffle() | "ContextRows" >> beam.FlatMap(context_rows))
+        return (groups | "CoGroup" >> beam.CoGroupByKey()
+                | "Join" >> beam.ParDo(_JoinGroup(self.config, self.keys, self.history, self.select, self.carry)))
 
 
 class _WriteExamples(beam.DoFn):

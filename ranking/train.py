@@ -51,9 +51,11 @@ FEATURES_CONFIG = "features.config.yaml"  # the config the run's features/ were 
 CHECKPOINTS = "checkpoints"  # while training: tf.train checkpoints to resume from (removed when the run is written)
 
 
-def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool, days=None) -> Path | None:
+def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool, days=None,
+                      state_from: Path | None = None) -> Path | None:
     """The feature pipeline's shards of the run (``out/features``) when ``features.pipeline`` exists, else None
-    (training then reads the log in memory). ``days``: a ``features.pipeline.DaySelect`` (a warm start's days)."""
+    (training then reads the log in memory). ``days``: a ``features.pipeline.DaySelect`` (a warm start's days);
+    ``state_from``: the parent build's ``state/`` (``features.carry``) the new days are built from."""
     import features
 
     found = importlib.util.find_spec("features.pipeline")
@@ -63,16 +65,41 @@ def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool, da
 
     mark = out / FEATURES_CONFIG
     text = yaml.safe_dump({"config": config.model_dump(), "log": None if log is None else str(log),
-                           "days": None if days is None else repr(days)}, sort_keys=False)
+                           "days": None if days is None else repr(days),
+                           "state_from": None if state_from is None else str(state_from)}, sort_keys=False)
     if (out / "features").exists() and not (mark.exists() and mark.read_text() == text):
         if verbose:  # derived from the log by another config (or not finished): built again, never reused
             print(f"{out / 'features'}: shards of another config; building them again", flush=True)
         shutil.rmtree(out / "features")
     if not (out / "features" / "manifest.json").exists():  # a restarted run resumes on the shards it wrote
         # the buckets by rows (``features.pipeline.default_buckets``: 4 on the bundled log; 32 took 54.5 s, 8 33.0 s)
-        build_features(config, out / "features", log=log, verbose=verbose, days=days)
+        build_features(config, out / "features", log=log, verbose=verbose, days=days, state_from=state_from)
         mark.write_text(text)
     return out / "features"
+
+
+def parent_state(parent, config: RankstageConfig, verbose: bool) -> Path | None:
+    """The ``state/`` (``features.carry``) of the feature build a warm start's parent trained from, when it is as of
+    the parent's last day: the new days are then built from it and their own rows only. None otherwise (a parent
+    trained in memory, before builds wrote states, or from a build of other days): every earlier day is read."""
+    from features import carry
+
+    built = parent.run.artifacts.get("examples")
+    seen = parent.days_seen
+    if not built or not seen or not carry.carries(config) or not (Path(built) / carry.STATE / carry.META).exists():
+        reason = "its features carry no state" if built else "it was trained without the feature pipeline"
+    else:
+        try:
+            state = carry.load(Path(built) / carry.STATE, config)
+        except ConfigError as err:
+            reason = str(err)
+        else:
+            if str(state.last) == str(max(seen)):
+                return state.root
+            reason = f"its features' state is through {state.last}, the parent's last day is {max(seen)}"
+    if verbose:
+        print(f"warm start: the feature build reads every earlier day ({reason})", flush=True)
+    return None
 
 
 def _checkpoint_dir(config: RankstageConfig, out: Path, name: str) -> Path:
@@ -147,15 +174,16 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
         parent = ws.load_parent(warm_start)
         ws.check_spec(parent, config)
     if examples is None and loop.num_workers(strategy) == 1:
-        select = None
-        if parent is not None:  # examples of the new days only; the statistics still read every earlier day
+        select, state = None, None
+        if parent is not None:  # examples of the new days only, from the parent build's state when it has one
             from features.pipeline import DaySelect
 
             col = config.data.time_column
             select = (DaySelect(col, values=tuple(days)) if days else
                       DaySelect(col, after=max(parent.days_seen) if parent.days_seen else None,
                                 until=config.data.until))
-        examples = pipeline_examples(config, out, log, verbose, select)
+            state = parent_state(parent, config, verbose)
+        examples = pipeline_examples(config, out, log, verbose, select, state)
     if examples is None and loop.num_workers(strategy) > 1:
         raise ConfigError(f"--workers {loop.num_workers(strategy)}: several workers train from shards; give "
                           "--examples DIR (a feature pipeline's output)")

@@ -195,16 +195,64 @@ def test_a_warm_starts_day_selection_writes_that_days_examples_of_the_full_build
     one = build_features(config, tmp_path / "one", verbose=False, buckets=2, passes=1,
                          days=DaySelect(col, values=(day,)))
     assert list(one["rows_per_day"]) == [str(day)] and one["rows_per_day"][str(day)] == full["rows_per_day"][str(day)]
-    cols = [examples.Column(**c) for c in json.loads((tmp_path / "full" / "schema.json").read_text())]
+    _assert_same_day(tmp_path / "one", tmp_path / "full", day, which == "sequence")
+
+
+def _assert_same_day(got_dir: Path, want_dir: Path, day, sequence: bool) -> None:
+    """The examples of ``day`` under ``got_dir`` equal ``want_dir``'s, row for row (by row id), column for column."""
+    cols = [examples.Column(**c) for c in json.loads((want_dir / "schema.json").read_text())]
     got, want = ({k: v[np.argsort(x[examples.ROW], kind="stable")] for k, v in x.items()}
-                 for x in (examples.read_columns(sorted((tmp_path / d / "examples" / f"date={day}").glob(
-                     "*" + examples.SUFFIX)), cols) for d in ("one", "full")))
+                 for x in (examples.read_columns(sorted((d / "examples" / f"date={day}").glob(
+                     "*" + examples.SUFFIX)), cols) for d in (got_dir, want_dir)))
     stat = [c.name for c in cols if c.name.startswith("stat_")]
     assert stat and np.isfinite(want[stat[0]]).any()  # the day has statistics to get wrong
-    if which == "sequence":
+    if sequence:
         assert any(v for v in want["clicked_videos"].tolist())  # the day has earlier events to lose
+    assert len(got[examples.ROW]) == len(want[examples.ROW]) > 0
     for c in cols:
         if c.kind == "float":
             np.testing.assert_array_equal(got[c.name], want[c.name], err_msg=c.name)
         else:
             assert got[c.name].tolist() == want[c.name].tolist(), c.name
+
+
+@pytest.mark.parametrize("which", ["default", "sequence"])
+def test_a_build_from_the_previous_builds_state_equals_the_full_build(kuairand_config, tmp_path, which):
+    """A daily build from the state of the build before it (``state_from``, ``features.carry``) reads only the new
+    day's rows, yet writes the full build's examples of that day: statistics from the carried daily sums of the
+    last 3 days, a ``scope: all`` sequence from the carried context rows. Chained twice (the second from the
+    first's state), with other bucket counts and two passes, so the state is re-split by the new build's buckets."""
+    from features.pipeline import DaySelect
+
+    log = pd.read_csv(kuairand_config.data.log).iloc[::10].reset_index(drop=True)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    config = _config_with_log(kuairand_config, tmp_path / "log.csv")
+    if which == "sequence":
+        config = _sequence_config(config, tmp_path)
+    col = config.data.time_column
+    days = [int(d) for d in sorted(log[col].unique())]
+
+    def through(day):
+        data = config.model_dump()
+        data["data"]["until"] = day
+        return parse_config(data, f"through {day}")
+
+    build_features(config, tmp_path / "full", verbose=False, buckets=2, passes=1)
+    build_features(through(days[-3]), tmp_path / "base", verbose=False, buckets=2, passes=1)
+    prev = tmp_path / "base"
+    for i, day in enumerate(days[-2:]):
+        out = tmp_path / f"day{i}"
+        got = build_features(through(day), out, verbose=False, buckets=3, passes=1 + i,
+                             days=DaySelect(col, values=(day,)), state_from=prev)
+        assert got["rows_per_day"] == {str(day): int((log[col] == day).sum())}
+        assert got["state_from"] == str(prev / "state")
+        _assert_same_day(out, tmp_path / "full", day, which == "sequence")
+        prev = out
+    with pytest.raises(ConfigError, match=f"not after {days[-1]}"):  # its rows are summed in the state already
+        build_features(config, tmp_path / "again", verbose=False, days=DaySelect(col, values=(days[-1],)),
+                       state_from=prev)
+    other = config.model_dump()
+    other["data"]["statistics"]["windows"] = [1, 7]
+    with pytest.raises(ConfigError, match="written for other data.statistics"):
+        build_features(parse_config(other, "other windows"), tmp_path / "other", verbose=False, state_from=prev)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "other").exists()
