@@ -16,7 +16,8 @@ def cmd_features_build(args: argparse.Namespace) -> None:
     manifest = build_features(config, args.out, runner=args.runner, pipeline_args=args.pipeline_args,
                               log=args.data, buckets=args.buckets, passes=args.passes,
                               rows_per_pass=args.rows_per_pass,
-                              formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()))
+                              formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+                              state_from=args.state_from)
     print(f"wrote {args.out}: {manifest['rows']} rows, days {list(manifest['rows_per_day'])}, "
           f"{manifest['seconds']} s")
 
@@ -39,4 +40,7 @@ def register(sub) -> None:
     b.add_argument("--formats", default="tfrecord", help="shard formats, comma-separated: tfrecord (what training "
                    "reads), parquet (part-*.parquet beside each TFRecord shard, the same rows: the Beam replay reads "
                    "them ~9x cheaper; +40%% disk, ~1%% more build CPU); e.g. --formats tfrecord,parquet")
+    b.add_argument("--state-from", metavar="BUILD", help="a previous build (its state/, features.carry): only the "
+                   "log's days after that build's last day are read and written, with the statistics and history "
+                   "lists the whole log would give them (the daily build of a warm start)")
     b.set_defaults(func=cmd_features_build, pipeline_args=[])

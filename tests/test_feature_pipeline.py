@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from features import examples, pipeline
 from features.logs import raw_inputs, read_log, time_split
@@ -18,6 +19,7 @@ from features.pipeline import build_features
 from features.spec import ConfigError, parse_config
 from features.statistics import snapshot_tables
 from features.vocab import build_stats, load_stats
+from rankstage.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +244,15 @@ def test_a_build_from_the_previous_builds_state_equals_the_full_build(kuairand_c
     prev = tmp_path / "base"
     for i, day in enumerate(days[-2:]):
         out = tmp_path / f"day{i}"
-        got = build_features(through(day), out, verbose=False, buckets=3, passes=1 + i,
-                             days=DaySelect(col, values=(day,)), state_from=prev)
+        if i == 0:
+            got = build_features(through(day), out, verbose=False, buckets=3, passes=1,
+                                 days=DaySelect(col, values=(day,)), state_from=prev)
+        else:  # the command line's, every day after the state's by default
+            config_file = tmp_path / "config.yaml"
+            config_file.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+            assert main(["features", "build", "--config", str(config_file), "--out", str(out), "--buckets", "3",
+                         "--passes", "2", "--state-from", str(prev)]) == 0
+            got = json.loads((out / "manifest.json").read_text())
         assert got["rows_per_day"] == {str(day): int((log[col] == day).sum())}
         assert got["state_from"] == str(prev / "state")
         _assert_same_day(out, tmp_path / "full", day, which == "sequence")
