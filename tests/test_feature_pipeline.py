@@ -265,3 +265,31 @@ def test_a_build_from_the_previous_builds_state_equals_the_full_build(kuairand_c
     with pytest.raises(ConfigError, match="written for other data.statistics"):
         build_features(parse_config(other, "other windows"), tmp_path / "other", verbose=False, state_from=prev)
     assert not (tmp_path / "again").exists() and not (tmp_path / "other").exists()
+
+
+def test_a_warm_start_builds_its_day_from_its_parents_state(kuairand_config, tmp_path):
+    """``rankstage train --warm-start``: a parent refit through day d - 1 carries its build's state; the child's
+    build names it, reads day d alone and writes the full build's examples of d (the shipped sequence config)."""
+    from ranking.train import train
+
+    log = pd.read_csv(kuairand_config.data.log).iloc[::10].reset_index(drop=True)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    config = _sequence_config(_config_with_log(kuairand_config, tmp_path / "log.csv"), tmp_path)
+    small = config.model_dump()
+    small["model"].update(bottom_units=[32], num_experts=2, expert_units=[16], tower_units=[8])
+    small["training"].update(epochs=1, batch_size=4096)
+    col = config.data.time_column
+    days = [int(d) for d in sorted(log[col].unique())]
+
+    def through(day):
+        d = json.loads(json.dumps(small))
+        d["data"]["until"] = day
+        return parse_config(d, f"through {day}")
+
+    parent = train(through(days[-2]), tmp_path / "parent", refit=True, verbose=False)
+    child = train(through(days[-1]), tmp_path / "child", verbose=False, warm_start=parent)
+    manifest = json.loads((child / "features" / "manifest.json").read_text())
+    assert manifest["state_from"] == str(parent / "features" / "state")
+    assert manifest["rows_per_day"] == {str(days[-1]): int((log[col] == days[-1]).sum())}
+    build_features(through(days[-1]), tmp_path / "full", verbose=False, buckets=2, passes=1)
+    _assert_same_day(child / "features", tmp_path / "full", days[-1], sequence=True)
