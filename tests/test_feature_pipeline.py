@@ -222,8 +222,9 @@ def _assert_same_day(got_dir: Path, want_dir: Path, day, sequence: bool) -> None
 def test_a_build_from_the_previous_builds_state_equals_the_full_build(kuairand_config, tmp_path, which):
     """A daily build from the state of the build before it (``state_from``, ``features.carry``) reads only the new
     day's rows, yet writes the full build's examples of that day: statistics from the carried daily sums of the
-    last 3 days, a ``scope: all`` sequence from the carried context rows. Chained twice (the second from the
-    first's state), with other bucket counts and two passes, so the state is re-split by the new build's buckets."""
+    last 3 days, a ``scope: all`` sequence from the carried context rows, and the statistics snapshot of the whole
+    log through that day. Chained twice (the second from the first's state), with other bucket counts and two
+    passes, so the state is re-split by the new build's buckets."""
     from features.pipeline import DaySelect
 
     log = pd.read_csv(kuairand_config.data.log).iloc[::10].reset_index(drop=True)
@@ -256,6 +257,11 @@ def test_a_build_from_the_previous_builds_state_equals_the_full_build(kuairand_c
         assert got["rows_per_day"] == {str(day): int((log[col] == day).sum())}
         assert got["state_from"] == str(prev / "state")
         _assert_same_day(out, tmp_path / "full", day, which == "sequence")
+        window = read_log(config.data, statistics=False)  # the snapshot serving joins, as of the day after
+        want = snapshot_tables(window[window[col] <= day], config.data)
+        assert want and sorted(p.stem for p in (out / "statistics").glob("*.parquet")) == sorted(want)
+        for name, table in want.items():
+            pd.testing.assert_frame_equal(pd.read_parquet(out / "statistics" / f"{name}.parquet"), table)
         prev = out
     with pytest.raises(ConfigError, match=f"not after {days[-1]}"):  # its rows are summed in the state already
         build_features(config, tmp_path / "again", verbose=False, days=DaySelect(col, values=(days[-1],)),
