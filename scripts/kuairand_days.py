@@ -42,3 +42,28 @@ def seed_row(name: str, rows: list[dict], names: list[str]) -> str:
         vals = [r[n] for r in rows]
         cells.append(f"{np.mean(vals):.4f} ({', '.join(f'{v:.4f}' for v in vals)})")
     return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def warm_pair(parent_dir: str | Path, warm_dir: str | Path, day: int, label: str):
+    """A warm start and its parent loaded, the judged ``day``'s rows of the ten days (read as the warm start's
+    config reads them), the two runs' weights by path and ``figures(shown)``: the warm start's current weights
+    judged on those rows, {"task metric": value}. -> (parent, warm, before, after, figures)."""
+    from features.logs import read_log
+    from features.spec import parse_config
+    from ranking.judging import judged_predictions, judged_report
+    from ranking.runs import load_run
+
+    parent, warm = load_run(parent_dir), load_run(warm_dir)
+    d = warm.config.model_dump()
+    d["data"]["log"], d["data"]["until"] = LOGS, day
+    frame = read_log(parse_config(d, label).data)
+    rows = frame[frame[warm.config.data.time_column] == day].reset_index(drop=True)
+    before = {v.path: v.numpy() for v in parent.models.train.weights}
+    after = {v.path: v.numpy() for v in warm.models.train.weights}
+
+    def figures(shown: list[tuple[str, str]]) -> dict[str, float]:
+        report = judged_report(warm.config, judged_predictions(warm.config, warm.models, rows,
+                                                               warm.artifacts["sampling"]))
+        return {f"{t} {m}": report[t][m] for t, m in shown}
+
+    return parent, warm, before, after, figures

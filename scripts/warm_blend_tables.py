@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kuairand_days import LOGS  # noqa: E402  (scripts/ is on sys.path as the script's directory)
+from kuairand_days import warm_pair  # noqa: E402  (scripts/ is on sys.path as the script's directory)
 
 SHOWN = [("click", "auc"), ("click", "gauc"), ("like", "auc"), ("long_view", "auc"), ("watch_time", "spearman")]
 
@@ -29,27 +29,14 @@ def main() -> None:
 
     import keras
 
-    from features.logs import read_log
-    from features.spec import parse_config
-    from ranking.judging import judged_predictions, judged_report
-    from ranking.runs import load_run
-
-    parent, warm = load_run(args.parent), load_run(args.warm)
-    d = warm.config.model_dump()
-    d["data"]["log"], d["data"]["until"] = LOGS, args.day
-    frame = read_log(parse_config(d, "warm_blend_tables").data)
-    rows = frame[frame[warm.config.data.time_column] == args.day].reset_index(drop=True)
-    before = {v.path: v.numpy() for v in parent.models.train.weights}
-    after = {v.path: v.numpy() for v in warm.models.train.weights}
+    _, warm, before, after, judged = warm_pair(args.parent, args.warm, args.day, "warm_blend_tables")
     tables = [v for layer in warm.models.train.layers if isinstance(layer, keras.layers.Embedding)
               for v in layer.weights]
     users = [v for v in tables if v.path.startswith("user_id")]
     others = [v for v in tables if not v.path.startswith("user_id")]
 
     def figures() -> str:
-        report = judged_report(warm.config, judged_predictions(warm.config, warm.models, rows,
-                                                               warm.artifacts["sampling"]))
-        return ", ".join(f"{t} {m} {report[t][m]:.4f}" for t, m in SHOWN)
+        return ", ".join(f"{k} {x:.4f}" for k, x in judged(SHOWN).items())
 
     def blend(variables: list, e: float) -> None:
         for v in variables:

@@ -19,7 +19,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kuairand_days import LOGS  # noqa: E402  (scripts/ is on sys.path as the script's directory)
+from kuairand_days import warm_pair  # noqa: E402  (scripts/ is on sys.path as the script's directory)
 
 SHOWN = [("click", "auc"), ("click", "gauc"), ("like", "auc"), ("long_view", "auc")]
 
@@ -33,27 +33,15 @@ def main() -> None:
     ap.add_argument("--all", action="store_true")
     args = ap.parse_args()
 
-    from features.logs import read_log
-    from features.spec import parse_config
-    from ranking.judging import judged_predictions, judged_report
-    from ranking.runs import load_run
     from ranking.warm_start import oov_rows
 
-    parent, warm = load_run(args.parent), load_run(args.warm)
-    d = warm.config.model_dump()
-    d["data"]["log"], d["data"]["until"] = LOGS, args.day
-    frame = read_log(parse_config(d, "warm_revert_layers").data)
-    rows = frame[frame[warm.config.data.time_column] == args.day].reset_index(drop=True)
-    before = {v.path: v.numpy() for v in parent.models.train.weights}
-    after = {v.path: v.numpy() for v in warm.models.train.weights}
+    parent, warm, before, after, judged = warm_pair(args.parent, args.warm, args.day, "warm_revert_layers")
     groups: dict[str, list] = {}
     for v in warm.models.train.weights:
         groups.setdefault(v.path.split("/")[0], []).append(v)
 
     def figures() -> dict[str, float]:
-        report = judged_report(warm.config, judged_predictions(warm.config, warm.models, rows,
-                                                               warm.artifacts["sampling"]))
-        return {f"{t} {m}": report[t][m] for t, m in SHOWN}
+        return judged(SHOWN)
 
     def put(variables: list, source: dict) -> None:
         for v in variables:
