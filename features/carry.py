@@ -78,9 +78,26 @@ def load(path: str | Path, config: RankstageConfig) -> Carried:
     if not (root / META).exists():
         raise ConfigError(f"state {path}: no {META} (not a feature build's state/)")
     meta = json.loads((root / META).read_text())
-    want = specs(config)
+    want = json.loads(json.dumps(specs(config), default=str))  # as meta.json holds it (tuples as lists)
     for part in want:
-        if meta.get(part) != want[part]:
-            raise ConfigError(f"state {path}: written for other data.{part} ({meta.get(part)!r}); this config has "
-                              f"{want[part]!r}")
+        found = _difference(meta.get(part), want[part], part)
+        if found:
+            raise ConfigError(f"state {path}: written for other data.{part}: {found}")
     return Carried(root, meta["last"], meta["last_day"], meta["first_day"])
+
+
+def _difference(old, new, where: str) -> str | None:
+    """The first field where ``new`` differs from ``old`` (JSON values), as ``where.field: state X, this Y``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            found = _difference(old.get(k), new.get(k), f"{where}.{k}")
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            found = _difference(a, b, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{where}: state {old!r}, this {new!r}"

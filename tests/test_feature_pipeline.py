@@ -268,7 +268,8 @@ def test_a_build_from_the_previous_builds_state_equals_the_full_build(kuairand_c
                        state_from=prev)
     other = config.model_dump()
     other["data"]["statistics"]["windows"] = [1, 7]
-    with pytest.raises(ConfigError, match="written for other data.statistics"):
+    with pytest.raises(ConfigError, match=r"written for other data.statistics: statistics.windows\[1\]: state 3, "
+                                          "this 7"):
         build_features(parse_config(other, "other windows"), tmp_path / "other", verbose=False, state_from=prev)
     assert not (tmp_path / "again").exists() and not (tmp_path / "other").exists()
 
