@@ -375,6 +375,9 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
             times | "SavePlan" >> beam.Map(_save_plan, config, str(tmp / PLAN), carried is not None,
                                            None if carried is None else carried.first_day)
         plan = json.loads((tmp / PLAN).read_text())
+        if carried is not None and not plan[TRAIN]:
+            raise ConfigError(f"--state-from {carried.root}: the log has no rows after {carried.last}, the state's "
+                              f"last {d.time_column}")
         split = {TRAIN: plan[TRAIN], "validation": plan["validation"]}
         rows_per_day: dict[str, int] = {}
         partials: dict = {}
@@ -461,9 +464,9 @@ def _save_plan(times: set, config: RankstageConfig, path: str, from_state: bool 
     values = pd.Series(kept)
     upto = values[up_to_until(values, config.data)].tolist() if kept else []
     if stats is not None:
-        first = int(day_numbers(values, stats.date_format).min())
+        first = int(day_numbers(values, stats.date_format).min()) if kept else None
         if carried_first is not None:
-            first = min(first, int(carried_first))
+            first = int(carried_first) if first is None else min(first, int(carried_first))
         kept = [t for t in kept if after_warmup(day_numbers(pd.Series([t]), stats.date_format), first, stats)[0]]
     # a build from a state (a warm start's) writes only days to train on; the split needs the whole log's days
     split = {TRAIN: kept, "validation": []} if from_state else split_days(kept, config)
@@ -659,7 +662,8 @@ class StatisticsTables(beam.PTransform):
         def by_day(element, days, totals):
             (name, b), daily = element
             key = keys[name]
-            yield (key.columns[0], b), (name, tables_by_day(daily, stats, key, days, totals[name]))
+            if len(days):  # none: a build from a state with no new rows (refused after this phase)
+                yield (key.columns[0], b), (name, tables_by_day(daily, stats, key, days, totals[name]))
 
         def newest(element, day, totals):
             kb, daily = element

@@ -271,7 +271,9 @@ def test_a_build_from_the_previous_builds_state_equals_the_full_build(kuairand_c
     with pytest.raises(ConfigError, match=r"written for other data.statistics: statistics.windows\[1\]: state 3, "
                                           "this 7"):
         build_features(parse_config(other, "other windows"), tmp_path / "other", verbose=False, state_from=prev)
-    assert not (tmp_path / "again").exists() and not (tmp_path / "other").exists()
+    with pytest.raises(ConfigError, match=f"no rows after {days[-1]}"):  # the state of the whole log: nothing new
+        build_features(config, tmp_path / "none", verbose=False, state_from=tmp_path / "full")
+    assert not any((tmp_path / d).exists() for d in ("again", "other", "none"))
 
 
 def test_a_warm_start_builds_its_day_from_its_parents_state(kuairand_config, tmp_path):
