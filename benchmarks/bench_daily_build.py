@@ -85,7 +85,7 @@ def same_examples(a: Path, b: Path, day) -> bool:
     x, y = ({k: v[np.argsort(c[examples.ROW], kind="stable")] for k, v in c.items()}
             for c in (examples.read_columns(sorted((d / "examples" / f"date={day}").glob("*" + examples.SUFFIX)),
                                             cols) for d in (a, b)))
-    return all(np.array_equal(x[c.name], y[c.name], equal_nan=c.kind == "float") if c.kind == "float"
+    return all(np.array_equal(x[c.name], y[c.name], equal_nan=True) if c.kind == "float"
                else x[c.name].tolist() == y[c.name].tolist() for c in cols)
 
 

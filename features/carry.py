@@ -10,7 +10,7 @@ events of every earlier day; so the examples of a new day need, besides that day
 
 Every build of the feature pipeline writes them, as of its last day up to ``data.until``, under ``state/``::
 
-    state/meta.json                          the last day (time value and day number), first day, specs
+    state/meta.json                          the last day (time value), the first day (day number), specs
     state/daily/<key>/part-<bucket>.parquet  daily sums of the last max(windows) days
     state/history/part-<bucket>.parquet      the users' context rows
 
@@ -47,12 +47,11 @@ def carries(config: RankstageConfig) -> bool:
 
 @dataclass(frozen=True)
 class Carried:
-    """A build's ``state/``: ``last`` the last time value it covers (up to ``data.until``), ``last_day`` its day
-    number, ``first_day`` the log's first day number (the warm-up days count from it)."""
+    """A build's ``state/``: ``last`` the last time value it covers (up to ``data.until``), ``first_day`` the log's
+    first day number (the warm-up days count from it)."""
 
     root: Path
     last: object
-    last_day: int | None
     first_day: int | None
 
     def daily_files(self) -> list[tuple[str, str]]:
@@ -63,10 +62,10 @@ class Carried:
         return [str(p) for p in sorted((self.root / CONTEXT).glob("*.parquet"))]
 
 
-def write_meta(root: Path, config: RankstageConfig, last, last_day: int | None, first_day: int | None) -> None:
+def write_meta(root: Path, config: RankstageConfig, last, first_day: int | None) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / META).write_text(json.dumps({"last": last, "last_day": last_day, "first_day": first_day,
-                                         **specs(config)}, indent=1, default=str))
+    (root / META).write_text(json.dumps({"last": last, "first_day": first_day, **specs(config)}, indent=1,
+                                        default=str))
 
 
 def load(path: str | Path, config: RankstageConfig) -> Carried:
@@ -83,7 +82,7 @@ def load(path: str | Path, config: RankstageConfig) -> Carried:
         found = _difference(meta.get(part), want[part], part)
         if found:
             raise ConfigError(f"state {path}: written for other data.{part}: {found}")
-    return Carried(root, meta["last"], meta["last_day"], meta["first_day"])
+    return Carried(root, meta["last"], meta["first_day"])
 
 
 def _difference(old, new, where: str) -> str | None:

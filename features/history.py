@@ -87,6 +87,14 @@ def _layout(users: np.ndarray, sessions: np.ndarray, times: np.ndarray, scope: s
     return order, np.flatnonzero(new_block).tolist() + [len(users)], clear, t
 
 
+def _where_mask(df: pd.DataFrame, lst) -> np.ndarray:
+    """(N,) bool: the rows a list keeps, any of its ``where`` columns > 0 (missing counts 0)."""
+    keep = np.zeros(len(df), dtype=bool)
+    for w in lst.wheres:
+        keep |= pd.to_numeric(df[w], errors="coerce").fillna(0).to_numpy() > 0
+    return keep
+
+
 def history_lists(df: pd.DataFrame, data: DataConfig) -> dict[str, np.ndarray]:
     """List name -> (N,) object strings of ``df``'s rows (any row order; the result follows ``df``'s)."""
     h = data.history
@@ -112,10 +120,7 @@ def history_lists(df: pd.DataFrame, data: DataConfig) -> dict[str, np.ndarray]:
             tokens = np.array([None if p[0] is None else ":".join("" if v is None else v for v in p)
                                for p in zip(*parts)], dtype=object)
         if lst.wheres:
-            keep = np.zeros(len(df), dtype=bool)
-            for w in lst.wheres:
-                keep |= pd.to_numeric(df[w], errors="coerce").fillna(0).to_numpy()[order] > 0
-            tokens = np.where(keep, tokens, None)
+            tokens = np.where(_where_mask(df, lst)[order], tokens, None)
         texts = np.empty(len(df), dtype=object)
         window: deque = deque(maxlen=lst.max_len or h.max_len)
         for a, b in zip(starts[:-1], starts[1:]):
@@ -178,10 +183,7 @@ def history_tail(df: pd.DataFrame, data: DataConfig) -> np.ndarray:
                else _field_tokens(_column(df, first, f"data.history.lists[{i}].column")))
         keep = np.array([v is not None for v in ids], dtype=bool)
         if lst.wheres:
-            hit = np.zeros(len(df), dtype=bool)
-            for w in lst.wheres:
-                hit |= pd.to_numeric(df[w], errors="coerce").fillna(0).to_numpy() > 0
-            keep &= hit
+            keep &= _where_mask(df, lst)
         at = np.flatnonzero(keep)
         if not len(at):
             continue

@@ -274,18 +274,22 @@ def build_features(config: RankstageConfig, out_dir: str | Path, runner: str = "
 
 def carried_days(config: RankstageConfig, state_from: str | Path, days: DaySelect | None
                  ) -> tuple[carry.Carried, DaySelect]:
-    """The state of ``state_from`` and the days to write (default: every day after the state's); a ConfigError
-    when a selected day is not after the state's last day (its rows would need the days before it, which the state
-    has summed already)."""
+    """The state of ``state_from`` and ``days_after`` it."""
     carried = carry.load(state_from, config)
-    col = config.data.time_column
+    return carried, days_after(carried, days, config.data.time_column)
+
+
+def days_after(carried: carry.Carried, days: DaySelect | None, column: str) -> DaySelect:
+    """The days a build from ``carried`` writes (default: every day after the state's); a ConfigError when a
+    selected day is not after the state's last day (its rows would need the days before it, which the state has
+    summed already)."""
     if days is None:
-        return carried, DaySelect(col, after=carried.last)
+        return DaySelect(column, after=carried.last)
     early = [v for v in days.values if v <= carried.last]
     if early or (not days.values and (days.after is None or days.after < carried.last)):
-        raise ConfigError(f"--days {list(early) or asdict(days)}: not after {carried.last}, the last {col} of the "
-                          f"state {carried.root}; build those days from the whole log (without the state)")
-    return carried, days
+        raise ConfigError(f"--days {list(early) or asdict(days)}: not after {carried.last}, the last {column} of "
+                          f"the state {carried.root}; build those days from the whole log (without the state)")
+    return days
 
 
 def read_days(select: DaySelect, carried: carry.Carried) -> DaySelect:
@@ -421,9 +425,7 @@ def run_pipeline(config: RankstageConfig, files: list[Path], tmp: Path, cols: li
             save_stats({f.name: got.get(f.name, FeatureStats()) for f in config.features},
                        tmp / "stats" / f"{name}.json")
     if carry.carries(config) and plan["last"] is not None:
-        last_day = (int(day_numbers(pd.Series([plan["last"]]), stats.date_format)[0]) if stats is not None
-                    else None)
-        carry.write_meta(state, config, plan["last"], last_day, plan["first_day"])
+        carry.write_meta(state, config, plan["last"], plan["first_day"])
     for scratch in [tmp / TABLES, tmp / PLAN, *tmp.glob(".rows-*.pkl"), *tmp.glob(".partials-*.pkl")]:
         shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink(missing_ok=True)
     return {"rows_per_day": dict(sorted(rows_per_day.items())), **split}

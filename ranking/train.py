@@ -78,28 +78,22 @@ def pipeline_examples(config: RankstageConfig, out: Path, log, verbose: bool, da
     return out / "features"
 
 
-def parent_state(parent, config: RankstageConfig, verbose: bool, days: list | None = None) -> Path | None:
+def parent_state(parent, config: RankstageConfig, verbose: bool, select) -> Path | None:
     """The ``state/`` (``features.carry``) of the feature build a warm start's parent trained from, when it is as of
-    the parent's last day and ``days`` all follow it: the new days are then built from it and their own rows only.
-    None otherwise (a parent trained in memory or before builds wrote states, a build of other days, a replay
-    buffer of days the parent saw): every earlier day is read."""
+    the parent's last day and the days of ``select`` (a ``features.pipeline.DaySelect``) all follow it
+    (``features.pipeline.days_after``): the new days are then built from it and their own rows only. None otherwise
+    (a parent trained in memory or before builds wrote states, a build of other days, a replay buffer of days the
+    parent saw): every earlier day is read."""
     from features import carry
+    from features.pipeline import days_after
 
-    built = parent.run.artifacts.get("examples")
-    seen = parent.days_seen
-    def on_or_before(a, b) -> bool:
-        try:
-            return a <= b
-        except TypeError:  # a day from the command line against one from JSON
-            return str(a) <= str(b)
-
-    if days and seen and any(on_or_before(d, max(seen)) for d in days):
-        reason = f"--days {sorted(days)} are not all after the parent's last day {max(seen)}"
-    elif not built or not seen or not carry.carries(config) or not (Path(built) / carry.STATE / carry.META).exists():
-        reason = "its features carry no state" if built else "it was trained without the feature pipeline"
+    built, seen = parent.run.artifacts.get("examples"), parent.days_seen
+    if not built or not seen:
+        reason = "it was trained without the feature pipeline"
     else:
         try:
             state = carry.load(Path(built) / carry.STATE, config)
+            days_after(state, select, config.data.time_column)
         except ConfigError as err:
             reason = str(err)
         else:
@@ -191,7 +185,7 @@ def train(config: RankstageConfig, out_dir: str | Path, log: str | Path | None =
             select = (DaySelect(col, values=tuple(days)) if days else
                       DaySelect(col, after=max(parent.days_seen) if parent.days_seen else None,
                                 until=config.data.until))
-            state = parent_state(parent, config, verbose, days)
+            state = parent_state(parent, config, verbose, select)
         examples = pipeline_examples(config, out, log, verbose, select, state)
     if examples is None and loop.num_workers(strategy) > 1:
         raise ConfigError(f"--workers {loop.num_workers(strategy)}: several workers train from shards; give "
